@@ -1,0 +1,131 @@
+"""Paged decode attention: the Triton split-K kernel against flashinfer (when installed),
+the same kernel without split-K, and the GPU's copy bandwidth measured in the same run.
+
+Achieved bandwidth = KV bytes read (sum of kv_lens * Hkv * D * 2 * element size) / time.
+Times are medians of triton.testing.do_bench, which clears the L2 cache between runs.
+
+    python benchmarks/bench_paged_decode.py [--json bench_paged_decode.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.paged_decode import default_num_splits, paged_decode  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    kv_len: int
+    hq: int
+    hkv: int
+    head_dim: int
+    page_size: int = 16
+    dtype: str = "bfloat16"
+
+
+CASES = [
+    Case("smollm2_64x1024", 64, 1024, 9, 3, 64),
+    Case("llama8b_1x4096", 1, 4096, 32, 8, 128),
+    Case("llama8b_32x2048", 32, 2048, 32, 8, 128),
+]
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second: the practical peak."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def _setup(c: Case) -> dict:
+    dtype = getattr(torch, c.dtype)
+    pages_per_seq = -(-c.kv_len // c.page_size)
+    num_pages = c.batch * pages_per_seq + 1
+    k = torch.randn(num_pages, c.page_size, c.hkv, c.head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    # Scattered pages, as after a while of serving.
+    perm = torch.randperm(num_pages - 1, device="cuda").to(torch.int32) + 1
+    table = perm.view(c.batch, pages_per_seq).contiguous()
+    lens = torch.full((c.batch,), c.kv_len, dtype=torch.int32, device="cuda")
+    q = torch.randn(c.batch, c.hq, c.head_dim, device="cuda", dtype=dtype)
+    kv_bytes = c.batch * c.kv_len * c.hkv * c.head_dim * 2 * k.element_size()
+    return dict(q=q, k=k, v=v, table=table, lens=lens, kv_bytes=kv_bytes, scale=c.head_dim**-0.5)
+
+
+def _flashinfer_decode(c: Case, s: dict):
+    try:
+        fi = importlib.import_module("flashinfer")
+    except Exception:
+        return None
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=c.hq // c.hkv >= 4)
+    pages = s["table"].shape[1]
+    indptr = torch.arange(c.batch + 1, dtype=torch.int32) * pages
+    last = torch.full((c.batch,), c.kv_len - (pages - 1) * c.page_size, dtype=torch.int32)
+    wrapper.plan(
+        indptr, s["table"].flatten(), last, c.hq, c.hkv, c.head_dim, c.page_size,
+        q_data_type=s["q"].dtype, kv_data_type=s["k"].dtype, sm_scale=s["scale"],
+    )
+    out = torch.empty_like(s["q"])
+    return lambda: wrapper.run(s["q"], (s["k"], s["v"]), out=out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="bench_paged_decode.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    from triton.testing import do_bench
+
+    peak = _copy_bandwidth()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: device copy bandwidth {peak / 1e12:.2f} TB/s (read + write)")
+    rows = []
+    header = f"{'case':<18} {'impl':<22} {'splits':>6} {'time us':>9} {'TB/s':>7} {'% copy bw':>9}"
+    print(header)
+    print("-" * len(header))
+    for c in CASES:
+        s = _setup(c)
+        out = torch.empty_like(s["q"])
+        splits = default_num_splits(c.batch, c.hkv, s["q"].device, c.kv_len)
+        impls = {
+            "triton split-K": (splits, lambda: paged_decode(
+                s["q"], s["k"], s["v"], s["table"], s["lens"], s["scale"], out=out, num_splits=splits)),
+            "triton no split": (1, lambda: paged_decode(
+                s["q"], s["k"], s["v"], s["table"], s["lens"], s["scale"], out=out, num_splits=1)),
+        }
+        fi = _flashinfer_decode(c, s)
+        if fi is not None:
+            impls["flashinfer decode"] = (None, fi)
+        for impl, (n_split, fn) in impls.items():
+            fn()
+            torch.cuda.synchronize()
+            ms = do_bench(fn, return_mode="median")
+            bw = s["kv_bytes"] / (ms * 1e-3)
+            rows.append(dict(case=asdict(c), impl=impl, num_splits=n_split, time_us=ms * 1e3,
+                             kv_bytes=s["kv_bytes"], bandwidth_bytes_per_s=bw, fraction_of_copy_bw=bw / peak))
+            print(f"{c.name:<18} {impl:<22} {str(n_split or '-'):>6} {ms * 1e3:>9.1f} {bw / 1e12:>7.2f} "
+                  f"{100 * bw / peak:>8.0f}%")
+    result = dict(gpu=gpu, torch=torch.__version__, triton=importlib.import_module("triton").__version__,
+                  copy_bandwidth_bytes_per_s=peak, rows=rows)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The `runtime` command: `runtime generate "prompt"` (offline, streaming to the terminal)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from runtime.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, SPECULATIVE
+from runtime.env import ENV
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine flags of INTERFACE.md, shared by every subcommand that runs a model."""
+    p.add_argument("--model", default=None, help="HF folder, .gguf file, or omit for SmolLM2-135M-Instruct")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
+    p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from memory)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per forward (chunked prefill budget)")
+    p.add_argument("--no-chunked-prefill", action="store_true")
+    p.add_argument("--no-prefix-cache", action="store_true")
+    p.add_argument("--attention-backend", default=ENV.attention_backend, choices=ATTENTION_BACKENDS)
+    p.add_argument("--speculative", default="none", choices=SPECULATIVE)
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--draft-model", default=None)
+    p.add_argument("--log-level", default=ENV.log_level)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        model=a.model,
+        device=a.device,
+        dtype=a.dtype,
+        load_format=a.load_format,
+        max_model_len=a.max_model_len,
+        page_size=a.page_size,
+        kv_cache_tokens=a.kv_cache_tokens,
+        max_batch_tokens=a.max_batch_tokens,
+        chunked_prefill=not a.no_chunked_prefill,
+        prefix_cache=not a.no_prefix_cache,
+        attention_backend=a.attention_backend,
+        speculative=a.speculative,
+        num_draft_tokens=a.num_draft_tokens,
+        draft_model=a.draft_model,
+    )
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from runtime import Engine, SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed
+        )
+        engine = Engine(**engine_kwargs(a))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"runtime: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        use_chat = not a.raw and getattr(engine.tokenizer, "chat_template", None)
+        prompt = engine.apply_chat_template([{"role": "user", "content": a.prompt}]) if use_chat else a.prompt
+        for delta in engine.stream(prompt, params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runtime", description="A disaggregated, speculative LLM serving runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt, offline, streaming to the terminal")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

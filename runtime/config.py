@@ -1,0 +1,64 @@
+"""Layered, frozen configuration. The CLI flags and `runtime.Engine` keyword arguments map
+one to one onto these fields; derived values are properties; `__post_init__` validates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
+SPECULATIVE = ("none", "ngram", "eagle", "draft")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+
+
+def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded default, SmolLM2-135M-Instruct
+    device: str = "auto"
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    page_size: int = 16
+    kv_cache_tokens: int | None = None  # None: sized from kv_mem_fraction (CUDA) or 32k (CPU)
+    kv_mem_fraction: float = 0.85  # of the GPU memory left after the weights
+    max_running: int = 256
+    max_batch_tokens: int = 4096
+    chunked_prefill: bool = True
+    prefix_cache: bool = True
+    attention_backend: str = "auto"
+    speculative: str = "none"
+    num_draft_tokens: int = 4
+    draft_model: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choose("device", self.device, DEVICES)
+        _choose("dtype", self.dtype, DTYPES)
+        _choose("load_format", self.load_format, LOAD_FORMATS)
+        _choose("speculative", self.speculative, SPECULATIVE)
+        _choose("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1 (got {self.page_size})")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 2 * self.page_size:
+            raise ValueError(f"kv_cache_tokens must hold at least two pages (got {self.kv_cache_tokens})")
+        if not 0.0 < self.kv_mem_fraction <= 1.0:
+            raise ValueError(f"kv_mem_fraction must be in (0, 1] (got {self.kv_mem_fraction})")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (got {self.max_model_len})")
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1 (got {self.num_draft_tokens})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,94 @@
+"""The attention backend seam: one forward's metadata and the abstract backend.
+
+A forward step packs the new tokens of B sequences one after another (T tokens in all).
+Sequence i contributes `q_lens[i]` new tokens whose keys/values have already been written
+into the paged KV cache, so after the write it holds `kv_lens[i]` tokens. New token j of
+sequence i sits at position `kv_lens[i] - q_lens[i] + j` and, without a custom mask, attends
+every cached position up to and including its own (causal). Decode is q_len 1; chunked
+prefill is any q_len; speculative verification is q_len k+1 (optionally with a tree mask).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    q_lens: torch.Tensor  # int32 [B] device
+    kv_lens: torch.Tensor  # int32 [B] device, cached + new tokens
+    cu_q_lens: torch.Tensor  # int32 [B+1] device, prefix sums of q_lens
+    page_table: torch.Tensor  # int32 [B, max_pages] device, page ids (padded with 0)
+    q_lens_cpu: list[int]
+    kv_lens_cpu: list[int]
+    page_size: int
+    # bool [B, max_q, max_kv] device, True = may attend; ANDed with the causal rule. Used by
+    # tree verification, where a draft token sees only its ancestors.
+    custom_mask: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.q_lens_cpu)
+
+    @property
+    def max_q_len(self) -> int:
+        return max(self.q_lens_cpu)
+
+    @property
+    def max_kv_len(self) -> int:
+        return max(self.kv_lens_cpu)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_q_len == 1
+
+    @classmethod
+    def build(
+        cls,
+        q_lens: list[int],
+        kv_lens: list[int],
+        page_lists: list[list[int]],
+        page_size: int,
+        device: torch.device,
+        custom_mask: torch.Tensor | None = None,
+    ) -> "AttentionMetadata":
+        width = max(1, max((len(p) for p in page_lists), default=1))
+        table = torch.zeros(len(page_lists), width, dtype=torch.int32)
+        for i, pages in enumerate(page_lists):
+            if pages:
+                table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        q = torch.tensor(q_lens, dtype=torch.int32)
+        cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        torch.cumsum(q, 0, out=cu[1:])
+        return cls(
+            q_lens=q.to(device),
+            kv_lens=torch.tensor(kv_lens, dtype=torch.int32).to(device),
+            cu_q_lens=cu.to(device),
+            page_table=table.to(device),
+            q_lens_cpu=list(q_lens),
+            kv_lens_cpu=list(kv_lens),
+            page_size=page_size,
+            custom_mask=custom_mask,
+        )
+
+
+class AttentionBackend(ABC):
+    """Computes attention of the packed new queries over the paged KV cache."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def prepare(self, meta: AttentionMetadata) -> None:
+        """Called once per forward, before the first layer: derive per-step index tensors."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Attention for one layer, using the metadata given to `prepare`."""

@@ -1,0 +1,53 @@
+"""Reference attention in plain torch: gathers each sequence's pages into a padded batch
+and runs one scaled-dot-product attention per layer. Works on CPU and GPU; the other
+backends are tested against it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TorchAttention(AttentionBackend):
+    name = "torch"
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        device = meta.q_lens.device
+        bsz, max_q, max_kv, ps = meta.batch_size, meta.max_q_len, meta.max_kv_len, meta.page_size
+        q_lens, kv_lens = meta.q_lens.long(), meta.kv_lens.long()
+        # Row j of padded sequence i holds packed token cu_q_lens[i] + j (when j < q_len).
+        j = torch.arange(max_q, device=device)
+        q_valid = j[None, :] < q_lens[:, None]  # [B, max_q]
+        self._q_index = (meta.cu_q_lens[:-1].long()[:, None] + j[None, :])[q_valid]  # [T]
+        self._q_valid = q_valid
+        # KV slot of key position p of sequence i.
+        p = torch.arange(max_kv, device=device)
+        pages = meta.page_table.long().gather(1, (p // ps).clamp(max=meta.page_table.shape[1] - 1)[None, :].expand(bsz, -1))
+        self._kv_slots = pages * ps + (p % ps)[None, :]  # [B, max_kv]
+        q_pos = kv_lens[:, None] - q_lens[:, None] + j[None, :]  # [B, max_q]
+        mask = (p[None, None, :] <= q_pos[:, :, None]) & (p[None, None, :] < kv_lens[:, None, None])
+        if meta.custom_mask is not None:
+            mask &= meta.custom_mask[:, :max_q, :max_kv]
+        # Padded query rows would see no key and turn to NaN; let them see key 0 (discarded).
+        mask[:, :, 0] |= ~q_valid
+        self._mask = mask[:, None]  # [B, 1, max_q, max_kv]
+        self._shape = (bsz, max_q)
+
+    def forward(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        bsz, max_q = self._shape
+        hq, d = q.shape[1], q.shape[2]
+        hkv = k_cache.shape[2]
+        qp = q.new_zeros(bsz, max_q, hq, d)
+        qp[self._q_valid] = q
+        k = k_cache.view(-1, hkv, d)[self._kv_slots]  # [B, max_kv, Hkv, D]
+        v = v_cache.view(-1, hkv, d)[self._kv_slots]
+        if hkv != hq:
+            k = k.repeat_interleave(hq // hkv, dim=2)
+            v = v.repeat_interleave(hq // hkv, dim=2)
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self._mask, scale=scale
+        )  # [B, Hq, max_q, D]
+        return out.transpose(1, 2)[self._q_valid]

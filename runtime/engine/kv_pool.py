@@ -1,0 +1,79 @@
+"""The paged KV pool: one tensor of fixed-size pages per layer and a free list.
+
+Page 0 is never handed out: padded rows of a batch (and CUDA-graph padding) write their
+KV there, so a stray write can never corrupt a live sequence.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_pages < 2:
+            raise ValueError(f"the KV pool needs at least 2 pages (got {num_pages})")
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1 (got {page_size})")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        # [layers, 2 (k, v), pages, page_size, Hkv, D]: one allocation, per-layer views.
+        self.kv = torch.zeros(
+            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
+        )
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
+        self._used = bytearray(num_pages)
+
+    @staticmethod
+    def bytes_per_page(
+        num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return num_layers * 2 * page_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def total_pages(self) -> int:
+        """Pages that can hold sequences (page 0 is reserved)."""
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def k_cache(self, layer: int) -> torch.Tensor:  # [pages, page_size, Hkv, D]
+        return self.kv[layer, 0]
+
+    def v_cache(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 1]
+
+    def alloc(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPages(f"asked for {n} KV pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._used[p] = 1
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if not (0 < p < self.num_pages) or not self._used[p]:
+                raise RuntimeError(f"KV page {p} freed twice or never allocated")
+            self._used[p] = 0
+        self._free.extend(pages)
+
+    def check_no_leak(self, held: int = 0) -> None:
+        """Raise if any page is in use beyond `held` (pages legitimately held, e.g. by a cache)."""
+        in_use = self.total_pages - len(self._free)
+        if in_use != held:
+            raise AssertionError(f"KV pages in use: {in_use}, expected {held}")

@@ -1,0 +1,142 @@
+"""`runtime.Engine`: offline batch inference in one process (no HTTP), the INTERFACE.md API."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from runtime.config import EngineConfig
+from runtime.engine.core import EngineCore
+from runtime.engine.request import Req, TokenLogprob
+from runtime.engine.sampling_params import SamplingParams
+from runtime.tokenizer.detokenizer import IncrementalDetokenizer
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    cached_tokens: int
+    accept_length: float  # mean tokens per decode step; 1.0 without speculation
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Engine:
+    """Keyword arguments are the `EngineConfig` fields (the CLI flags' names)."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        self.core = EngineCore(self.config)
+        self.tokenizer = self.core.loaded.tokenizer
+        self._ids = itertools.count()
+
+    # ---- the public API ------------------------------------------------------------------
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[Result]:
+        """One result per prompt (n > 1: n consecutive results per prompt). All prompts are
+        scheduled together (continuous batching)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return self._run([self._encode(p) for p in prompts], params or SamplingParams())
+
+    def chat(self, conversations: list[list[dict[str, str]]], params: SamplingParams | None = None) -> list[Result]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        return self._run([self.apply_chat_template(c) for c in conversations], params or SamplingParams())
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Text deltas of one generation as they are produced."""
+        params = params or SamplingParams()
+        req, detok = self._add(self._encode(prompt), params)
+        while not req.finished:
+            for out in self.core.step():
+                if out.req is req:
+                    delta = detok.add(out.new_token_ids, final=req.finished)
+                    if detok.stopped_by is not None and not req.finished:
+                        self.core.abort(req.rid)
+                    if delta:
+                        yield delta
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def shutdown(self) -> None:
+        for rid in list(self.core.requests):
+            self.core.abort(rid)
+        self.core.cache.reset()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- internals -----------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (dummy weights?): pass token ids")
+            return list(self.tokenizer(prompt)["input_ids"])
+        return list(prompt)
+
+    def _add(self, ids: list[int], params: SamplingParams) -> tuple[Req, IncrementalDetokenizer | None]:
+        req = self.core.add_request(f"offline-{next(self._ids)}", ids, params)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+        return req, detok
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Result]:
+        added = []
+        try:
+            for ids in prompts:
+                for i in range(params.n):
+                    # n samples of one prompt need distinct seeds to differ.
+                    p = params if params.n == 1 or params.seed is None else replace(params, seed=params.seed + i, n=1)
+                    added.append(self._add(ids, p))
+            watched = {req.rid: (req, detok) for req, detok in added if detok is not None and req.params.stop}
+            while any(not req.finished for req, _ in added):
+                for out in self.core.step():
+                    entry = watched.get(out.req.rid)
+                    if entry is not None:
+                        _, detok = entry
+                        detok.add(out.new_token_ids, final=out.req.finished)
+                        if detok.stopped_by is not None and not out.req.finished:
+                            self.core.abort(out.req.rid)
+                            out.req.finish_reason = "stop"
+        except BaseException:
+            for req, _ in added:
+                self.core.abort(req.rid)
+            raise
+        return [self._result(req, detok) for req, detok in added]
+
+    def _result(self, req: Req, detok: IncrementalDetokenizer | None) -> Result:
+        text = ""
+        stop_reason = req.stop_reason
+        if detok is not None:
+            if req.params.stop:
+                text = detok.text if detok.stopped_by is not None else detok.text + detok.add([], final=True)
+                if detok.stopped_by is not None:
+                    stop_reason = detok.stopped_by
+            else:
+                text = self.tokenizer.decode(req.output_ids, skip_special_tokens=req.params.skip_special_tokens)
+        return Result(
+            text=text,
+            token_ids=list(req.output_ids),
+            finish_reason=req.finish_reason or "abort",
+            prompt_tokens=len(req.prompt_ids),
+            cached_tokens=req.cached_tokens,
+            accept_length=req.accept_length,
+            stop_reason=stop_reason,
+            logprobs=list(req.output_logprobs),
+        )

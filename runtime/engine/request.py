@@ -1,0 +1,64 @@
+"""A request's state inside one engine: tokens, KV pages, sampling and stop bookkeeping."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.engine.sampling_params import SamplingParams
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"  # no KV pages (new, or retracted and waiting to be recomputed)
+    PREFILL = "prefill"  # some prompt tokens still to compute (chunked prefill)
+    DECODE = "decode"  # every token but the last has its KV in the cache
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+@dataclass
+class Req:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: int  # admission order; later arrivals are retracted first
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    phase: Phase = Phase.WAITING
+    # KV: pages[i] holds positions [i*page_size, (i+1)*page_size); num_computed tokens are written.
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    # Prefix-cache bookkeeping: the locked node and how many leading tokens' pages the cache owns.
+    cache_node: Any = None
+    num_cache_owned: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    admitted_once: bool = False
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_steps: int = 0  # decode forward passes that produced tokens for this request
+    num_retractions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
+
+    @property
+    def accept_length(self) -> float:
+        """Mean tokens gained per decode step (1.0 without speculation)."""
+        decode_tokens = max(0, len(self.output_ids) - 1)  # the first token comes from prefill
+        return decode_tokens / self.num_steps if self.num_steps else 1.0

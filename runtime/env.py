@@ -1,0 +1,48 @@
+"""The one registry of environment variables the runtime reads.
+
+Every variable is declared here with its default and meaning; code reads them through
+`ENV.<name>` and nowhere else, so `runtime --help-env` (and this file) list them all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class _Var:
+    name: str
+    default: str
+    help: str
+
+    def get(self) -> str:
+        return os.environ.get(self.name, self.default)
+
+
+_VARS = {
+    "cache_dir": _Var(
+        "RUNTIME_CACHE_DIR",
+        str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "runtime"),
+        "where the default model is downloaded and converted",
+    ),
+    "attention_backend": _Var(
+        "RUNTIME_ATTENTION_BACKEND", "auto", "auto | torch | triton | flashinfer"
+    ),
+    "log_level": _Var("RUNTIME_LOG_LEVEL", "info", "default log level"),
+}
+
+
+class _Env:
+    def __getattr__(self, key: str) -> str:
+        try:
+            return _VARS[key].get()
+        except KeyError:
+            raise AttributeError(f"unknown runtime environment variable {key!r}") from None
+
+    @staticmethod
+    def describe() -> str:
+        return "\n".join(f"{v.name} (default {v.default!r}): {v.help}" for v in _VARS.values())
+
+
+ENV = _Env()
