@@ -34,10 +34,10 @@ def prefill_logits(lm: LoadedModel, ids: list[int], page_size: int = 4) -> torch
     meta = AttentionMetadata.build([len(ids)], [len(ids)], [pages], page_size, lm.device)
     attn = TorchAttention()
     attn.prepare(meta)
-    pos = torch.arange(len(ids))
-    slots = torch.tensor(pages)[pos // page_size] * page_size + pos % page_size
+    pos = torch.arange(len(ids), device=lm.device)
+    slots = torch.tensor(pages, device=lm.device)[pos // page_size] * page_size + pos % page_size
     with torch.no_grad():
-        hidden = lm.model(torch.tensor(ids), pos, ForwardContext(kv, attn, slots))
+        hidden = lm.model(torch.tensor(ids, device=lm.device), pos, ForwardContext(kv, attn, slots))
         return lm.model.compute_logits(hidden)
 
 
