@@ -33,6 +33,8 @@ class EngineConfig:
     chunked_prefill: bool = True
     prefix_cache: bool = True
     attention_backend: str = "auto"
+    cuda_graph: bool = True  # decode steps replay captured CUDA graphs (CUDA + Triton only)
+    cuda_graph_max_batch: int = 128
     speculative: str = "none"
     num_draft_tokens: int = 4
     draft_model: str | None = None

@@ -60,8 +60,18 @@ class EngineCore:
             self.pool,
             self.cache,
         )
-        self.attn = make_attention_backend(cfg.attention_backend, self.device)
-        self.runner = ModelRunner(self.loaded.model, self.pool, self.attn, self.device)
+        self.attn = make_attention_backend(
+            cfg.attention_backend, self.device, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim, dtype=dtype,
+        )
+        graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graph and self.attn.name != "torch":
+            from runtime.engine.cuda_graph import CudaGraphDecoder
+
+            graphs = CudaGraphDecoder(
+                self.loaded.model, self.pool, min(cfg.cuda_graph_max_batch, cfg.max_running), self.max_model_len
+            )
+        self.runner = ModelRunner(self.loaded.model, self.pool, self.attn, self.device, graphs)
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
         tok = self.loaded.tokenizer

@@ -1,6 +1,8 @@
 """Turns a scheduled batch into tensors, runs the model, and returns the logits rows."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
@@ -8,15 +10,24 @@ from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 from runtime.engine.scheduler import Batch
 
+if TYPE_CHECKING:  # imports Triton, which CPU-only installs lack
+    from runtime.engine.cuda_graph import CudaGraphDecoder
+
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, pool: KVPool, attn: AttentionBackend, device: torch.device
+        self,
+        model: LlamaForCausalLM,
+        pool: KVPool,
+        attn: AttentionBackend,
+        device: torch.device,
+        graphs: CudaGraphDecoder | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
         self.attn = attn
         self.device = device
+        self.graphs = graphs
 
     @torch.inference_mode()
     def forward(self, batch: Batch, drafts: dict[str, list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +36,9 @@ class ModelRunner:
         decoding sequence's input past its last sampled token."""
         ps = self.pool.page_size
         drafts = drafts or {}
+        if self.graphs is not None and all(s.q_len == 1 for s in batch.seqs):
+            if self.graphs.can_run(len(batch.seqs), max(len(s.req.pages) for s in batch.seqs)):
+                return self._decode_graph(batch)
         tokens: list[int] = []
         logit_rows: list[int] = []
         for s in batch.seqs:
@@ -52,3 +66,16 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, ForwardContext(self.pool, self.attn, out_slots))
         hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]
         return self.model.compute_logits(hidden), hidden
+
+    def _decode_graph(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ps = self.pool.page_size
+        seqs = batch.seqs
+        positions = [s.start for s in seqs]
+        slots = [s.req.pages[p // ps] * ps + p % ps for s, p in zip(seqs, positions)]
+        return self.graphs.run(
+            [s.req.all_ids[s.start] for s in seqs],
+            positions,
+            torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True),
+            [s.req.pages for s in seqs],
+            [p + 1 for p in positions],
+        )

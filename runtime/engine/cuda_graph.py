@@ -1,0 +1,103 @@
+"""CUDA graphs for decode steps: one captured forward (model + logits) per batch-size
+bucket, replayed with the step's inputs copied into static buffers.
+
+A decode step of a small model is hundreds of tiny kernels; launching them one by one
+from Python costs more than running them. Replaying a graph launches them all at once.
+Padded rows (bucket > batch) read and write only the reserved page 0.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from runtime.engine.attention.base import AttentionMetadata
+from runtime.engine.attention.triton_backend import TritonAttention
+from runtime.engine.kv_pool import KVPool
+from runtime.engine.model import ForwardContext, LlamaForCausalLM
+
+log = logging.getLogger("runtime.engine")
+
+
+def buckets_up_to(max_batch: int) -> list[int]:
+    sizes = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+    return [b for b in sizes if b < max_batch] + [max_batch]
+
+
+class CudaGraphDecoder:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, max_batch: int, max_model_len: int) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = pool.kv.device
+        self.max_batch = max_batch
+        ps = pool.page_size
+        self.max_pages = -(-max_model_len // ps)
+        dev = self.device
+        # Static inputs, shared by every bucket (a bucket uses the first b rows).
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.out_slots = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.page_table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32, device=dev)
+        self.kv_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.buckets = buckets_up_to(max_batch)
+        self._capture(max_model_len)
+
+    def _forward(self, b: int, attn: TritonAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        meta = AttentionMetadata(
+            q_lens=torch.ones(b, dtype=torch.int32, device=self.device),
+            kv_lens=self.kv_lens[:b],
+            cu_q_lens=torch.arange(b + 1, dtype=torch.int32, device=self.device),
+            page_table=self.page_table[:b],
+            q_lens_cpu=[1] * b,
+            kv_lens_cpu=[self.max_pages * self.pool.page_size] * b,  # sizes the split count only
+            page_size=self.pool.page_size,
+        )
+        attn.prepare(meta)
+        ctx = ForwardContext(self.pool, attn, self.out_slots[:b])
+        hidden = self.model(self.input_ids[:b], self.positions[:b], ctx)
+        return self.model.compute_logits(hidden), hidden
+
+    @torch.inference_mode()
+    def _capture(self, max_model_len: int) -> None:
+        mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for b in reversed(self.buckets):  # largest first: smaller graphs reuse its memory
+                attn = TritonAttention()
+                self._forward(b, attn)  # warm-up: Triton compiles outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=mempool, stream=stream):
+                    self.outputs[b] = self._forward(b, attn)
+                self.graphs[b] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def can_run(self, batch_size: int, max_pages: int) -> bool:
+        return batch_size <= self.max_batch and max_pages <= self.max_pages
+
+    def run(
+        self, input_ids: list[int], positions: list[int], out_slots: torch.Tensor, page_lists: list[list[int]], kv_lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode one token for each of B sequences; returns (logits [B, V], hidden [B, H])."""
+        n = len(input_ids)
+        b = next(x for x in self.buckets if x >= n)
+        table = torch.zeros(b, self.max_pages, dtype=torch.int32)
+        for i, pages in enumerate(page_lists):
+            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        pad = b - n
+        ids = torch.tensor(input_ids + [0] * pad, dtype=torch.int64)
+        pos = torch.tensor(positions + [0] * pad, dtype=torch.int64)
+        lens = torch.tensor(kv_lens + [1] * pad, dtype=torch.int32)
+        self.input_ids[:b].copy_(ids, non_blocking=True)
+        self.positions[:b].copy_(pos, non_blocking=True)
+        self.kv_lens[:b].copy_(lens, non_blocking=True)
+        self.page_table[:b].copy_(table, non_blocking=True)
+        self.out_slots[:n].copy_(out_slots)
+        self.out_slots[n:b].zero_()  # padded rows write into the reserved page 0
+        self.graphs[b].replay()
+        logits, hidden = self.outputs[b]
+        return logits[:n], hidden[:n]
