@@ -5,7 +5,7 @@ from typing import Any
 
 from runtime.engine.sampling_params import SamplingParams
 
-__all__ = ["Engine", "SamplingParams", "Result"]
+__all__ = ["Engine", "SamplingParams", "Result", "AsyncClient"]
 __version__ = "0.1.0"
 
 
@@ -15,4 +15,8 @@ def __getattr__(name: str) -> Any:
         from runtime.engine import llm
 
         return getattr(llm, name)
+    if name == "AsyncClient":
+        from runtime.client import AsyncClient
+
+        return AsyncClient
     raise AttributeError(name)

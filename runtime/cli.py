@@ -71,6 +71,40 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _gpus(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip()) if text else ()
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from runtime.config import ClusterConfig, EngineConfig
+    from runtime.launcher import run_up
+
+    kw = engine_kwargs(a)
+    if kw["kv_cache_tokens"] is None and kw["device"] in ("auto", "cpu"):
+        import torch
+
+        if kw["device"] == "cpu" or not torch.cuda.is_available():
+            # Several workers share one host's memory: a smaller pool each by default.
+            kw["kv_cache_tokens"] = 8192
+    try:
+        cfg = ClusterConfig(
+            engine=EngineConfig(**kw), num_prefill=a.prefill, num_decode=a.decode, host=a.host, port=a.port,
+            api_key=a.api_key, served_model_name=a.served_model_name, transfer=a.transfer, routing=a.routing,
+            prefill_gpus=_gpus(a.prefill_gpus), decode_gpus=_gpus(a.decode_gpus),
+            fail_transfer_rate=a.fail_transfer_rate,
+        )
+    except ValueError as e:
+        print(f"runtime up: error: {e}", file=sys.stderr)
+        return 2
+    return run_up(cfg, a.log_level)
+
+
+def cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
+    from runtime.bench import main as bench_main
+
+    return bench_main(rest) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runtime", description="A disaggregated, speculative LLM serving runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,10 +118,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the model's chat template")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("up", help="serve the OpenAI API with disaggregated prefill and decode workers")
+    u.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    u.add_argument("--decode", type=int, default=1, help="decode replicas")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--api-key", default=None)
+    u.add_argument("--served-model-name", default=None)
+    u.add_argument("--transfer", default="auto", choices=("auto", "zmq", "nixl"))
+    u.add_argument("--routing", default="prefix_aware", choices=("prefix_aware", "shortest_queue", "round_robin"))
+    u.add_argument("--prefill-gpus", default="", help="CUDA device per prefill worker, e.g. 0,1")
+    u.add_argument("--decode-gpus", default="", help="CUDA device per decode worker, e.g. 2,3,4,5")
+    u.add_argument("--fail-transfer-rate", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
+    add_engine_args(u)
+    u.set_defaults(func=cmd_up)
+
+    b = sub.add_parser("bench", help="serving benchmark against a running server (see runtime bench --help)", add_help=False)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -64,3 +64,60 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+TRANSFER_BACKENDS = ("auto", "zmq", "nixl")
+ROUTING_POLICIES = ("prefix_aware", "shortest_queue", "round_robin")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """`runtime up`: the processes and the one place their socket addresses are derived."""
+
+    engine: EngineConfig = EngineConfig()
+    num_prefill: int = 1
+    num_decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the model folder's name
+    ipc_dir: str = "/tmp/runtime-ipc"  # one run's socket files live in a fresh subfolder
+    # tcp://HOST:BASE+k instead of ipc:// sockets (workers on other hosts)
+    tcp_host: str | None = None
+    tcp_base_port: int = 29500
+    transfer: str = "auto"  # auto: nixl when importable, else zmq (KV inline in messages)
+    transfer_timeout_s: float = 30.0
+    routing: str = "prefix_aware"
+    heartbeat_s: float = 0.5
+    dead_after_s: float = 5.0  # no heartbeat this long: the worker is dead
+    restart_dead: bool = True
+    prefill_gpus: tuple[int, ...] = ()  # CUDA device per prefill worker (default: all on 0)
+    decode_gpus: tuple[int, ...] = ()
+    fail_transfer_rate: float = 0.0  # TEST ONLY: fraction of transfers the prefill side fails
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("--prefill and --decode must each be at least 1")
+        _choose("transfer", self.transfer, TRANSFER_BACKENDS)
+        _choose("routing", self.routing, ROUTING_POLICIES)
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535 (got {self.port})")
+
+    def _addr(self, name: str, k: int) -> str:
+        if self.tcp_host:
+            return f"tcp://{self.tcp_host}:{self.tcp_base_port + k}"
+        return f"ipc://{self.ipc_dir}/{name}"
+
+    @property
+    def gateway_addr(self) -> str:  # gateway PULL: TokenDelta, RequestError, ClusterStatus
+        return self._addr("gateway", 0)
+
+    @property
+    def controller_addr(self) -> str:  # controller PULL: Generate, Abort, Ready, Heartbeat, TaskDone
+        return self._addr("controller", 1)
+
+    def prefill_addr(self, i: int) -> str:  # prefill worker i PULL: PrefillTask, KVDestination, AbortTask
+        return self._addr(f"prefill-{i}", 2 + i)
+
+    def decode_addr(self, i: int) -> str:  # decode worker i PULL: DecodeTask, KVDone, AbortTask
+        return self._addr(f"decode-{i}", 2 + self.num_prefill + i)

@@ -36,6 +36,11 @@ class StepOutput:
         return self.req.finished
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
+
+
 class EngineCore:
     def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg = cfg
@@ -115,6 +120,29 @@ class EngineCore:
         self.requests[rid] = req
         return req
 
+    def add_prefilled(
+        self, rid: str, prompt_ids: list[int], params: SamplingParams, pages: list[int],
+        first_token: int, first_logprob: TokenLogprob | None, cached_tokens: int,
+    ) -> StepOutput:
+        """Start decoding a request whose prompt KV is already in `pages` (sent by a prefill
+        worker, which also sampled the first token). Returns the first token's output."""
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Req(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed, arrival=self._arrivals,
+                  cached_tokens=cached_tokens)
+        self._arrivals += 1
+        self.requests[rid] = req
+        self.scheduler.add_prefilled(req, pages)
+        kept, reason, stop_reason = self._append(req, [first_token])
+        req.num_computed = len(req.prompt_ids)
+        if reason is not None:
+            self.scheduler.finish(req, reason, stop_reason)
+            self.requests.pop(rid, None)
+        lps = [first_logprob] if first_logprob is not None else []
+        req.output_logprobs += lps
+        return StepOutput(req, kept, lps)
+
     def abort(self, rid: str) -> Req | None:
         req = self.requests.pop(rid, None)
         if req is not None:
@@ -179,6 +207,9 @@ class EngineCore:
 
     def _sample(self, seqs: list, logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob]]]:
         reqs = [s.req for s in seqs]
+        if all(_plain_greedy(r.params) for r in reqs):
+            # The common serving case: skip building per-request sampling tensors.
+            return {r.rid: ([t], []) for r, t in zip(reqs, logits.argmax(dim=-1).tolist())}
         out = self.sampler(logits, self._sampling_batch(reqs, [len(r.output_ids) for r in reqs]))
         tokens = out.tokens.tolist()
         lps = self._logprobs(reqs, out, range(len(reqs)))

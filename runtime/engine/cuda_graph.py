@@ -33,12 +33,17 @@ class CudaGraphDecoder:
         ps = pool.page_size
         self.max_pages = -(-max_model_len // ps)
         dev = self.device
-        # Static inputs, shared by every bucket (a bucket uses the first b rows).
-        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.out_slots = torch.zeros(max_batch, dtype=torch.int64, device=dev)
-        self.page_table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32, device=dev)
-        self.kv_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        # Static inputs, shared by every bucket (a bucket uses the first b rows). Each step
+        # fills pinned host mirrors and copies them with two async H2D copies.
+        self._i64 = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)  # ids, positions, slots
+        self._i32 = torch.zeros(max_batch * (1 + self.max_pages), dtype=torch.int32, device=dev)
+        self.input_ids, self.positions, self.out_slots = self._i64[0], self._i64[1], self._i64[2]
+        self.kv_lens = self._i32[:max_batch]
+        self.page_table = self._i32[max_batch:].view(max_batch, self.max_pages)
+        self.kv_lens.fill_(1)
+        pin = torch.cuda.is_available()
+        self._host_i64 = torch.zeros_like(self._i64, device="cpu").pin_memory() if pin else None
+        self._host_i32 = torch.ones_like(self._i32, device="cpu").pin_memory() if pin else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.buckets = buckets_up_to(max_batch)
@@ -80,24 +85,22 @@ class CudaGraphDecoder:
         return batch_size <= self.max_batch and max_pages <= self.max_pages
 
     def run(
-        self, input_ids: list[int], positions: list[int], out_slots: torch.Tensor, page_lists: list[list[int]], kv_lens: list[int]
+        self, input_ids: list[int], positions: list[int], slots: list[int], page_lists: list[list[int]], kv_lens: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one token for each of B sequences; returns (logits [B, V], hidden [B, H])."""
         n = len(input_ids)
         b = next(x for x in self.buckets if x >= n)
-        table = torch.zeros(b, self.max_pages, dtype=torch.int32)
+        h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
+        h64[0, :n], h64[1, :n], h64[2, :n] = input_ids, positions, slots
+        h64[:, n:b] = 0  # padded rows: token 0 at position 0, KV written into page 0
+        h32[:n] = kv_lens
+        h32[n:b] = 1
+        table = h32[self.max_batch :].reshape(self.max_batch, self.max_pages)
         for i, pages in enumerate(page_lists):
-            table[i, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        pad = b - n
-        ids = torch.tensor(input_ids + [0] * pad, dtype=torch.int64)
-        pos = torch.tensor(positions + [0] * pad, dtype=torch.int64)
-        lens = torch.tensor(kv_lens + [1] * pad, dtype=torch.int32)
-        self.input_ids[:b].copy_(ids, non_blocking=True)
-        self.positions[:b].copy_(pos, non_blocking=True)
-        self.kv_lens[:b].copy_(lens, non_blocking=True)
-        self.page_table[:b].copy_(table, non_blocking=True)
-        self.out_slots[:n].copy_(out_slots)
-        self.out_slots[n:b].zero_()  # padded rows write into the reserved page 0
+            table[i, : len(pages)] = pages
+        table[n:b, 0] = 0
+        self._i64.copy_(self._host_i64, non_blocking=True)
+        self._i32.copy_(self._host_i32, non_blocking=True)
         self.graphs[b].replay()
         logits, hidden = self.outputs[b]
         return logits[:n], hidden[:n]

@@ -44,10 +44,16 @@ class Req:
     stop_reason: str | int | None = None
     num_steps: int = 0  # decode forward passes that produced tokens for this request
     num_retractions: int = 0
+    # Prefill workers keep a finished request's pages until its KV has been sent.
+    hold_kv: bool = False
 
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
 
     @property
     def seq_len(self) -> int:

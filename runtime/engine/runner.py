@@ -73,9 +73,9 @@ class ModelRunner:
         positions = [s.start for s in seqs]
         slots = [s.req.pages[p // ps] * ps + p % ps for s, p in zip(seqs, positions)]
         return self.graphs.run(
-            [s.req.all_ids[s.start] for s in seqs],
+            [s.req.token_at(s.start) for s in seqs],
             positions,
-            torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True),
+            slots,
             [s.req.pages for s in seqs],
             [p + 1 for p in positions],
         )

@@ -62,6 +62,7 @@ class Scheduler:
         # Requests the scheduler itself ended (the pool could not hold them); the engine
         # reports them after the step.
         self.ended: list[Req] = []
+        self.held: list[Req] = []  # finished, KV kept for a transfer (see Req.hold_kv)
 
     # ---- queue management -------------------------------------------------------------
     def add(self, req: Req) -> None:
@@ -82,12 +83,44 @@ class Scheduler:
             return
         if req in self.running:
             self.running.remove(req)
-            self._release(req, cache=True)
+            if req.hold_kv and reason != "abort":
+                # Full pages go to the prefix cache now (locked by req); the pages stay
+                # req's until `release_held`.
+                self._cache_prefix(req)
+                self.held.append(req)
+            else:
+                self._release(req, cache=True)
         elif req in self.waiting:
             self.waiting.remove(req)
         req.phase = Phase.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
+
+    def release_held(self, req: Req) -> None:
+        """A held request's KV was sent (or the transfer failed): release its pages."""
+        self.held.remove(req)
+        self._release(req, cache=False)
+
+    def alloc_pages(self, n: int) -> list[int] | None:
+        """Pages for KV that arrives from elsewhere (a decode worker's incoming transfers);
+        None when even after evicting the cache there is no room."""
+        if self.pool.num_free < n:
+            self.cache.evict(n - self.pool.num_free)
+        return self.pool.alloc(n) if self.pool.num_free >= n else None
+
+    def add_prefilled(self, req: Req, pages: list[int]) -> None:
+        """Admit a request whose prompt KV already sits in `pages` (written by a prefill
+        worker) and whose first output token is in req.output_ids: it starts decoding."""
+        m = self.cache.match([])  # the root: nothing shared, but lock/unlock stay balanced
+        self.cache.lock(m.node)
+        req.cache_node = m.node
+        req.pages = list(pages)
+        req.num_computed = len(req.prompt_ids)
+        req.num_cache_owned = 0
+        req.admitted_once = True
+        req.phase = Phase.DECODE
+        req.arrival = next(self._order)
+        self.running.append(req)
 
     @property
     def has_work(self) -> bool:
@@ -243,5 +276,5 @@ class Scheduler:
 
     def check_no_leak(self) -> None:
         """With no request running, every page is free or held by the prefix cache."""
-        held = sum(len(r.pages) - r.num_cache_owned // self.page_size for r in self.running)
+        held = sum(len(r.pages) - r.num_cache_owned // self.page_size for r in self.running + self.held)
         self.pool.check_no_leak(held=held + self.cache.cached_pages)

@@ -128,6 +128,13 @@ def load_model(
     return LoadedModel(model=net, config=cfg, hf_config=hf_config, tokenizer=tokenizer, path=path, name=name)
 
 
+def load_config_only(path: str) -> ModelConfig:
+    """The model's shape without its weights (an HF folder or a .gguf file)."""
+    if _detect_format(path) == "gguf":
+        return ModelConfig.from_hf(gguf_config(path if os.path.isfile(path) else _single_gguf(path)))
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(path))
+
+
 def _detect_format(path: str) -> str:
     if os.path.isfile(path):
         if path.endswith(".gguf"):

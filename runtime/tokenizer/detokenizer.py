@@ -8,15 +8,40 @@ from typing import Any
 class IncrementalDetokenizer:
     """Feed token ids, get the new text. Decoding the whole output each time is simple and
     handles tokenizers whose pieces depend on their neighbours (SentencePiece spaces); a
-    trailing U+FFFD means an unfinished UTF-8 sequence, so that part is held back."""
+    trailing U+FFFD means an unfinished UTF-8 sequence, so that part is held back.
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, stop: list[str] | None = None) -> None:
+    `incremental=True` (the gateway: long outputs, many requests) decodes only a small
+    window of recent tokens per call, as vLLM does: the text of ids[prefix:] minus that of
+    the context ids[prefix:read] is the new piece, so a call costs O(window), not O(output).
+    Both modes give the same text for valid UTF-8 output (byte-level BPE, SentencePiece)."""
+
+    def __init__(
+        self, tokenizer: Any, skip_special_tokens: bool = True, stop: list[str] | None = None, incremental: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = [s for s in (stop or []) if s]
+        self.incremental = incremental
         self.ids: list[int] = []
         self.text = ""  # text emitted so far
         self.stopped_by: str | None = None
+        # incremental mode: ids[:_read] decode to _decoded; ids[_prefix:_read] give context
+        self._prefix = 0
+        self._read = 0
+        self._decoded = ""
+
+    def _decode_all(self) -> str:
+        if not self.incremental:
+            return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        context = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special_tokens)
+        window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
+        piece = window[len(context):] if len(window) > len(context) else ""
+        if piece and not window.endswith("\ufffd"):
+            # The piece is complete: later tokens only need ids[read:] as context.
+            self._decoded += piece
+            self._prefix, self._read = self._read, len(self.ids)
+            return self._decoded
+        return self._decoded + piece
 
     def add(self, token_ids: list[int], final: bool = False) -> str:
         """Returns the text to emit for these tokens. After a stop string is seen, the text
@@ -24,7 +49,7 @@ class IncrementalDetokenizer:
         if self.stopped_by is not None:
             return ""
         self.ids += token_ids
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        full = self._decode_all()
         if not final and full.endswith("\ufffd"):
             full = full.rstrip("\ufffd")
         if self.stop:

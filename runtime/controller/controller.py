@@ -1,0 +1,255 @@
+"""The controller: the only place that knows the topology. It starts the workers, routes
+each request to a (prefill, decode) pair, watches heartbeats and process exits, retries or
+fails the requests of a dead worker, restarts it, and tells the gateway the cluster state."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+from runtime import ipc
+from runtime.config import ClusterConfig
+from runtime.controller.process import WorkerProcess
+from runtime.controller.routing import Load, Router
+from runtime.messages import (
+    Abort, AbortTask, ClusterStatus, DecodeTask, Generate, Heartbeat, PrefillTask, Ready,
+    RequestError, Streaming, TaskDone,
+)
+
+log = logging.getLogger("runtime.controller")
+MAX_RETRIES = 2
+MAX_RESTARTS = 5
+
+
+@dataclass
+class WorkerState:
+    role: str
+    id: int
+    proc: WorkerProcess
+    alive: bool = False
+    last_beat: float = 0.0
+    beat: Heartbeat | None = None
+    load: Load = field(default_factory=lambda: Load(0))
+    restarts: int = 0
+    ever_ready: bool = False
+
+
+@dataclass
+class Flight:
+    gen: Generate
+    prefill: int
+    decode: int
+    room: int
+    prefill_done: bool = False
+    streaming: bool = False
+    retries: int = 0
+
+
+class Controller(ipc.Actor):
+    def __init__(self, cfg: ClusterConfig, spawn: "callable") -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spawn = spawn  # (role, id) -> WorkerProcess
+        self.ctx = zmq.asyncio.Context()
+        self.inbox = ipc.pull(self.ctx, cfg.controller_addr, bind=True)
+        self.gateway = ipc.push(self.ctx, cfg.gateway_addr)
+        self.out: dict[tuple[str, int], ipc.Queue] = {}
+        self.workers: dict[tuple[str, int], WorkerState] = {}
+        self.flights: dict[str, Flight] = {}
+        self.router = Router(cfg.routing, block=cfg.engine.page_size)
+        self._rooms = itertools.count(1)
+        self._seeds = random.Random()
+        self.transfer_latency: list[float] = []
+        self.running = True
+        self.handlers.update({
+            Generate: self.on_generate, Abort: self.on_abort, Ready: self.on_ready,
+            Heartbeat: self.on_heartbeat, TaskDone: self.on_task_done, Streaming: self.on_streaming,
+        })
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start_workers(self) -> None:
+        for role, n, addr in (("prefill", self.cfg.num_prefill, self.cfg.prefill_addr),
+                              ("decode", self.cfg.num_decode, self.cfg.decode_addr)):
+            for i in range(n):
+                self.out[(role, i)] = ipc.push(self.ctx, addr(i))
+                self.workers[(role, i)] = WorkerState(role, i, self.spawn(role, i), load=Load(i))
+
+    def all_ready(self) -> bool:
+        return all(w.alive for w in self.workers.values())
+
+    def first_exit(self) -> WorkerState | None:
+        return next((w for w in self.workers.values() if w.proc.exitcode() is not None), None)
+
+    async def run(self) -> None:
+        next_check = 0.0
+        while self.running:
+            msg = await self.inbox.recv_timeout(self.cfg.heartbeat_s / 2)
+            if msg is not None:
+                await self.dispatch(msg)
+                while (msg := await self.inbox.recv_nowait()) is not None:
+                    await self.dispatch(msg)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self.cfg.heartbeat_s
+                await self.check_health()
+                await self.gateway.send(self.status())
+
+    def close(self) -> None:
+        for q in self.out.values():
+            q.close()
+        self.inbox.close()
+        self.gateway.close()
+        self.ctx.term()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _live(self, role: str) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.role == role and w.alive]
+
+    async def on_generate(self, g: Generate) -> None:
+        if g.params.get("seed") is None:
+            # Prefill samples the first token and decode the rest: both must draw from the
+            # same seeded stream to reproduce what one engine would sample.
+            g.params["seed"] = self._seeds.getrandbits(63)
+        await self._dispatch_flight(g, retries=0)
+
+    async def _dispatch_flight(self, g: Generate, retries: int) -> None:
+        prefills, decodes = self._live("prefill"), self._live("decode")
+        if not prefills or not decodes:
+            role = "prefill" if not prefills else "decode"
+            await self.gateway.send(RequestError(g.rid, f"no live {role} worker; try again shortly", 503))
+            return
+        p = self.router.pick_prefill(g.prompt_ids, [w.load for w in prefills])
+        d = self.router.pick_decode([w.load for w in decodes])
+        room = next(self._rooms)
+        self.flights[g.rid] = Flight(g, p.id, d.id, room, retries=retries)
+        p.inflight += 1
+        d.inflight += 1
+        await self.out[("decode", d.id)].send(
+            DecodeTask(g.rid, room, g.prompt_ids, g.params, p.id, self.cfg.prefill_addr(p.id)))
+        await self.out[("prefill", p.id)].send(
+            PrefillTask(g.rid, room, g.prompt_ids, g.params, d.id, self.cfg.decode_addr(d.id)))
+
+    async def on_abort(self, a: Abort) -> None:
+        f = self.flights.pop(a.rid, None)
+        if f is None:
+            return
+        self._settle(f, prefill=not f.prefill_done, decode=True)
+        if not f.prefill_done:
+            await self._send("prefill", f.prefill, AbortTask(a.rid))
+        await self._send("decode", f.decode, AbortTask(a.rid))
+
+    async def on_task_done(self, t: TaskDone) -> None:
+        f = self.flights.get(t.rid)
+        if f is None:
+            return
+        if t.role == "prefill" and t.id == f.prefill and not f.prefill_done:
+            f.prefill_done = True
+            self._settle(f, prefill=True, decode=False)
+        elif t.role == "decode" and t.id == f.decode:
+            self.flights.pop(t.rid)
+            self._settle(f, prefill=not f.prefill_done, decode=True)
+
+    def _settle(self, f: Flight, prefill: bool, decode: bool) -> None:
+        for role, wid, flag in (("prefill", f.prefill, prefill), ("decode", f.decode, decode)):
+            w = self.workers.get((role, wid))
+            if flag and w is not None:
+                w.load.inflight = max(0, w.load.inflight - 1)
+
+    async def on_streaming(self, s: Streaming) -> None:
+        f = self.flights.get(s.rid)
+        if f is not None:
+            f.streaming = True
+
+    async def _send(self, role: str, wid: int, msg: object) -> None:
+        w = self.workers.get((role, wid))
+        if w is not None and w.alive:
+            await self.out[(role, wid)].send(msg)
+
+    # ---- workers ---------------------------------------------------------------------------------
+    async def on_ready(self, r: Ready) -> None:
+        w = self.workers.get((r.role, r.id))
+        if w is None:
+            raise ValueError(f"Ready from unknown worker {r.role} {r.id}")
+        w.alive, w.ever_ready, w.last_beat = True, True, time.monotonic()
+        w.load = Load(r.id, kv_free_pages=r.kv_total_pages, kv_total_pages=r.kv_total_pages)
+        log.info("%s worker %d ready (pid %d)", r.role, r.id, r.pid)
+
+    async def on_heartbeat(self, h: Heartbeat) -> None:
+        w = self.workers.get((h.role, h.id))
+        if w is None or not w.alive or h.pid != w.proc.pid:
+            return  # a late beat from a process we already declared dead
+        w.last_beat, w.beat = time.monotonic(), h
+        w.load.running, w.load.queued = h.running, h.queued
+        w.load.kv_free_pages, w.load.kv_total_pages = h.kv_free_pages, h.kv_total_pages
+
+    async def check_health(self) -> None:
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            exited = w.proc.exitcode() is not None
+            silent = w.alive and now - w.last_beat > self.cfg.dead_after_s
+            if w.alive and (exited or silent):
+                why = f"exited with code {w.proc.exitcode()}" if exited else "stopped sending heartbeats"
+                log.error("%s worker %d (pid %d) %s", w.role, w.id, w.proc.pid, why)
+                w.proc.kill()
+                w.alive = False
+                await self._recover(w)
+            # Only workers that once started are restarted: a startup failure is the
+            # launcher's to report, not to loop on.
+            restartable = w.ever_ready and w.restarts < MAX_RESTARTS and self.cfg.restart_dead
+            if not w.alive and w.proc.exitcode() is not None and restartable and self.running:
+                w.restarts += 1
+                log.info("restarting %s worker %d (restart %d)", w.role, w.id, w.restarts)
+                w.proc = self.spawn(w.role, w.id)
+
+    async def _recover(self, dead: WorkerState) -> None:
+        """Requests that touched a dead worker: retry those no token of which reached the
+        client, fail the rest."""
+        if dead.role == "prefill":
+            self.router.index.forget_worker(dead.id)
+        dead.load = Load(dead.id)
+        for rid, f in list(self.flights.items()):
+            hit = (dead.role == "prefill" and f.prefill == dead.id and not f.prefill_done) or (
+                dead.role == "decode" and f.decode == dead.id)
+            if not hit:
+                continue
+            self.flights.pop(rid)
+            self._settle(f, prefill=not f.prefill_done, decode=True)
+            # Free what the surviving side holds for this request.
+            if dead.role == "prefill":
+                await self._send("decode", f.decode, AbortTask(rid))
+            elif not f.prefill_done:
+                await self._send("prefill", f.prefill, AbortTask(rid))
+            if not f.streaming and f.retries < MAX_RETRIES:
+                log.info("retrying %s after %s worker %d died", rid, dead.role, dead.id)
+                await self._dispatch_flight(f.gen, f.retries + 1)
+            else:
+                await self.gateway.send(RequestError(rid, f"the {dead.role} worker serving this request died", 503))
+
+    def status(self) -> ClusterStatus:
+        workers, hit_rates = [], []
+        used = total = tbytes = tfail = 0
+        for w in self.workers.values():
+            b = w.beat
+            workers.append(dict(
+                role=w.role, id=w.id, pid=w.proc.pid, alive=w.alive,
+                running=b.running if b else 0, queued=b.queued if b else 0, served=b.served if b else 0,
+                kv_free_pages=b.kv_free_pages if b else 0, kv_total_pages=b.kv_total_pages if b else 0,
+                restarts=w.restarts,
+            ))
+            if b and w.alive:
+                used += b.kv_total_pages - b.kv_free_pages
+                total += b.kv_total_pages
+                if w.role == "prefill":
+                    hit_rates.append(b.cache_hit_rate)
+                    tbytes += b.transfer_bytes
+                    tfail += b.transfer_failures
+        metrics = dict(
+            prefix_cache_hit_rate=sum(hit_rates) / len(hit_rates) if hit_rates else 0.0,
+            kv_used_pages=used, kv_total_pages=total,
+            kv_transfer_bytes_total=tbytes, kv_transfer_failures_total=tfail,
+        )
+        return ClusterStatus(workers, metrics)

@@ -1,0 +1,62 @@
+"""Worker processes: started as `python -m runtime.worker_main`, tied to the launcher's life."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+
+from runtime.config import ClusterConfig, EngineConfig
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Linux: the kernel sends SIGTERM to the child when the launcher dies, even by SIGKILL,
+    # so a crashed launcher leaves no orphans.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def config_to_json(cfg: ClusterConfig) -> str:
+    return json.dumps(asdict(cfg))
+
+
+def config_from_json(text: str) -> ClusterConfig:
+    d = json.loads(text)
+    engine = EngineConfig(**d.pop("engine"))
+    for k in ("prefill_gpus", "decode_gpus"):
+        d[k] = tuple(d[k])
+    return ClusterConfig(engine=engine, **d)
+
+
+class WorkerProcess:
+    def __init__(self, role: str, worker_id: int, cfg: ClusterConfig, log_level: str = "info") -> None:
+        env = dict(os.environ)
+        gpus = cfg.prefill_gpus if role == "prefill" else cfg.decode_gpus if role == "decode" else ()
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpus[worker_id % len(gpus)])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.worker_main", role, str(worker_id), config_to_json(cfg), log_level],
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        self.pid = self.proc.pid
+        self.role, self.id = role, worker_id
+
+    def exitcode(self) -> int | None:
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()

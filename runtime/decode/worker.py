@@ -1,0 +1,164 @@
+"""Decode worker: reserves pages for incoming prompts, receives their KV from the prefill
+worker, then decodes them in one continuous batch and streams tokens to the gateway."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from runtime import ipc
+from runtime.config import ClusterConfig
+from runtime.engine.request import TokenLogprob
+from runtime.messages import (
+    AbortTask, DecodeTask, KVDestination, KVDone, RequestError, Streaming, TaskDone, TokenDelta,
+    params_from_dict,
+)
+from runtime.prefill.worker import logprob_to_wire
+from runtime.transfer import TransferState, make_transfer
+from runtime.worker_base import Worker
+
+log = logging.getLogger("runtime.decode")
+
+
+@dataclass
+class Incoming:
+    task: DecodeTask
+    pages: list[int]
+    since: float
+    done: KVDone | None = None  # KVDone arrived but the data is still landing (NIXL)
+
+
+class DecodeWorker(Worker):
+    role = "decode"
+
+    def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
+        from dataclasses import replace
+
+        # Decode never matches prefixes: prompt KV arrives from the prefill workers.
+        super().__init__(cfg, worker_id, cfg.decode_addr(worker_id), replace(cfg.engine, prefix_cache=False))
+        self.receiver = make_transfer(cfg.transfer, self.core.pool, worker_id, "decode")
+        self.gateway = ipc.push(self.ctx, cfg.gateway_addr)
+        self.pending: deque[DecodeTask] = deque()  # waiting for free pages
+        self.incoming: dict[int, Incoming] = {}  # room -> reserved pages, waiting for KV
+        self.handlers.update({DecodeTask: self.on_task, KVDone: self.on_kv_done, AbortTask: self.on_abort})
+
+    def load(self) -> tuple[int, int]:
+        s = self.core.scheduler
+        return len(s.running), len(s.waiting) + len(self.pending) + len(self.incoming)
+
+    # ---- messages --------------------------------------------------------------------------
+    async def on_task(self, t: DecodeTask) -> None:
+        if len(t.prompt_ids) >= self.core.max_model_len:
+            await self._fail(t, f"prompt has {len(t.prompt_ids)} tokens; the context holds {self.core.max_model_len}", 400)
+            return
+        self.pending.append(t)
+        await self._admit()
+
+    async def _admit(self) -> None:
+        ps = self.core.pool.page_size
+        while self.pending:
+            t = self.pending[0]
+            pages = self.core.scheduler.alloc_pages(-(-len(t.prompt_ids) // ps))
+            if pages is None:
+                return
+            self.pending.popleft()
+            self.incoming[t.room] = Incoming(t, pages, time.monotonic())
+            await self.peer(t.prefill_addr).send(KVDestination(
+                t.room, t.rid, self.id, pages, self.receiver.destination(t.room, pages)
+            ))
+
+    async def on_kv_done(self, d: KVDone) -> None:
+        inc = self.incoming.get(d.room)
+        if inc is None:
+            return  # aborted or timed out already
+        if not d.ok:
+            await self._drop_incoming(inc, d.error or "KV transfer failed", 500)
+            return
+        inc.done = d
+        try:
+            state = self.receiver.complete(d.room, d.payload, len(inc.task.prompt_ids))
+        except Exception as e:
+            log.exception("decode %d: receiving KV for %s failed", self.id, inc.task.rid)
+            await self._drop_incoming(inc, f"KV transfer failed: {e}", 500)
+            return
+        await self._on_state(inc, state)
+
+    async def _on_state(self, inc: Incoming, state: TransferState) -> None:
+        if state is TransferState.DONE:
+            await self._start(inc)
+        elif state is TransferState.FAILED:
+            await self._drop_incoming(inc, "KV transfer failed", 500)
+
+    async def _start(self, inc: Incoming) -> None:
+        t, d = inc.task, inc.done
+        del self.incoming[t.room]
+        self.receiver.release(t.room)
+        lp = None
+        if d.first_logprob is not None:
+            lp = TokenLogprob(d.first_token, d.first_logprob[0], [tuple(x) for x in d.first_logprob[1]])
+        out = self.core.add_prefilled(
+            t.rid, t.prompt_ids, params_from_dict(t.params), inc.pages, d.first_token, lp, d.cached_tokens
+        )
+        await self.controller.send(Streaming(t.rid, self.id))
+        await self._emit(out)
+
+    async def on_abort(self, a: AbortTask) -> None:
+        for t in list(self.pending):
+            if t.rid == a.rid:
+                self.pending.remove(t)
+        for inc in list(self.incoming.values()):
+            if inc.task.rid == a.rid:
+                self._free_incoming(inc)
+        self.core.abort(a.rid)
+
+    # ---- engine ------------------------------------------------------------------------------
+    async def after_step(self, outputs: list) -> None:
+        for out in outputs:
+            await self._emit(out)
+
+    async def _emit(self, out) -> None:
+        req = out.req
+        await self.gateway.send(TokenDelta(
+            req.rid, out.new_token_ids,
+            [logprob_to_wire(lp) for lp in out.new_logprobs] if req.params.logprobs is not None else None,
+            req.finish_reason if req.finished else None, req.stop_reason,
+            len(req.prompt_ids), req.cached_tokens, len(req.output_ids),
+        ))
+        if req.finished:
+            self.served += 1
+            await self.controller.send(TaskDone(req.rid, self.role, self.id, True, True))
+
+    async def tick(self) -> None:
+        await self._admit()
+        now = time.monotonic()
+        for inc in list(self.incoming.values()):
+            if inc.done is not None:
+                await self._on_state(inc, self.receiver.poll(inc.task.room))
+            elif now - inc.since > self.cfg.transfer_timeout_s:
+                await self._drop_incoming(inc, "KV transfer timed out", 504)
+
+    async def _drop_incoming(self, inc: Incoming, error: str, code: int) -> None:
+        log.warning("decode %d: request %s failed: %s", self.id, inc.task.rid, error)
+        self._free_incoming(inc)
+        await self._fail(inc.task, error, code)
+
+    def _free_incoming(self, inc: Incoming) -> None:
+        self.incoming.pop(inc.task.room, None)
+        self.receiver.release(inc.task.room)
+        self.core.pool.free(inc.pages)
+
+    async def _fail(self, t: DecodeTask, error: str, code: int) -> None:
+        await self.gateway.send(RequestError(t.rid, error, code))
+        await self.controller.send(TaskDone(t.rid, self.role, self.id, False, False))
+
+    def idle_wait(self) -> float:
+        # Poll transfers often while KV is landing; otherwise wake for heartbeats only.
+        return 0.002 if self.incoming else self.cfg.heartbeat_s
+
+    def heartbeat_extra(self) -> dict[str, int]:
+        return {"transfer_bytes": self.receiver.bytes_received, "transfer_failures": self.receiver.failures}
+
+    def close(self) -> None:
+        self.gateway.close()
+        super().close()

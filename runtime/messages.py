@@ -1,0 +1,156 @@
+"""Typed messages, grouped by link. Token ids are plain int lists; KV bytes are `bytes`.
+
+SamplingParams travel as a dict of their fields (`params_to_dict` / `params_from_dict`)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from runtime.engine.sampling_params import SamplingParams
+from runtime.ipc import message
+
+
+def params_to_dict(p: SamplingParams) -> dict[str, Any]:
+    return dataclasses.asdict(p)
+
+
+def params_from_dict(d: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(**d)
+
+
+# ---- gateway -> controller -------------------------------------------------------------
+@message
+class Generate:
+    rid: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+
+
+@message
+class Abort:
+    rid: str
+
+
+# ---- controller -> prefill worker / decode worker -------------------------------------
+@message
+class PrefillTask:
+    rid: str
+    room: int  # transfer id shared by the prefill and the decode side
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    decode_id: int
+    decode_addr: str  # where KVDone goes
+
+
+@message
+class DecodeTask:
+    rid: str
+    room: int
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    prefill_id: int
+    prefill_addr: str  # where KVDestination goes
+
+
+@message
+class AbortTask:
+    rid: str
+
+
+# ---- decode worker <-> prefill worker (the KV transfer handshake) -----------------------
+@message
+class KVDestination:
+    room: int
+    rid: str
+    decode_id: int
+    pages: list[int]  # decode-side page ids, one per page of the prompt
+    transfer: dict[str, Any]  # backend-specific: NIXL agent name/metadata/base addresses
+
+
+@message
+class KVDone:
+    room: int
+    rid: str
+    ok: bool
+    error: str
+    first_token: int
+    first_logprob: list[Any] | None  # [logprob, [[id, logprob], ...]] when asked
+    cached_tokens: int
+    payload: bytes  # inline KV (the zmq transfer backend); b"" when written by NIXL
+
+
+# ---- decode worker -> gateway ------------------------------------------------------------
+@message
+class TokenDelta:
+    rid: str
+    token_ids: list[int]
+    logprobs: list[Any] | None  # per token: [logprob, [[id, logprob], ...]]
+    finish_reason: str | None  # None while running
+    stop_reason: int | str | None
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@message
+class RequestError:
+    rid: str
+    message: str
+    code: int  # HTTP status the gateway should answer with
+
+
+# ---- workers -> controller ---------------------------------------------------------------
+@message
+class Ready:
+    role: str  # "prefill" | "decode"
+    id: int
+    pid: int
+    kv_total_pages: int
+
+
+@message
+class Heartbeat:
+    role: str
+    id: int
+    pid: int
+    running: int
+    queued: int
+    served: int
+    kv_free_pages: int
+    kv_total_pages: int
+    cache_hit_rate: float
+    transfer_bytes: int
+    transfer_failures: int
+
+
+@message
+class TaskDone:
+    """A worker is finished with a request (success or failure): the controller's in-flight
+    table forgets it on that worker."""
+
+    rid: str
+    role: str
+    id: int
+    ok: bool
+    tokens_sent: bool  # some token already reached the client (no transparent retry)
+
+
+# ---- controller -> gateway ---------------------------------------------------------------
+@message
+class ClusterStatus:
+    workers: list[dict[str, Any]]  # the /health "workers" entries
+    metrics: dict[str, Any]
+
+
+@message
+class Shutdown:
+    reason: str
+
+
+@message
+class Streaming:
+    """decode worker -> controller: the first token of rid went to the client, so the
+    request can no longer be retried transparently."""
+
+    rid: str
+    decode_id: int

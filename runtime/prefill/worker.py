@@ -1,0 +1,155 @@
+"""Prefill worker: computes prompts (radix-cached, chunked, batched), samples the first
+token, and writes the prompt's KV pages into the decode worker's pages.
+
+Per request: PrefillTask (from the controller) and KVDestination (from the decode worker)
+may come in either order; once the prefill is done and the destination known, the
+transfer starts; its completion (or failure, or timeout) is reported to the decode worker
+with KVDone, and the pages are released (full pages stay in the prefix cache).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, replace
+
+from runtime.config import ClusterConfig
+from runtime.engine.request import Req, TokenLogprob
+from runtime.messages import (
+    AbortTask, KVDestination, KVDone, PrefillTask, TaskDone, params_from_dict,
+)
+from runtime.transfer import TransferState, make_transfer
+from runtime.worker_base import Worker
+
+log = logging.getLogger("runtime.prefill")
+
+
+def logprob_to_wire(lp: TokenLogprob | None) -> list | None:
+    return None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
+
+
+@dataclass
+class Job:
+    task: PrefillTask
+    req: Req
+    created: float
+    dest: KVDestination | None = None
+    first_token: int | None = None
+    first_logprob: list | None = None
+    payload: bytes = b""
+    transfer_started: float | None = None
+
+
+class PrefillWorker(Worker):
+    role = "prefill"
+
+    def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
+        super().__init__(cfg, worker_id, cfg.prefill_addr(worker_id), cfg.engine)
+        self.sender = make_transfer(cfg.transfer, self.core.pool, worker_id, "prefill")
+        self.jobs: dict[int, Job] = {}  # room -> job
+        self.rooms: dict[str, int] = {}  # rid -> room
+        self._fail_rng = random.Random(worker_id)
+        self.handlers.update({PrefillTask: self.on_task, KVDestination: self.on_destination, AbortTask: self.on_abort})
+
+    # ---- messages --------------------------------------------------------------------------
+    async def on_task(self, t: PrefillTask) -> None:
+        # Prefill produces exactly the first token; stop strings are the gateway's business.
+        params = replace(params_from_dict(t.params), max_tokens=1, stop=[], n=1)
+        try:
+            req = self.core.add_request(t.rid, t.prompt_ids, params)
+        except ValueError as e:
+            await self._fail_task(t, f"prefill rejected the request: {e}")
+            return
+        req.hold_kv = True
+        self.jobs[t.room] = Job(t, req, time.monotonic())
+        self.rooms[t.rid] = t.room
+
+    async def on_destination(self, d: KVDestination) -> None:
+        job = self.jobs.get(d.room)
+        if job is None:
+            return  # aborted meanwhile; the decode side times out or was told
+        job.dest = d
+        await self._maybe_start(job)
+
+    async def on_abort(self, a: AbortTask) -> None:
+        room = self.rooms.get(a.rid)
+        if room is not None:
+            self._drop(self.jobs[room])
+
+    # ---- engine ------------------------------------------------------------------------------
+    async def after_step(self, outputs: list) -> None:
+        for out in outputs:
+            room = self.rooms.get(out.req.rid)
+            if room is None or not out.req.finished:
+                continue
+            job = self.jobs[room]
+            if out.req.finish_reason == "abort" or not out.new_token_ids:
+                await self._finish(job, ok=False, error="prefill failed: the KV pool cannot hold this prompt")
+                continue
+            job.first_token = out.new_token_ids[0]
+            job.first_logprob = logprob_to_wire(out.new_logprobs[0] if out.new_logprobs else None)
+            await self._maybe_start(job)
+
+    async def _maybe_start(self, job: Job) -> None:
+        if job.first_token is None or job.dest is None or job.transfer_started is not None:
+            return
+        job.transfer_started = time.monotonic()
+        if self.cfg.fail_transfer_rate and self._fail_rng.random() < self.cfg.fail_transfer_rate:
+            await self._finish(job, ok=False, error="KV transfer failed (injected failure)")
+            return
+        dest = dict(job.dest.transfer, pages=job.dest.pages)
+        n = len(job.req.prompt_ids)
+        try:
+            job.payload = self.sender.start(job.task.room, job.req.pages[: len(job.dest.pages)], dest, n)
+        except Exception as e:  # a backend error fails this request only
+            log.exception("prefill %d: transfer of %s failed to start", self.id, job.task.rid)
+            await self._finish(job, ok=False, error=f"KV transfer failed: {e}")
+            return
+        await self._poll(job)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            if job.transfer_started is not None:
+                await self._poll(job)
+            elif now - job.created > self.cfg.transfer_timeout_s and job.first_token is not None:
+                await self._finish(job, ok=False, error="KV transfer timed out waiting for the decode worker")
+
+    async def _poll(self, job: Job) -> None:
+        state = self.sender.poll(job.task.room)
+        if state is TransferState.DONE:
+            await self._finish(job, ok=True)
+        elif state is TransferState.FAILED:
+            await self._finish(job, ok=False, error="KV transfer failed")
+        elif time.monotonic() - job.transfer_started > self.cfg.transfer_timeout_s:
+            await self._finish(job, ok=False, error="KV transfer timed out")
+
+    async def _finish(self, job: Job, ok: bool, error: str = "") -> None:
+        t = job.task
+        await self.peer(t.decode_addr).send(KVDone(
+            t.room, t.rid, ok, error, job.first_token if job.first_token is not None else -1,
+            job.first_logprob, job.req.cached_tokens, job.payload if ok else b"",
+        ))
+        await self.controller.send(TaskDone(t.rid, self.role, self.id, ok, False))
+        if ok:
+            self.served += 1
+        else:
+            log.warning("prefill %d: request %s failed: %s", self.id, t.rid, error)
+        self._drop(job)
+
+    async def _fail_task(self, t: PrefillTask, error: str) -> None:
+        await self.peer(t.decode_addr).send(KVDone(t.room, t.rid, False, error, -1, None, 0, b""))
+        await self.controller.send(TaskDone(t.rid, self.role, self.id, False, False))
+
+    def _drop(self, job: Job) -> None:
+        self.jobs.pop(job.task.room, None)
+        self.rooms.pop(job.task.rid, None)
+        self.sender.release(job.task.room)
+        req = job.req
+        if req in self.core.scheduler.held:
+            self.core.scheduler.release_held(req)
+        elif not req.finished:
+            self.core.abort(req.rid)
+
+    def heartbeat_extra(self) -> dict[str, int]:
+        return {"transfer_bytes": self.sender.bytes_sent, "transfer_failures": self.sender.failures}

@@ -1,0 +1,307 @@
+"""The OpenAI completions and chat completions handlers: validate, tokenize (chat template),
+check the context length, run a Generation and answer as one JSON body or as SSE chunks."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from runtime.engine.sampling_params import SamplingParamError, SamplingParams
+from runtime.tokenizer.generation import ClientGone, Generation, Update
+from runtime.tokenizer.logprobs import TextOffsets, TokenText, chat_logprobs, completion_logprobs
+from runtime.tokenizer.protocol import (
+    APIError,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    new_id,
+)
+from runtime.tokenizer.state import GatewayState
+
+log = logging.getLogger("runtime.gateway")
+
+MAX_N = 128  # choices per request: a bound on what one request may ask of the cluster
+_OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+DONE = "data: [DONE]\n\n"
+
+
+def sse(obj: Any) -> str:
+    body = obj.model_dump_json() if hasattr(obj, "model_dump_json") else json.dumps(obj)
+    return f"data: {body}\n\n"
+
+
+def json_response(obj: Any) -> Response:
+    return Response(obj.model_dump_json(), media_type="application/json")
+
+
+class Serving:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self.tt = TokenText(state.tokenizer)
+
+    # ---- endpoints ---------------------------------------------------------------------------
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        arrival, created = time.monotonic(), int(time.time())
+        self._check_common(req)
+        if req.echo:
+            raise APIError(400, "echo is not supported", "echo")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of is not supported (use n)", "best_of")
+        prompts = self._completion_prompts(req.prompt)
+        plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt")) for ids in prompts]
+        gen = Generation(self.state, new_id("cmpl"), plan, arrival)
+        want_lp = req.logprobs is not None
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        first = await self._run(gen, request, req.stream)
+        model = self.state.served_name
+        if not req.stream:
+            choices = [
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    logprobs=completion_logprobs(self.tt, c.token_ids, c.logprobs, TextOffsets(c.params.skip_special_tokens)) if want_lp else None,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    token_ids=c.token_ids if req.return_token_ids else None,
+                )
+                for c in gen.choices
+            ]
+            return json_response(CompletionResponse(id=gen.request_id, created=created, model=model, choices=choices, usage=Usage(**gen.usage())))
+        offsets = {c.index: TextOffsets(c.params.skip_special_tokens) for c in gen.choices}
+
+        def chunk(u: Update) -> str | None:
+            lp = completion_logprobs(self.tt, u.token_ids, u.logprobs or [], offsets[u.choice.index]) if want_lp and u.token_ids else None
+            ids = u.token_ids if req.return_token_ids else None
+            if not u.text and lp is None and not ids and not u.finished:
+                return None
+            choice = CompletionChoice(
+                index=u.choice.index, text=u.text, logprobs=lp,
+                finish_reason=u.choice.finish_reason if u.finished else None,
+                stop_reason=u.choice.stop_reason if u.finished else None,
+                token_ids=ids,
+            )
+            return sse(CompletionResponse(id=gen.request_id, created=created, model=model, choices=[choice]))
+
+        usage = (lambda: CompletionResponse(id=gen.request_id, created=created, model=model, choices=[], usage=Usage(**gen.usage()))) if include_usage else None
+        return self._stream(gen, first, [], chunk, usage)
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        arrival, created = time.monotonic(), int(time.time())
+        self._check_common(req)
+        if req.tools and req.tool_choice != "none":
+            raise APIError(400, "tool calling is not supported", "tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format type 'text' is supported", "response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+        ids = self._chat_prompt(req)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.max_completion_tokens is not None:
+            max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, max_param = req.max_tokens, "max_tokens"
+        params = self._params(req, ids, max_tokens, max_param, logprobs, {"logprobs": "top_logprobs"}, "messages")
+        gen = Generation(self.state, new_id("chatcmpl"), [(ids, params)], arrival)
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        first = await self._run(gen, request, req.stream)
+        model = self.state.served_name
+        if not req.stream:
+            choices = [
+                ChatChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(content=c.text),
+                    logprobs=chat_logprobs(self.tt, c.token_ids, c.logprobs) if req.logprobs else None,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    token_ids=c.token_ids if req.return_token_ids else None,
+                )
+                for c in gen.choices
+            ]
+            return json_response(ChatCompletionResponse(id=gen.request_id, created=created, model=model, choices=choices, usage=Usage(**gen.usage())))
+
+        def wrap(choice: ChatStreamChoice) -> str:
+            return sse(ChatCompletionChunk(id=gen.request_id, created=created, model=model, choices=[choice]))
+
+        head = [wrap(ChatStreamChoice(index=c.index, delta={"role": "assistant", "content": ""})) for c in gen.choices]
+
+        def chunk(u: Update) -> str | None:
+            lp = chat_logprobs(self.tt, u.token_ids, u.logprobs or []) if req.logprobs and u.token_ids else None
+            ids = u.token_ids if req.return_token_ids else None
+            if not u.text and lp is None and not ids and not u.finished:
+                return None
+            return wrap(ChatStreamChoice(
+                index=u.choice.index, delta={"content": u.text} if u.text else {}, logprobs=lp,
+                finish_reason=u.choice.finish_reason if u.finished else None,
+                stop_reason=u.choice.stop_reason if u.finished else None,
+                token_ids=ids,
+            ))
+
+        usage = (lambda: ChatCompletionChunk(id=gen.request_id, created=created, model=model, choices=[], usage=Usage(**gen.usage()))) if include_usage else None
+        return self._stream(gen, first, head, chunk, usage)
+
+    # ---- running -----------------------------------------------------------------------------
+    async def _run(self, gen: Generation, request: Request, stream: bool) -> Update | None:
+        """Start the generation. Non-streaming: run it to the end. Streaming: wait for the
+        first update, so an error before any token is still a plain HTTP error."""
+        streaming = False
+        try:
+            await gen.start()
+            if stream:
+                first = await gen.next(request.is_disconnected)
+                streaming = True  # from here on the stream generator owns the generation
+                return first
+            while await gen.next(request.is_disconnected) is not None:
+                pass
+            return None
+        except ClientGone:
+            raise APIError(499, "client disconnected") from None
+        finally:
+            if not streaming:
+                gen.close()
+
+    def _stream(self, gen: Generation, first: Update | None, head: list[str], chunk: Any, usage: Any) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            try:
+                for h in head:
+                    yield h
+                u = first
+                try:
+                    while u is not None:
+                        data = chunk(u)
+                        if data is not None:
+                            yield data
+                        u = await gen.next()
+                    if usage is not None:
+                        yield sse(usage())
+                except APIError as e:
+                    # Headers are already sent: report the error in the stream itself.
+                    self.state.metrics.errors.labels(str(e.status)).inc()
+                    yield sse(e.body())
+                yield DONE
+            finally:
+                gen.close()  # a client disconnect cancels this generator: abort the rest
+
+        # The background task also runs when the client left before the stream started.
+        return StreamingResponse(
+            events(), media_type="text/event-stream", background=BackgroundTask(gen.close),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # proxies: do not buffer
+        )
+
+    # ---- validation --------------------------------------------------------------------------
+    def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
+        if req.model is not None and req.model != self.state.served_name:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.state.served_name}`", "model")
+        if req.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if req.n > MAX_N:
+            raise APIError(400, f"n must be at most {MAX_N} (got {req.n})", "n")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.state.tokenizer(text)["input_ids"])
+
+    def _check_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, "the prompt is empty", param)
+        vocab = self.state.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param)
+        return ids
+
+    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self._check_ids(self._encode(prompt), "prompt")]
+        if not prompt:
+            raise APIError(400, "the prompt is empty", "prompt")
+        if isinstance(prompt[0], int):
+            return [self._check_ids(list(prompt), "prompt")]
+        if isinstance(prompt[0], str):
+            return [self._check_ids(self._encode(p), "prompt") for p in prompt]
+        return [self._check_ids(list(p), "prompt") for p in prompt]
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        tok = self.state.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
+        messages = []
+        for m in req.messages:
+            d = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                texts = []
+                for part in m.content:
+                    if part.type != "text":
+                        raise APIError(400, f"message content of type {part.type!r} is not supported (text only)", "messages")
+                    texts.append(part.text or "")
+                d["content"] = "\n".join(texts)
+            messages.append(d)
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True)
+        except Exception as e:  # jinja raises its own types for templates that reject input
+            raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return self._check_ids(list(ids), "messages")
+
+    def _params(
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        ids: list[int],
+        max_tokens: int | None,
+        max_param: str,
+        logprobs: int | None,
+        rename: dict[str, str],
+        prompt_param: str,
+    ) -> SamplingParams:
+        """SamplingParams for one prompt; max_tokens defaults to the rest of the context."""
+        rename = {"max_tokens": max_param, **rename}
+        kw = {k: getattr(req, k) for k in _OPTIONAL_SAMPLING if getattr(req, k) is not None}
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens if max_tokens is not None else 1,
+                n=req.n,
+                stop=req.stop or [],
+                seed=req.seed,
+                logprobs=logprobs,
+                stop_token_ids=req.stop_token_ids or [],
+                ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens,
+                skip_special_tokens=req.skip_special_tokens,
+                **kw,
+            )
+        except SamplingParamError as e:
+            raise APIError(400, str(e), rename.get(e.param, e.param)) from None
+        limit, n_prompt = self.state.max_model_len, len(ids)
+        if n_prompt >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but the prompt has {n_prompt} tokens; "
+                "shorten the prompt",
+                prompt_param,
+            )
+        if max_tokens is None:
+            max_tokens = limit - n_prompt
+        elif n_prompt + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens, but {n_prompt + max_tokens} were requested "
+                f"({n_prompt} in the prompt, {max_tokens} for the completion); reduce the prompt or {max_param}",
+                max_param,
+            )
+        return dataclasses.replace(params, max_tokens=max_tokens)

@@ -1,0 +1,125 @@
+"""The always-available backend: the KV rides inline in KVDone.payload over the workers'
+ZMQ link. One gather on the prefill device, one copy to host; on the decode side one copy
+to the device and one scatter. Bit-exact for every dtype (bytes, never values, move).
+
+Payload layout: the first `num_tokens` token slots of the pages, as the raw bytes of a
+[layers, 2, num_tokens, Hkv, D] tensor in the pool's dtype.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+
+from runtime.engine.kv_pool import KVPool
+from runtime.transfer.base import (
+    KVReceiver,
+    KVSender,
+    TransferError,
+    TransferState,
+    check_request,
+    kv_layout,
+    page_index,
+    pages_needed,
+)
+
+log = logging.getLogger(__name__)
+
+
+def gather_tokens(pool: KVPool, pages: list[int], num_tokens: int) -> torch.Tensor:
+    """[layers, 2, num_tokens, Hkv, D] on the pool's device: the first num_tokens slots of pages."""
+    kv = pool.kv
+    L, _, _, ps, H, D = kv.shape
+    g = kv.index_select(2, page_index(pages, kv.device))  # [L, 2, n, ps, H, D]
+    return g.view(L, 2, len(pages) * ps, H, D)[:, :, :num_tokens]
+
+
+def scatter_tokens(pool: KVPool, pages: list[int], data: torch.Tensor) -> None:
+    """Inverse of gather_tokens: data [layers, 2, num_tokens, Hkv, D] into pages' first slots."""
+    kv = pool.kv
+    L, _, _, ps, H, D = kv.shape
+    T = data.shape[2]
+    full, rem = divmod(T, ps)
+    data = data.to(kv.device)
+    if full:
+        kv.index_copy_(2, page_index(pages[:full], kv.device), data[:, :, : full * ps].reshape(L, 2, full, ps, H, D))
+    if rem:
+        kv[:, :, pages[full], :rem] = data[:, :, full * ps :]
+
+
+class ZmqSender(KVSender):
+    kind = "zmq"
+
+    def __init__(self, pool: KVPool, worker_id: int) -> None:
+        super().__init__(pool, worker_id)
+        self._rooms: dict[int, TransferState] = {}
+
+    def start(self, room: int, src_pages: list[int], dest: dict[str, Any], num_tokens: int) -> memoryview:
+        check_request(self.kind, self.pool, src_pages, dest, num_tokens)
+        n = pages_needed(num_tokens, self.pool.page_size)
+        data = gather_tokens(self.pool, src_pages[:n], num_tokens).contiguous()
+        # A read-only view of the freshly gathered (host) tensor, which it keeps alive: no
+        # extra copy (msgpack packs any bytes-like object). uint8 because numpy has no bf16.
+        payload = data.view(torch.uint8).reshape(-1).cpu().numpy().data.toreadonly()
+        self.bytes_sent += len(payload)
+        self._rooms[room] = TransferState.DONE
+        return payload
+
+    def poll(self, room: int) -> TransferState:
+        return self._rooms.get(room, TransferState.FAILED)
+
+    def release(self, room: int) -> None:
+        self._rooms.pop(room, None)
+
+
+class ZmqReceiver(KVReceiver):
+    kind = "zmq"
+
+    def __init__(self, pool: KVPool, worker_id: int) -> None:
+        super().__init__(pool, worker_id)
+        self._layout = kv_layout(pool)
+        self._rooms: dict[int, tuple[list[int], TransferState]] = {}
+
+    def destination(self, room: int, dst_pages: list[int]) -> dict[str, Any]:
+        for p in dst_pages:
+            if not 0 < p < self.pool.num_pages:
+                raise TransferError(f"destination page {p} is outside the pool (1..{self.pool.num_pages - 1})")
+        self._rooms[room] = (list(dst_pages), TransferState.BOOTSTRAPPING)
+        return {"backend": self.kind, "layout": self._layout, "pages": list(dst_pages)}
+
+    def complete(self, room: int, payload: bytes, num_tokens: int) -> TransferState:
+        entry = self._rooms.get(room)
+        if entry is None:
+            return TransferState.FAILED
+        pages, state = entry
+        if state.finished:
+            return state
+        kv = self.pool.kv
+        L, _, _, ps, H, D = kv.shape
+        expect = L * 2 * num_tokens * H * D * kv.element_size()
+        n = pages_needed(num_tokens, ps)
+        if len(payload) != expect or not 0 < n <= len(pages):
+            log.error(
+                "room %d: KV payload of %d bytes for %d tokens into %d pages, expected %d bytes",
+                room, len(payload), num_tokens, len(pages), expect,
+            )
+            self.failures += 1
+            state = TransferState.FAILED
+        else:
+            with warnings.catch_warnings():  # read-only bytes: we only read from it
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(payload, dtype=torch.uint8)
+            scatter_tokens(self.pool, pages[:n], raw.view(kv.dtype).view(L, 2, num_tokens, H, D))
+            self.bytes_received += len(payload)
+            state = TransferState.DONE
+        self._rooms[room] = (pages, state)
+        return state
+
+    def poll(self, room: int) -> TransferState:
+        entry = self._rooms.get(room)
+        return TransferState.FAILED if entry is None else entry[1]
+
+    def release(self, room: int) -> None:
+        self._rooms.pop(room, None)

@@ -1,0 +1,47 @@
+"""Entry point of every child process of `runtime up`:
+python -m runtime.worker_main ROLE ID CONFIG_JSON LOG_LEVEL (ROLE: prefill | decode | gateway)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+
+def main(argv: list[str]) -> int:
+    role, wid, cfg_json, level = argv[0], int(argv[1]), argv[2], argv[3]
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {role}-{wid}: %(message)s",
+        stream=sys.stderr,
+    )
+    from runtime.controller.process import config_from_json
+
+    cfg = config_from_json(cfg_json)
+    if role == "gateway":
+        from runtime.tokenizer.server import run_gateway
+
+        run_gateway(cfg)
+        return 0
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    if role == "prefill":
+        from runtime.prefill.worker import PrefillWorker as W
+    elif role == "decode":
+        from runtime.decode.worker import DecodeWorker as W
+    else:
+        raise SystemExit(f"unknown role {role!r}")
+
+    async def serve() -> None:
+        # Sockets are made inside the running loop they will be awaited on.
+        await W(cfg, wid).run()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
