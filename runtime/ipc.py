@@ -87,9 +87,6 @@ class Queue:
     async def send(self, msg: Any) -> None:
         await self.sock.send(encode(msg), copy=False)
 
-    def send_nowait(self, msg: Any) -> None:
-        self.sock.send(encode(msg), flags=zmq.NOBLOCK, copy=False)
-
     async def recv(self) -> Any:
         return decode(await self.sock.recv(copy=True))
 
@@ -102,10 +99,11 @@ class Queue:
         return decode(data)
 
     async def recv_timeout(self, timeout: float) -> Any | None:
-        try:
-            return await asyncio.wait_for(self.recv(), timeout)
-        except asyncio.TimeoutError:
+        # poll, then a non-blocking recv: cancelling a pending recv (asyncio.wait_for) can
+        # drop a message that arrived as the timeout fired.
+        if not await self.sock.poll(int(timeout * 1000), zmq.POLLIN):
             return None
+        return await self.recv_nowait()
 
     def close(self) -> None:
         self.sock.close(0)

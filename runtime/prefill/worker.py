@@ -48,6 +48,8 @@ class PrefillWorker(Worker):
         self.sender = make_transfer(cfg.transfer, self.core.pool, worker_id, "prefill")
         self.jobs: dict[int, Job] = {}  # room -> job
         self.rooms: dict[str, int] = {}  # rid -> room
+        # A decode worker may answer before our PrefillTask arrives: keep its destination.
+        self.early: dict[int, tuple[float, KVDestination]] = {}
         self._fail_rng = random.Random(worker_id)
         self.handlers.update({PrefillTask: self.on_task, KVDestination: self.on_destination, AbortTask: self.on_abort})
 
@@ -61,13 +63,17 @@ class PrefillWorker(Worker):
             await self._fail_task(t, f"prefill rejected the request: {e}")
             return
         req.hold_kv = True
-        self.jobs[t.room] = Job(t, req, time.monotonic())
+        job = self.jobs[t.room] = Job(t, req, time.monotonic())
         self.rooms[t.rid] = t.room
+        early = self.early.pop(t.room, None)
+        if early is not None:
+            job.dest = early[1]
 
     async def on_destination(self, d: KVDestination) -> None:
         job = self.jobs.get(d.room)
         if job is None:
-            return  # aborted meanwhile; the decode side times out or was told
+            self.early[d.room] = (time.monotonic(), d)
+            return
         job.dest = d
         await self._maybe_start(job)
 
@@ -109,6 +115,9 @@ class PrefillWorker(Worker):
 
     async def tick(self) -> None:
         now = time.monotonic()
+        for room, (since, _) in list(self.early.items()):
+            if now - since > self.cfg.transfer_timeout_s:  # its task was aborted before it came
+                del self.early[room]
         for job in list(self.jobs.values()):
             if job.transfer_started is not None:
                 await self._poll(job)
