@@ -26,6 +26,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default="none", choices=SPECULATIVE)
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--draft-model", default=None)
+    p.add_argument("--speculative-policy", default="adaptive", choices=("fixed", "adaptive"))
     p.add_argument("--log-level", default=ENV.log_level)
 
 
@@ -45,6 +46,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         speculative=a.speculative,
         num_draft_tokens=a.num_draft_tokens,
         draft_model=a.draft_model,
+        speculative_policy=a.speculative_policy,
     )
 
 

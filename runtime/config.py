@@ -38,6 +38,8 @@ class EngineConfig:
     speculative: str = "none"
     num_draft_tokens: int = 4
     draft_model: str | None = None
+    speculative_policy: str = "adaptive"  # fixed: always k drafts; adaptive: fewer (or none) at large batches
+    speculative_max_batch: int = 32  # adaptive: no drafting above this many decoding requests
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,6 +56,7 @@ class EngineConfig:
             raise ValueError(f"kv_mem_fraction must be in (0, 1] (got {self.kv_mem_fraction})")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 (got {self.max_model_len})")
+        _choose("speculative_policy", self.speculative_policy, ("fixed", "adaptive"))
         if self.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1 (got {self.num_draft_tokens})")
         if self.device == "cuda" and not torch.cuda.is_available():

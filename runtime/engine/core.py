@@ -83,6 +83,13 @@ class EngineCore:
         if tok is not None and tok.eos_token_id is not None:
             self.eos_ids.add(tok.eos_token_id)
         self.requests: dict[str, Req] = {}
+        from runtime.decode.speculative import SpeculationPolicy, make_drafter
+
+        self.drafter = make_drafter(cfg.speculative, self)
+        self.policy = SpeculationPolicy(cfg.num_draft_tokens, cfg.speculative_policy, cfg.speculative_max_batch)
+        # Tokens gained per decode step and request (the bonus token included), for the
+        # accept-length histogram; workers drain it into heartbeats.
+        self.accept_samples: list[int] = []
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
         log.info(
@@ -137,16 +144,15 @@ class EngineCore:
         kept, reason, stop_reason = self._append(req, [first_token])
         req.num_computed = len(req.prompt_ids)
         if reason is not None:
-            self.scheduler.finish(req, reason, stop_reason)
-            self.requests.pop(rid, None)
+            self._finish(req, reason, stop_reason)
         lps = [first_logprob] if first_logprob is not None else []
         req.output_logprobs += lps
         return StepOutput(req, kept, lps)
 
     def abort(self, rid: str) -> Req | None:
-        req = self.requests.pop(rid, None)
+        req = self.requests.get(rid)
         if req is not None:
-            self.scheduler.finish(req, "abort")
+            self._finish(req, "abort")
         return req
 
     @property
@@ -157,40 +163,71 @@ class EngineCore:
     def step(self, drafts: dict[str, list[int]] | None = None) -> list[StepOutput]:
         """One forward. `drafts` (rid -> proposed next tokens) makes a decoding request
         verify them in this forward (the speculative path); accepted tokens are exact."""
+        if drafts is None and self.drafter is not None:
+            drafts = self._propose()
         drafts = {rid: d for rid, d in (drafts or {}).items() if d}
         batch = self.scheduler.schedule({rid: len(d) + 1 for rid, d in drafts.items()})
         outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
         for r in self.scheduler.ended:
             self.requests.pop(r.rid, None)
+            if self.drafter is not None:
+                self.drafter.release(r)
         self.scheduler.ended.clear()
         if not batch.seqs:
             return outputs
         seq_drafts = {s.req.rid: drafts[s.req.rid][: s.q_len - 1] for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
-        logits, _ = self.runner.forward(batch, seq_drafts)
+        logits, hidden = self.runner.forward(batch, seq_drafts)
         sampled = [s for s in batch.seqs if s.num_logits]
         if seq_drafts:
             accepted = self._accept(sampled, seq_drafts, logits)
         else:
             accepted = self._sample(sampled, logits)
+        row = 0
         for s in batch.seqs:
             if not s.num_logits:
                 self.scheduler.advance(s, s.start + s.q_len)
                 continue
             req = s.req
             tokens, logprobs = accepted[req.rid]
+            rows = hidden[row : row + len(tokens)]
+            row += s.num_logits
             if req.phase is Phase.DECODE:
                 req.num_steps += 1
+                if self.drafter is not None:
+                    self.accept_samples.append(len(tokens))
+                    self.policy.record(len(seq_drafts.get(req.rid, ())), len(tokens) - 1)
+            if self.drafter is not None:
+                self.drafter.observe(req, tokens, rows)
             kept, reason, stop_reason = self._append(req, tokens)
             # KV is valid up to the token before the newest one (the last sampled token and
             # the accepted drafts were inputs of this forward; the bonus token was not).
             self.scheduler.advance(s, req.seq_len - 1)
             if reason is not None:
-                self.scheduler.finish(req, reason, stop_reason)
-                self.requests.pop(req.rid, None)
+                self._finish(req, reason, stop_reason)
             if logprobs:
                 req.output_logprobs += logprobs[: len(kept)]
             outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
         return outputs
+
+    def _propose(self) -> dict[str, list[int]]:
+        reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE]
+        k = self.policy.num_draft_tokens(len(reqs))
+        if not k or not reqs:
+            return {}
+        drafts = self.drafter.propose(reqs, k)
+        for r in reqs:
+            d = drafts.get(r.rid)
+            if d:
+                # Never verify past max_tokens or the context: those rows would be wasted.
+                room = min(r.params.max_tokens - len(r.output_ids), self.max_model_len - r.seq_len) - 1
+                drafts[r.rid] = d[: max(0, min(k, room))]
+        return drafts
+
+    def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:
+        self.scheduler.finish(req, reason, stop_reason)
+        self.requests.pop(req.rid, None)
+        if self.drafter is not None:
+            self.drafter.release(req)
 
     def _sampling_batch(self, reqs: list[Req], steps: list[int]) -> SamplingBatch:
         params = [r.params for r in reqs]
