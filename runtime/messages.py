@@ -121,6 +121,11 @@ class Heartbeat:
     cache_hit_rate: float
     transfer_bytes: int
     transfer_failures: int
+    # Samples since the previous heartbeat: KV transfer latencies (s, decode side) and
+    # tokens gained per speculative decode step (bonus token included), by drafter.
+    transfer_latency: list[float]
+    drafter: str
+    accept_lengths: list[int]
 
 
 @message

@@ -32,6 +32,7 @@ class Worker(ipc.Actor):
         self._peers: dict[str, ipc.Queue] = {}
         self.core = EngineCore(engine_cfg)
         self.served = 0
+        self.transfer_latency: list[float] = []  # seconds, since the last heartbeat
         self.running = True
         self.handlers[Shutdown] = self.on_shutdown
 
@@ -84,10 +85,14 @@ class Worker(ipc.Actor):
                     next_beat = now + self.cfg.heartbeat_s
                     running, queued = self.load()
                     stats = self.core.cache.stats()
+                    accepts, self.core.accept_samples = self.core.accept_samples, []
+                    latency, self.transfer_latency = self.transfer_latency, []
+                    drafter = self.core.drafter.name if self.core.drafter is not None else "none"
                     await self.controller.send(Heartbeat(
                         self.role, self.id, os.getpid(), running, queued, self.served,
                         pool.num_free + self.core.cache.evictable_pages, pool.total_pages,
                         stats.hit_rate, **self.heartbeat_extra(),
+                        transfer_latency=latency, drafter=drafter, accept_lengths=accepts,
                     ))
         finally:
             self.close()

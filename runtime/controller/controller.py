@@ -64,7 +64,9 @@ class Controller(ipc.Actor):
         self.router = Router(cfg.routing, block=cfg.engine.page_size)
         self._rooms = itertools.count(1)
         self._seeds = random.Random()
+        # Samples gathered from heartbeats since the last ClusterStatus (sent once each).
         self.transfer_latency: list[float] = []
+        self.accept_lengths: dict[str, list[int]] = {}
         self.running = True
         self.handlers.update({
             Generate: self.on_generate, Abort: self.on_abort, Ready: self.on_ready,
@@ -183,6 +185,9 @@ class Controller(ipc.Actor):
         if w is None or not w.alive or h.pid != w.proc.pid:
             return  # a late beat from a process we already declared dead
         w.last_beat, w.beat = time.monotonic(), h
+        self.transfer_latency += h.transfer_latency
+        if h.accept_lengths:
+            self.accept_lengths.setdefault(h.drafter, []).extend(h.accept_lengths)
         w.load.running, w.load.queued = h.running, h.queued
         w.load.kv_free_pages, w.load.kv_total_pages = h.kv_free_pages, h.kv_total_pages
 
@@ -251,5 +256,7 @@ class Controller(ipc.Actor):
             prefix_cache_hit_rate=sum(hit_rates) / len(hit_rates) if hit_rates else 0.0,
             kv_used_pages=used, kv_total_pages=total,
             kv_transfer_bytes_total=tbytes, kv_transfer_failures_total=tfail,
+            kv_transfer_latency_seconds=self.transfer_latency, spec_accept_length=self.accept_lengths,
         )
+        self.transfer_latency, self.accept_lengths = [], {}
         return ClusterStatus(workers, metrics)

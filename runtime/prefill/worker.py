@@ -44,7 +44,8 @@ class PrefillWorker(Worker):
     role = "prefill"
 
     def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
-        super().__init__(cfg, worker_id, cfg.prefill_addr(worker_id), cfg.engine)
+        # Prefill samples one token per request: drafting would only load a draft model.
+        super().__init__(cfg, worker_id, cfg.prefill_addr(worker_id), replace(cfg.engine, speculative="none"))
         self.sender = make_transfer(cfg.transfer, self.core.pool, worker_id, "prefill")
         self.jobs: dict[int, Job] = {}  # room -> job
         self.rooms: dict[str, int] = {}  # rid -> room

@@ -175,3 +175,27 @@ def test_injected_transfer_failure_fails_only_that_request(start_server, tiny_mo
             assert "transfer" in r.json()["error"]["message"]
     assert 200 in codes and any(c >= 500 for c in codes), codes
     server.wait_for(all_pages_free, timeout=20, what="pages freed after failed transfers")
+
+
+def test_speculative_cluster_same_output_and_metrics(start_server, tiny_model_dir: str, reference: Engine) -> None:
+    server = start_server("--model", tiny_model_dir, "--prefill", "1", "--decode", "1", "--served-model-name", MODEL,
+                          "--speculative", "ngram", "--speculative-policy", "fixed", "--page-size", "4",
+                          "--kv-cache-tokens", "1024")
+    prompt = "The cat sat on the mat. The cat sat on the mat. The cat sat on the"
+    expected = reference.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))[0].text
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.json()["choices"][0]["text"] == expected
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(server.url + "/metrics", timeout=5).text
+        counts = [line for line in text.splitlines() if line.startswith("runtime_spec_accept_length_count")]
+        if counts and float(counts[0].split()[-1]) > 0:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("no speculative accept-length samples in /metrics")
+    assert 'drafter="ngram"' in counts[0]
+    assert "runtime_time_to_first_token_seconds_count" in text
+    latency = [line for line in text.splitlines() if line.startswith("runtime_kv_transfer_latency_seconds_count")]
+    assert latency and float(latency[0].split()[-1]) >= 1

@@ -1,0 +1,164 @@
+"""Draft-model speculation: a smaller model with the target's tokenizer proposes k tokens by
+argmax. A greedy drafter is deterministic (its q is one-hot), which is exactly what
+EngineCore._accept assumes, so sampled outputs keep the target's distribution.
+
+The draft model has its own paged KV pool and attention backend. Per request it remembers
+how many leading tokens of req.all_ids have valid draft KV (`computed`). propose() runs one
+batched catch-up forward over each request's all_ids[computed:] (the tokens accepted since
+its last proposal, or the whole prompt the first time), then k-1 batched single-token
+forwards that feed back the argmax, writing the drafts' KV at positions seq_len.. as they go.
+observe() keeps that speculative KV only as far as the drafts match what was accepted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from runtime.decode.speculative.base import Drafter
+from runtime.engine.attention import make_attention_backend
+from runtime.engine.kv_pool import KVPool
+from runtime.engine.request import Req
+from runtime.engine.runner import ModelRunner
+from runtime.engine.scheduler import Batch, ScheduledSeq
+from runtime.engine.weights import load_model
+
+if TYPE_CHECKING:
+    from runtime.engine.core import EngineCore
+
+
+@dataclass
+class _DraftSeq:
+    """What ModelRunner reads of a request: rid, tokens (the drafts so far appended), pages."""
+
+    rid: str
+    all_ids: list[int]
+    pages: list[int]  # the request's draft-pool pages (the same list as _State.pages)
+
+
+@dataclass
+class _State:
+    pages: list[int] = field(default_factory=list)  # draft-pool pages, positions [0, len*page_size)
+    computed: int = 0  # leading tokens of req.all_ids whose draft KV is valid
+    base: int = 0  # req.seq_len when `drafts` were proposed
+    drafts: list[int] = field(default_factory=list)  # the last proposal; KV written for all but the last
+
+
+class DraftModelDrafter(Drafter):
+    name = "draft"
+
+    def __init__(self, core: "EngineCore", num_pages: int | None = None) -> None:
+        """num_pages: draft KV pool size, page 0 included (None: as many as the target's pool,
+        capped on CUDA by half the memory still free after loading the draft model)."""
+        cfg = core.cfg
+        target_dtype = core.loaded.dtype
+        self.loaded = load_model(
+            cfg.draft_model, device=core.device, dtype=str(target_dtype).removeprefix("torch."),
+            load_format=cfg.load_format,
+        )
+        mc = self.loaded.config
+        if mc.vocab_size != core.model_config.vocab_size:
+            raise ValueError(
+                f"draft model {cfg.draft_model!r} has a vocabulary of {mc.vocab_size} tokens, the target "
+                f"{core.model_config.vocab_size}: the draft must share the target's tokenizer"
+            )
+        ps = core.pool.page_size
+        if num_pages is None:
+            num_pages = core.pool.num_pages
+            if core.device.type == "cuda":
+                per_page = KVPool.bytes_per_page(mc.num_layers, ps, mc.num_kv_heads, mc.head_dim, target_dtype)
+                free, _ = torch.cuda.mem_get_info(core.device)
+                num_pages = max(2, min(num_pages, free // 2 // per_page + 1))
+        self.pool = KVPool(mc.num_layers, num_pages, ps, mc.num_kv_heads, mc.head_dim, target_dtype, core.device)
+        attn = make_attention_backend(
+            cfg.attention_backend, core.device, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim, dtype=target_dtype,
+        )
+        self.runner = ModelRunner(self.loaded.model, self.pool, attn, core.device)
+        self.states: dict[str, _State] = {}
+
+    # ---- the Drafter seam ----------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, reqs: list[Req], k: int) -> dict[str, list[int]]:
+        live = {r.rid for r in reqs}
+        work: list[tuple[_State, _DraftSeq]] = []
+        for req in reqs:
+            st = self.states.setdefault(req.rid, _State())
+            n = req.seq_len
+            st.drafts = []
+            # Recompute at least the last token: its logits give the first draft.
+            st.computed = min(st.computed, n - 1)
+            # KV for every position up to the last draft fed back (d_k itself is never fed).
+            if not self._reserve(st, n + k - 1, live):
+                self._trim(st)
+                continue
+            st.base = n
+            work.append((st, _DraftSeq(req.rid, req.all_ids, st.pages)))
+        if not work:
+            return {}
+        # Catch-up: rows all_ids[computed:seq_len] at positions computed..seq_len-1.
+        seqs = [ScheduledSeq(v, start=st.computed, q_len=st.base - st.computed, num_logits=1) for st, v in work]
+        logits, _ = self.runner.forward(Batch(seqs))  # type: ignore[arg-type]  # [B, V]
+        for step in range(k):
+            for (st, v), t in zip(work, logits.argmax(dim=-1).tolist()):
+                st.drafts.append(t)
+                v.all_ids.append(t)
+            if step == k - 1:
+                break
+            # Feed draft step+1 back at position seq_len+step.
+            seqs = [ScheduledSeq(v, start=st.base + step, q_len=1, num_logits=1) for st, v in work]
+            logits, _ = self.runner.forward(Batch(seqs))  # type: ignore[arg-type]
+        for st, _ in work:
+            st.computed = st.base  # the drafts' KV is speculative until observe() confirms it
+        return {v.rid: list(st.drafts) for st, v in work}
+
+    def observe(self, req: Req, accepted: list[int], hidden: torch.Tensor | None) -> None:
+        st = self.states.get(req.rid)
+        if st is None:
+            return
+        # Called before `accepted` is appended, so req.seq_len is still the proposal's base
+        # when the proposal belongs to this step. Draft KV at base+j holds drafts[j] (for all
+        # but the last draft) and is valid while the drafts match the accepted tokens.
+        if st.drafts and st.base == req.seq_len:
+            match = 0
+            for d, a in zip(st.drafts[:-1], accepted):
+                if d != a:
+                    break
+                match += 1
+            st.computed = st.base + match
+        st.drafts = []
+        st.computed = min(st.computed, req.seq_len + len(accepted) - 1)
+        self._trim(st)
+
+    def release(self, req: Req) -> None:
+        self._drop(req.rid)
+
+    # ---- draft pool pages ----------------------------------------------------------------
+    def _reserve(self, st: _State, tokens: int, live: set[str]) -> bool:
+        """Make st hold pages for `tokens` positions. When the pool is short, first drop the
+        state of requests not in this proposal (retracted or prefilling: they would be
+        recomputed anyway). False, with st unchanged, when there is still no room."""
+        need = -(-tokens // self.pool.page_size) - len(st.pages)
+        if need <= 0:
+            return True
+        if self.pool.num_free < need:
+            for rid in [r for r in self.states if r not in live]:
+                self._drop(rid)
+                if self.pool.num_free >= need:
+                    break
+        if self.pool.num_free < need:
+            return False
+        st.pages += self.pool.alloc(need)
+        return True
+
+    def _trim(self, st: _State) -> None:
+        keep = -(-st.computed // self.pool.page_size)
+        if len(st.pages) > keep:
+            self.pool.free(st.pages[keep:])
+            del st.pages[keep:]
+
+    def _drop(self, rid: str) -> None:
+        st = self.states.pop(rid, None)
+        if st is not None and st.pages:
+            self.pool.free(st.pages)
