@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
+import threading
+from collections import deque
 from typing import Any
 
 import zmq
@@ -17,6 +18,14 @@ from runtime.engine.core import EngineCore
 from runtime.messages import Heartbeat, Ready, Shutdown
 
 log = logging.getLogger("runtime.worker")
+
+
+def _drain(q: deque) -> list:
+    """Pop everything (deque pops are thread-safe against the engine thread's appends)."""
+    out = []
+    while q:
+        out.append(q.popleft())
+    return out
 
 
 class Worker(ipc.Actor):
@@ -32,7 +41,7 @@ class Worker(ipc.Actor):
         self._peers: dict[str, ipc.Queue] = {}
         self.core = EngineCore(engine_cfg)
         self.served = 0
-        self.transfer_latency: list[float] = []  # seconds, since the last heartbeat
+        self.transfer_latency: deque[float] = deque()  # seconds, drained by heartbeats
         self.running = True
         self.handlers[Shutdown] = self.on_shutdown
 
@@ -61,11 +70,41 @@ class Worker(ipc.Actor):
     def heartbeat_extra(self) -> dict[str, int]:
         return {"transfer_bytes": 0, "transfer_failures": 0}
 
+    # ---- heartbeats ----------------------------------------------------------------------
+    def heartbeat(self) -> Heartbeat:
+        """A snapshot of this worker's load; called from the heartbeat thread."""
+        pool = self.core.pool
+        running, queued = self.load()
+        accepts = _drain(self.core.accept_samples)
+        latency = _drain(self.transfer_latency)
+        drafter = self.core.drafter.name if self.core.drafter is not None else "none"
+        return Heartbeat(
+            self.role, self.id, os.getpid(), running, queued, self.served,
+            pool.num_free + self.core.cache.evictable_pages, pool.total_pages,
+            self.core.cache.stats().hit_rate, **self.heartbeat_extra(),
+            transfer_latency=latency, drafter=drafter, accept_lengths=accepts,
+        )
+
+    def _beat_forever(self, stop: threading.Event) -> None:
+        # A thread of its own, so a long engine step (a big prefill on a busy CPU) never
+        # looks like death to the controller; a dead or frozen process still stops beating.
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.cfg.controller_addr)
+        try:
+            while not stop.wait(self.cfg.heartbeat_s):
+                sock.send(ipc.encode(self.heartbeat()))
+        finally:
+            sock.close(0)
+            ctx.term()
+
     # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        pool = self.core.pool
-        await self.controller.send(Ready(self.role, self.id, os.getpid(), pool.total_pages))
-        next_beat = 0.0
+        await self.controller.send(Ready(self.role, self.id, os.getpid(), self.core.pool.total_pages))
+        stop = threading.Event()
+        beat = threading.Thread(target=self._beat_forever, args=(stop,), name="heartbeat", daemon=True)
+        beat.start()
         try:
             while self.running:
                 # Drain every message that is already here, then compute.
@@ -80,21 +119,9 @@ class Worker(ipc.Actor):
                     msg = await self.inbox.recv_timeout(self.idle_wait())
                     if msg is not None:
                         await self.dispatch(msg)
-                now = time.monotonic()
-                if now >= next_beat:
-                    next_beat = now + self.cfg.heartbeat_s
-                    running, queued = self.load()
-                    stats = self.core.cache.stats()
-                    accepts, self.core.accept_samples = self.core.accept_samples, []
-                    latency, self.transfer_latency = self.transfer_latency, []
-                    drafter = self.core.drafter.name if self.core.drafter is not None else "none"
-                    await self.controller.send(Heartbeat(
-                        self.role, self.id, os.getpid(), running, queued, self.served,
-                        pool.num_free + self.core.cache.evictable_pages, pool.total_pages,
-                        stats.hit_rate, **self.heartbeat_extra(),
-                        transfer_latency=latency, drafter=drafter, accept_lengths=accepts,
-                    ))
         finally:
+            stop.set()
+            beat.join(2 * self.cfg.heartbeat_s)
             self.close()
 
     def idle_wait(self) -> float:

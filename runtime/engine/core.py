@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ class EngineCore:
         self.policy = SpeculationPolicy(cfg.num_draft_tokens, cfg.speculative_policy, cfg.speculative_max_batch)
         # Tokens gained per decode step and request (the bonus token included), for the
         # accept-length histogram; workers drain it into heartbeats.
-        self.accept_samples: list[int] = []
+        self.accept_samples: deque[int] = deque()
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
         log.info(

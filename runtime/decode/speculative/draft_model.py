@@ -53,9 +53,11 @@ class DraftModelDrafter(Drafter):
         capped on CUDA by half the memory still free after loading the draft model)."""
         cfg = core.cfg
         target_dtype = core.loaded.dtype
+        # A dummy target (benchmarks without weights) gets a dummy draft; otherwise the
+        # draft's own format is detected (a GGUF target may have a safetensors draft).
         self.loaded = load_model(
             cfg.draft_model, device=core.device, dtype=str(target_dtype).removeprefix("torch."),
-            load_format=cfg.load_format,
+            load_format="dummy" if cfg.load_format == "dummy" else "auto",
         )
         mc = self.loaded.config
         if mc.vocab_size != core.model_config.vocab_size:
@@ -98,8 +100,8 @@ class DraftModelDrafter(Drafter):
         if not work:
             return {}
         # Catch-up: rows all_ids[computed:seq_len] at positions computed..seq_len-1.
-        seqs = [ScheduledSeq(v, start=st.computed, q_len=st.base - st.computed, num_logits=1) for st, v in work]
-        logits, _ = self.runner.forward(Batch(seqs))  # type: ignore[arg-type]  # [B, V]
+        seqs = [ScheduledSeq(v, st.computed, st.base - st.computed, 1) for st, v in work]  # type: ignore[arg-type]
+        logits, _ = self.runner.forward(Batch(seqs))  # fp32 [B, V]
         for step in range(k):
             for (st, v), t in zip(work, logits.argmax(dim=-1).tolist()):
                 st.drafts.append(t)
@@ -107,8 +109,8 @@ class DraftModelDrafter(Drafter):
             if step == k - 1:
                 break
             # Feed draft step+1 back at position seq_len+step.
-            seqs = [ScheduledSeq(v, start=st.base + step, q_len=1, num_logits=1) for st, v in work]
-            logits, _ = self.runner.forward(Batch(seqs))  # type: ignore[arg-type]
+            seqs = [ScheduledSeq(v, st.base + step, 1, 1) for st, v in work]  # type: ignore[arg-type]
+            logits, _ = self.runner.forward(Batch(seqs))
         for st, _ in work:
             st.computed = st.base  # the drafts' KV is speculative until observe() confirms it
         return {v.rid: list(st.drafts) for st, v in work}
