@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="serving benchmark against a running server (see runtime bench --help)", add_help=False)
     b.set_defaults(func=cmd_bench)
+    sub.add_parser("train-draft", help="train an EAGLE-style draft head by self-distillation (see --help)", add_help=False)
     return parser
 
 
@@ -145,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return cmd_bench(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["train-draft"]:
+        from runtime.decode.speculative.train_draft import main as train_main
+
+        return train_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

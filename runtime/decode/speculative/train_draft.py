@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from runtime.decode.speculative.eagle import EagleHead, save_head
 from runtime.engine.model import LlamaForCausalLM
+from runtime.engine.weights import LoadedModel
 
 log = logging.getLogger("runtime.train_draft")
 
@@ -283,9 +284,13 @@ def train(head: EagleHead, target: LlamaForCausalLM, train_set: list[Sample],
     total = max(1, steps_per_epoch * a.epochs)
     warmup = max(1, total // 20)
     opt = torch.optim.AdamW(head.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine down to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng = random.Random(a.seed)
     head.train()
     stats: dict[str, float] = {}
@@ -333,57 +338,63 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if a.model and a.model.endswith(".gguf"):
-        print("runtime train-draft: error: needs a Hugging Face folder (features come from transformers), not a .gguf file",
-              file=sys.stderr)
-        return 2
+def build_data(a: argparse.Namespace) -> tuple[LoadedModel, list[Sample], list[Sample]]:
+    """Generate with the engine, then extract features with transformers. Returns the
+    target (for its embedding and lm_head), the training and the validation samples."""
     from runtime import Engine, SamplingParams
-    from runtime.engine.weights import reference_hf_model, resolve_dtype
+    from runtime.engine.weights import reference_hf_model
 
-    t0 = time.time()
-    torch.manual_seed(a.seed)
     cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
     # The engine's KV pool must leave room for the transformers model and training.
-    engine = Engine(a.model, device=device.type, dtype=a.dtype, seed=a.seed, kv_mem_fraction=0.4, cuda_graph=cuda)
+    engine = Engine(a.model, device="cuda" if cuda else "cpu", dtype=a.dtype, seed=a.seed, kv_mem_fraction=0.4)
     loaded = engine.core.loaded
-    device = loaded.device
-    texts = make_prompts(a.num_prompts, a.seed)
-    ids = prompt_ids(engine, texts)
+    if os.path.isfile(loaded.path):
+        raise ValueError(f"{loaded.path} is not a Hugging Face folder: features come from transformers")
+    ids = prompt_ids(engine, make_prompts(a.num_prompts, a.seed))
     n_val = max(1, round(a.num_prompts * a.val_fraction))
-    val_ids, train_ids = ids[:n_val], ids[n_val:]
     room = engine.core.max_model_len - 1
-    max_new = [max(1, min(a.max_new_tokens, room - len(p))) for p in ids]
-    train_params = [SamplingParams(max_tokens=m, temperature=a.temperature, seed=a.seed * 1_000_003 + i)
-                    for i, m in enumerate(max_new[n_val:])]
-    val_params = [SamplingParams(max_tokens=m, temperature=0.0) for m in max_new[:n_val]]
-    train_out = generate(engine.core, train_ids, train_params, "train")
-    val_out = generate(engine.core, val_ids, val_params, "validation")
+    params = [
+        SamplingParams(max_tokens=max(1, min(a.max_new_tokens, room - len(p))),
+                       temperature=0.0 if i < n_val else a.temperature, seed=a.seed * 1_000_003 + i)
+        for i, p in enumerate(ids)
+    ]
+    outputs = generate(engine.core, ids, params, f"{len(ids) - n_val} train + {n_val} greedy validation")
     engine.shutdown()
-    target = loaded.model
     del engine
     gc.collect()
+    device = loaded.device
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-    if os.path.isfile(loaded.path):
-        print(f"runtime train-draft: error: {loaded.path} is not a Hugging Face folder", file=sys.stderr)
-        return 2
-    hf = reference_hf_model(loaded.path, resolve_dtype(a.dtype, device)).to(device)
-    feat_bs = max(1, a.batch_size * 2)
-    train_set = extract_features(hf, list(zip(train_ids, train_out)), feat_bs, device, "train")
-    val_set = extract_features(hf, list(zip(val_ids, val_out)), feat_bs, device, "validation")
+    hf = reference_hf_model(loaded.path, loaded.dtype).to(device)
+    seqs = list(zip(ids, outputs))
+    val_set = extract_features(hf, seqs[:n_val], 2 * a.batch_size, device, "validation")
+    train_set = extract_features(hf, seqs[n_val:], 2 * a.batch_size, device, "train")
     del hf
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return loaded, train_set, val_set
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+    t0 = time.time()
+    torch.manual_seed(a.seed)
+    try:
+        loaded, train_set, val_set = build_data(a)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"runtime train-draft: error: {e}", file=sys.stderr)
+        return 2
+    target, device = loaded.model, loaded.device
     n_train_tok = sum(len(s.tokens) for s in train_set)
     log.info("data: %d training sequences (%d tokens), %d validation sequences (%d tokens)",
              len(train_set), n_train_tok, len(val_set), sum(len(s.tokens) for s in val_set))
+    if not train_set:
+        print("runtime train-draft: error: the model generated no tokens to train on", file=sys.stderr)
+        return 2
 
     head = EagleHead.for_target(target)
     train_stats = train(head, target, train_set, a, device)
@@ -392,18 +403,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("the target's argmax over the extracted features matches its greedy tokens only %.1f%% of the "
                     "time: the features may not be the ones the engine serves", 100 * val["target_agreement"])
     seconds = time.time() - t0
+    settings = {k: v for k, v in vars(a).items() if k != "out"}
     meta = {
         "target_model": loaded.name,
         "target_path": loaded.path,
-        "train": {k: v for k, v in vars(a).items() if k != "out"} | {"train_tokens": n_train_tok, "seconds": round(seconds, 1)},
+        "train": {**settings, "train_tokens": n_train_tok, "seconds": round(seconds, 1)},
         "metrics": {**train_stats, **{f"val_{k}": v for k, v in val.items()}},
     }
     save_head(a.out, head, meta)
+    acc = val[f"accept_length_k{a.eval_k}"]
     print(f"EAGLE head for {loaded.name} -> {a.out}")
-    print(f"  validation: top-1 {val['top1']:.3f}, accept length (k={a.eval_k}) {val[f'accept_length_k{a.eval_k}']:.2f} "
-          f"tokens/step, target agreement {val['target_agreement']:.3f} over {int(val['positions'])} positions")
+    print(f"  validation (greedy): top-1 {val['top1']:.3f}, accept length (k={a.eval_k}) {acc:.2f} tokens/step, "
+          f"target agreement {val['target_agreement']:.3f} over {int(val['positions'])} positions")
     print(f"  {len(train_set)} sequences, {n_train_tok} training tokens, {seconds:.0f} s")
-    print(f"  serve: runtime generate \"...\" --model {a.model or loaded.name} --speculative eagle --draft-model {a.out}")
+    print(f"  serve with: --speculative eagle --draft-model {a.out}")
     return 0
 
 

@@ -1,0 +1,117 @@
+"""Speculative decoding: tokens/s and mean accept length per drafter, workload and batch
+size, against no speculation in the same run.
+
+    python benchmarks/bench_spec.py --model SMOL_DIR --draft-model DRAFT_DIR --eagle EAGLE_DIR
+
+Workloads: `chat` (open-ended instructions through the chat template) and `copy` (rewrite a
+given passage with one word changed: long verbatim runs, where n-gram lookup shines).
+`make-draft` writes a smaller same-tokenizer draft model: the target's first N layers."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from runtime import Engine, SamplingParams  # noqa: E402
+
+CHAT = [
+    "Explain how a refrigerator works.", "Write a short poem about the sea.", "What are the benefits of exercise?",
+    "Describe the water cycle.", "Give me three tips for learning a language.", "Why is the sky blue?",
+    "How do airplanes fly?", "Summarize the plot of a heist movie.", "What is machine learning?",
+    "Write a haiku about autumn.", "How do I bake bread?", "What causes earthquakes?",
+    "Describe a busy market.", "Explain photosynthesis simply.", "What is a black hole?", "How do vaccines work?",
+]
+PASSAGE = ("The old lighthouse stood at the edge of the cliff, its white paint peeling in the salty wind. "
+           "Every evening the keeper climbed the spiral stairs, lit the great lamp, and watched the ships pass "
+           "safely through the narrow channel between the rocks. ")
+COPY = [f"Rewrite the following text exactly, but change the word 'old' to '{w}':\n\n{PASSAGE}" for w in (
+    "ancient", "tall", "lonely", "famous", "small", "broken", "quiet", "distant",
+    "grey", "proud", "forgotten", "crooked", "mighty", "humble", "weathered", "silent")]
+
+
+def make_draft(target: str, out: str, layers: int) -> None:
+    """The target's first `layers` decoder layers plus its embeddings, norm and head."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(target)
+    cfg.num_hidden_layers = layers
+    os.makedirs(out, exist_ok=True)
+    cfg.save_pretrained(out)
+    AutoTokenizer.from_pretrained(target).save_pretrained(out)
+    state = load_file(os.path.join(target, "model.safetensors"))
+    keep = {k: v for k, v in state.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    save_file(keep, os.path.join(out, "model.safetensors"))
+
+
+def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
+    if engine.core.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = engine.generate(prompts, params)
+    if engine.core.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    n = sum(len(r.token_ids) for r in res)
+    return dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", nargs="?", default="bench", choices=("bench", "make-draft"))
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--draft-model", default=None)
+    ap.add_argument("--eagle", default=None)
+    ap.add_argument("--draft-layers", type=int, default=6)
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--batch-sizes", default="1,16")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default="bench_spec.json")
+    a = ap.parse_args()
+    if a.command == "make-draft":
+        make_draft(a.model, a.out_dir, a.draft_layers)
+        return
+    methods = [("none", None), ("ngram", None)]
+    if a.draft_model:
+        methods.append(("draft", a.draft_model))
+    if a.eagle:
+        methods.append(("eagle", a.eagle))
+    rows = []
+    for method, draft in methods:
+        engine = Engine(a.model, device=a.device, speculative=method, draft_model=draft,
+                        num_draft_tokens=a.num_draft_tokens, speculative_policy="fixed")
+        tok = engine.tokenizer
+        workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in ps]
+                     for name, ps in (("chat", CHAT), ("copy", COPY))}
+        for wl, prompts in workloads.items():
+            for bs in (int(x) for x in a.batch_sizes.split(",")):
+                r = run(engine, prompts[:bs], a.max_tokens)
+                rows.append(dict(method=method, workload=wl, batch=bs, **r))
+                print(json.dumps(rows[-1]), flush=True)
+        del tok
+        engine.shutdown()
+        del engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    base = {(r["workload"], r["batch"]): r["tok_s"] for r in rows if r["method"] == "none"}
+    for r in rows:
+        r["speedup"] = r["tok_s"] / base[(r["workload"], r["batch"])]
+    with open(a.out, "w") as f:
+        json.dump(dict(args=vars(a), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", rows=rows), f, indent=2)
+    print(f"\n{'method':>6} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['method']:>6} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} {r['tok_s']:9.1f} {r['speedup']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""EAGLE drafting: a saved head loads back unchanged; the head's paged serving path equals
+its dense training path and the training-time chain simulation; the features the engine
+hands to the drafter are transformers' last_hidden_state; `runtime train-draft` produces
+a head that keeps greedy outputs identical, leaks no page (target or head pool), and whose
+drafts are accepted on text it was trained on."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from runtime import Engine, SamplingParams
+from runtime.decode.speculative import train_draft
+from runtime.decode.speculative.eagle import CONFIG_FILE, WEIGHTS_FILE, EagleDrafter, EagleHead, load_head, save_head
+from runtime.engine.attention.base import AttentionMetadata
+from runtime.engine.attention.torch_ref import TorchAttention
+from runtime.engine.kv_pool import KVPool
+from runtime.engine.model import ForwardContext
+from runtime.engine.request import Req
+from runtime.engine.weights import LoadedModel, load_model, reference_hf_model
+from tests.unit.test_engine import PROMPTS
+
+# Overfit a head on the tiny model's own greedy continuations of 4 prompts (1 held out).
+TRAIN_ARGS = ["--num-prompts", "5", "--max-new-tokens", "24", "--temperature", "0", "--epochs", "40",
+              "--batch-size", "4", "--lr", "5e-3", "--token-weight", "1.0", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: str) -> LoadedModel:
+    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+
+
+def _random_head(lm: LoadedModel, seed: int = 0) -> EagleHead:
+    torch.manual_seed(seed)
+    head = EagleHead.for_target(lm.model)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return head.eval()
+
+
+def test_save_load_round_trip(tiny: LoadedModel, tmp_path) -> None:
+    head = _random_head(tiny)
+    save_head(str(tmp_path / "h"), head, {"target_model": "tiny", "metrics": {"val_top1": 0.5}})
+    assert sorted(os.listdir(tmp_path / "h")) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    back = load_head(str(tmp_path / "h"), tiny.config, "cpu", torch.float32)
+    assert back.meta["target_model"] == "tiny" and back.meta["metrics"] == {"val_top1": 0.5}
+    want, got = head.state_dict(), back.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    emb, feat = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    pos = torch.arange(5).repeat(2, 1) + 7
+    torch.testing.assert_close(back.forward_dense(emb, feat, pos), head.forward_dense(emb, feat, pos), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="trained for a target with hidden_size=64"):
+        load_head(str(tmp_path / "h"), replace(tiny.config, hidden_size=128), "cpu", torch.float32)
+    with pytest.raises(FileNotFoundError, match="train-draft"):
+        load_head(str(tmp_path), tiny.config, "cpu", torch.float32)
+
+
+def test_paged_head_matches_dense(tiny: LoadedModel) -> None:
+    """Serving (paged KV, catch-up of several pairs then one pair per step) computes what
+    training (dense causal attention) computes."""
+    head = _random_head(tiny, seed=1)
+    n, ps = 11, 4
+    emb, feat = torch.randn(n, 64), torch.randn(n, 64)
+    pos = torch.arange(n) + 5
+    dense = head.forward_dense(emb[None], feat[None], pos[None])[0]
+    pool = KVPool(1, 5, ps, head.cfg.num_kv_heads, head.cfg.head_dim, torch.float32, "cpu")
+    pages = pool.alloc(-(-n // ps))
+    attn, rows, done = TorchAttention(), [], 0
+    for q in (6, 1, 3, 1):
+        meta = AttentionMetadata.build([q], [done + q], [pages], ps, torch.device("cpu"))
+        attn.prepare(meta)
+        slots = torch.tensor([pages[i // ps] * ps + i % ps for i in range(done, done + q)])
+        with torch.no_grad():
+            rows.append(head(emb[done : done + q], feat[done : done + q], pos[done : done + q], ForwardContext(pool, attn, slots)))
+        done += q
+    torch.testing.assert_close(torch.cat(rows), dense, rtol=1e-5, atol=1e-5)
+
+
+def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedModel, tmp_path) -> None:
+    """EagleDrafter's chain drafts equal train_draft.chain_drafts, which the reported
+    validation accept length is computed from."""
+    save_head(str(tmp_path / "h"), _random_head(tiny, seed=2), {"target_model": "tiny"})
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"))
+    drafter = engine.core.drafter
+    assert isinstance(drafter, EagleDrafter)
+    head = drafter.head
+    gen = torch.Generator().manual_seed(0)
+    prompt_len, t, k = 6, 9, 4
+    tokens = torch.randint(3, 512, (t,), generator=gen)
+    feats = torch.randn(t + 1, 64, generator=gen)  # f_{L-1} .. f_{L+t-1}
+    sample = train_draft.Sample(tokens, feats, prompt_len)
+    want = train_draft.chain_drafts(head, tiny.model, train_draft.collate([sample], torch.device("cpu")), k)[0]
+    # Deliver pairs as the engine would: 1 (prefill), then 3, then 2, proposing in between.
+    req = Req(rid="r", prompt_ids=list(range(3, 3 + prompt_len)), params=SamplingParams(), seed=0, arrival=0)
+    fed = 0
+    for chunk in (1, 3, 2, 1):
+        drafter.observe(req, tokens[fed : fed + chunk].tolist(), feats[fed : fed + chunk])
+        req.output_ids += tokens[fed : fed + chunk].tolist()
+        fed += chunk
+        got = drafter.propose([req], k)["r"]
+        assert got == want[fed - 1].tolist()
+    # A second propose with nothing observed in between (its verify step did not run)
+    # redoes the newest pair and drafts the same tokens.
+    assert drafter.propose([req], k)["r"] == got
+    drafter.release(req)
+    drafter.pool.check_no_leak(0)
+
+
+def test_engine_hidden_is_hf_last_hidden_state(tiny_model_dir: str, tiny: LoadedModel, tmp_path) -> None:
+    """The features the drafter observes are transformers' last_hidden_state (post final
+    norm) at the rows that produced the accepted tokens: what train-draft trains on."""
+    save_head(str(tmp_path / "h"), _random_head(tiny), {"target_model": "tiny"})
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle",
+                    draft_model=str(tmp_path / "h"), speculative_policy="fixed", page_size=4)
+    seen: dict[str, list[tuple[int, list[int], torch.Tensor]]] = {}
+    observe = engine.core.drafter.observe
+
+    def record(req: Req, accepted: list[int], hidden: torch.Tensor | None) -> None:
+        seen.setdefault(req.rid, []).append((req.seq_len, list(accepted), hidden.clone()))
+        observe(req, accepted, hidden)
+
+    engine.core.drafter.observe = record
+    ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    results = engine.generate(ids, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    hf = reference_hf_model(tiny_model_dir)
+    for (rid, calls), prompt, r in zip(sorted(seen.items()), ids, results):
+        full = prompt + r.token_ids
+        with torch.no_grad():
+            ref = hf.model(torch.tensor([full])).last_hidden_state[0]
+        for seq_len, accepted, hidden in calls:
+            assert full[seq_len : seq_len + len(accepted)] == accepted
+            torch.testing.assert_close(hidden, ref[seq_len - 1 : seq_len - 1 + len(accepted)], rtol=1e-4, atol=1e-4)
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained_head(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("eagle") / "head")
+    assert train_draft.main(["--model", tiny_model_dir, "--out", out, *TRAIN_ARGS]) == 0
+    return out
+
+
+def test_train_draft_writes_a_checkpoint(trained_head: str, tiny_model_dir: str) -> None:
+    with open(os.path.join(trained_head, CONFIG_FILE)) as fh:
+        meta = json.load(fh)
+    assert meta["target_path"] == os.path.abspath(tiny_model_dir)
+    assert meta["hidden_size"] == 64 and meta["vocab_size"] == 512
+    m = meta["metrics"]
+    assert 0.0 <= m["val_top1"] <= 1.0 and m["val_accept_length_k4"] >= 1.0
+    # Greedy validation data and the features of one forward agree on every next token.
+    assert m["val_target_agreement"] == 1.0
+    assert m["train_top1"] > 0.5  # it fits the data it was trained on
+
+
+def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_model_dir: str) -> None:
+    base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
+    spec = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="eagle",
+                  draft_model=trained_head, speculative_policy="fixed")
+    # A prompt of the training set, decoded as train-draft decoded it (greedy, eos honoured).
+    train_prompt = train_draft.prompt_ids(spec, train_draft.make_prompts(5, 0))[1]
+    trained = SamplingParams(max_tokens=24, temperature=0.0)
+    a = base.generate([train_prompt], trained)[0]
+    b = spec.generate([train_prompt], trained)[0]
+    assert b.token_ids == a.token_ids
+    assert b.accept_length > 1.0, f"no draft accepted on a training prompt: {b.accept_length}"
+
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    prompts = PROMPTS + [train_prompt]
+    ref = [r.token_ids for r in base.generate(prompts, params)]
+    got = spec.generate(prompts, params)
+    assert [r.token_ids for r in got] == ref
+    spec.shutdown()
+    spec.core.pool.check_no_leak(0)
+    spec.core.drafter.pool.check_no_leak(0)
+    assert not spec.core.drafter.states
