@@ -44,7 +44,8 @@ def start(args: list[str], timeout: float = 900.0) -> tuple[subprocess.Popen, st
         ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or proc.poll() is not None:
+    ready.wait(timeout)
+    if not any(line.startswith("ready: ") for line in lines) or proc.poll() is not None:
         stop(proc)
         raise RuntimeError("runtime up failed:\n" + "".join(lines[-40:]))
     return proc, f"http://127.0.0.1:{port}", lines

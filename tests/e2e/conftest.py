@@ -39,7 +39,8 @@ class Server:
             ready.set()
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout) or self.proc.poll() is not None:
+        ready.wait(timeout)
+        if not any(line.startswith("ready: ") for line in self.lines) or self.proc.poll() is not None:
             self.stop()
             raise RuntimeError("runtime up did not become ready:\n" + "".join(self.lines[-60:]))
 
