@@ -134,7 +134,7 @@ def main() -> None:
 
             with torch.device(device):
                 hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=dtype)
-            hf.load_state_dict(engine.core.loaded.model.state_dict(), strict=False)
+            hf.load_state_dict(engine.core.loaded.model.hf_state_dict(), strict=False)
         else:
             hf = reference_hf_model(engine.core.loaded.path, dtype).to(device)
     bw = copy_bandwidth(device) if device.type == "cuda" else None

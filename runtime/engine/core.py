@@ -50,6 +50,7 @@ class EngineCore:
             cfg.model, device=self.device, dtype=cfg.dtype, load_format=cfg.load_format
         )
         mc = self.loaded.config
+        self.loaded.model.fuse_projections()
         self.model_config = mc
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         dtype = next(self.loaded.model.parameters()).dtype

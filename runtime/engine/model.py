@@ -25,18 +25,63 @@ class ForwardContext:
     out_slots: torch.Tensor  # int64 [T] device: page * page_size + offset for each new token
 
 
+_FUSED: object | None = None  # flashinfer's norm/activation modules, or False
+
+
+def fused_ops(x: torch.Tensor) -> object | None:
+    """flashinfer's fused kernels for CUDA half-precision tensors (one kernel instead of
+    about seven for an RMSNorm), else None: the torch path, which is the reference."""
+    global _FUSED
+    # No autograd through these kernels: training (train-draft) stays on torch ops.
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.requires_grad:
+        return None
+    if _FUSED is None:
+        try:
+            import flashinfer.activation
+            import flashinfer.norm
+
+            _FUSED = flashinfer
+        except Exception:  # not installed or unusable: stay on torch
+            _FUSED = False
+    return _FUSED or None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+        fi = fused_ops(x)
+        if fi is not None:
+            if residual is None:
+                return fi.norm.rmsnorm(x, self.weight, self.eps)
+            fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place
+            return x, residual
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like the reference implementation, then cast back.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One GEMM for several projections of the same input (their outputs concatenated)."""
+    w = torch.cat([p.weight for p in parts])
+    bias = parts[0].bias is not None
+    out = nn.Linear(w.shape[1], w.shape[0], bias=bias, device="meta")
+    out.weight = nn.Parameter(w, requires_grad=False)
+    if bias:
+        out.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return out
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -91,12 +136,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
+    def fuse(self) -> None:
+        if hasattr(self, "qkv_proj"):
+            return
+        self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
-        q = self.q_proj(x).view(t, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).view(t, cfg.num_kv_heads, cfg.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
         k_cache.view(-1, cfg.num_kv_heads, cfg.head_dim)[ctx.out_slots] = k
@@ -112,8 +167,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        if hasattr(self, "gate_up_proj"):
+            return
+        self.gate_up_proj = _fuse_linears([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not hasattr(self, "gate_up_proj"):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I]
+        fi = fused_ops(gate_up)
+        if fi is not None:
+            return self.down_proj(fi.activation.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -124,9 +192,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it is added): the add is
+        fused into the next RMSNorm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, ctx), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -140,9 +216,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, ctx)
+        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -157,6 +234,27 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids, positions: int64 [T]. Returns final hidden states [T, hidden]."""
         return self.model(input_ids, positions, ctx)
+
+    def fuse_projections(self) -> None:
+        """Serve with one q|k|v GEMM and one gate|up GEMM per layer (after loading)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under Hugging Face names (fused projections split back, as views)."""
+        cfg = self.config
+        out = {}
+        for name, t in self.state_dict().items():
+            if ".qkv_proj." in name:
+                for part, piece in zip(("q_proj", "k_proj", "v_proj"), t.split([cfg.q_size, cfg.kv_size, cfg.kv_size])):
+                    out[name.replace("qkv_proj", part)] = piece
+            elif ".gate_up_proj." in name:
+                for part, piece in zip(("gate_proj", "up_proj"), t.chunk(2)):
+                    out[name.replace("gate_up_proj", part)] = piece
+            else:
+                out[name] = t
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""

@@ -86,3 +86,22 @@ def test_smollm2_bf16_cuda_close_to_transformers(backend: str) -> None:
         assert r.logprobs[0].logprob == pytest.approx(ref_lp[0], abs=0.1)
     engine.shutdown()
     engine.core.pool.check_no_leak(0)
+
+
+@pytest.mark.parametrize("backend,graphs", [("triton", True), ("flashinfer", True), ("torch", False)])
+def test_tiny_bf16_fused_kernels_close_to_transformers(tiny_model_dir: str, backend: str, graphs: bool) -> None:
+    """bf16 on CUDA runs flashinfer's fused RMSNorm / SiLU-and-mul (when importable) and the
+    fused q|k|v and gate|up GEMMs; greedy tokens must still follow transformers bf16."""
+    if backend != "torch" and not _has(backend):
+        pytest.skip(f"{backend} not installed")
+    hf = reference_hf_model(tiny_model_dir, torch.bfloat16).cuda()
+    engine = Engine(tiny_model_dir, device="cuda", dtype="bfloat16", attention_backend=backend, cuda_graph=graphs, page_size=4)
+    prompts = _prompts(engine.tokenizer)
+    refs = hf_greedy_batch(hf, prompts, 12)
+    results = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0))
+    same = sum(r.token_ids == ref for r, (ref, _) in zip(results, refs))
+    assert same >= len(prompts) * 0.7, f"{same}/{len(prompts)} identical"
+    for r, (ref, ref_lp) in zip(results, refs):
+        assert r.token_ids[0] == ref[0]
+        assert r.logprobs[0].logprob == pytest.approx(ref_lp[0], abs=0.1)
+    engine.shutdown()

@@ -94,7 +94,8 @@ class EagleHead(nn.Module):
     def forward(self, emb: torch.Tensor, feat: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """emb, feat [T, H], positions int64 [T] -> predicted features [T, H]."""
         x = self.project(emb, feat)
-        return self.norm(self.layer(x, self.rotary(positions, x.dtype), ctx))
+        h, residual = self.layer(x, None, self.rotary(positions, x.dtype), ctx)
+        return self.norm(h + residual)
 
     # ---- training: dense [B, T] batches, plain causal attention --------------------------------
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
