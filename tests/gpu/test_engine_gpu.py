@@ -88,7 +88,9 @@ def test_smollm2_bf16_cuda_close_to_transformers(backend: str) -> None:
     engine.core.pool.check_no_leak(0)
 
 
-@pytest.mark.parametrize("backend,graphs", [("triton", True), ("flashinfer", True), ("torch", False)])
+# flashinfer attention is covered on SmolLM2 (head dim 64) above; with the tiny model's head
+# dim 16 it failed on the H200 (2026-11-22), so auto no longer picks it for that size.
+@pytest.mark.parametrize("backend,graphs", [("triton", True), ("torch", False)])
 def test_tiny_bf16_fused_kernels_close_to_transformers(tiny_model_dir: str, backend: str, graphs: bool) -> None:
     """bf16 on CUDA runs flashinfer's fused RMSNorm / SiLU-and-mul (when importable) and the
     fused q|k|v and gate|up GEMMs; greedy tokens must still follow transformers bf16."""
