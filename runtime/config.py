@@ -89,7 +89,8 @@ class ClusterConfig:
     tcp_host: str | None = None
     tcp_base_port: int = 29500
     transfer: str = "auto"  # auto: nixl when importable, else zmq (KV inline in messages)
-    transfer_timeout_s: float = 30.0
+    transfer_timeout_s: float = 30.0  # one KV transfer, from the prefill being done to the data landing
+    prefill_wait_s: float = 600.0  # decode side: queueing + prefill + transfer of one prompt
     routing: str = "prefix_aware"
     heartbeat_s: float = 0.5
     dead_after_s: float = 5.0  # no heartbeat this long: the worker is dead

@@ -136,7 +136,9 @@ class DecodeWorker(Worker):
         for inc in list(self.incoming.values()):
             if inc.done is not None:
                 await self._on_state(inc, self.receiver.poll(inc.task.room))
-            elif now - inc.since > self.cfg.transfer_timeout_s:
+            elif now - inc.since > self.cfg.prefill_wait_s:
+                # The prefill side times out the transfer itself (transfer_timeout_s after its
+                # prefill); this bound covers a prefill worker that never answers at all.
                 await self._drop_incoming(inc, "KV transfer timed out", 504)
 
     async def _drop_incoming(self, inc: Incoming, error: str, code: int) -> None:

@@ -32,12 +32,12 @@ def logprob_to_wire(lp: TokenLogprob | None) -> list | None:
 class Job:
     task: PrefillTask
     req: Req
-    created: float
     dest: KVDestination | None = None
     first_token: int | None = None
     first_logprob: list | None = None
     payload: bytes = b""
     transfer_started: float | None = None
+    prefilled_at: float | None = None
 
 
 class PrefillWorker(Worker):
@@ -64,7 +64,7 @@ class PrefillWorker(Worker):
             await self._fail_task(t, f"prefill rejected the request: {e}")
             return
         req.hold_kv = True
-        job = self.jobs[t.room] = Job(t, req, time.monotonic())
+        job = self.jobs[t.room] = Job(t, req)
         self.rooms[t.rid] = t.room
         early = self.early.pop(t.room, None)
         if early is not None:
@@ -94,6 +94,7 @@ class PrefillWorker(Worker):
                 await self._finish(job, ok=False, error="prefill failed: the KV pool cannot hold this prompt")
                 continue
             job.first_token = out.new_token_ids[0]
+            job.prefilled_at = time.monotonic()
             job.first_logprob = logprob_to_wire(out.new_logprobs[0] if out.new_logprobs else None)
             await self._maybe_start(job)
 
@@ -122,7 +123,7 @@ class PrefillWorker(Worker):
         for job in list(self.jobs.values()):
             if job.transfer_started is not None:
                 await self._poll(job)
-            elif now - job.created > self.cfg.transfer_timeout_s and job.first_token is not None:
+            elif job.prefilled_at is not None and now - job.prefilled_at > self.cfg.transfer_timeout_s:
                 await self._finish(job, ok=False, error="KV transfer timed out waiting for the decode worker")
 
     async def _poll(self, job: Job) -> None:

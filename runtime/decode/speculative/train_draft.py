@@ -175,7 +175,7 @@ def extract_features(hf_model: torch.nn.Module, seqs: list[tuple[list[int], list
         for r, f in enumerate(full):
             ids[r, : len(f)] = torch.tensor(f)
             mask[r, : len(f)] = 1
-        hidden = hf_model.model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = hf_model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         for r, j in enumerate(idx):
             prompt, output = seqs[j]
             start = len(prompt)
