@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime import ipc
 from runtime.config import ClusterConfig
@@ -33,8 +33,6 @@ class DecodeWorker(Worker):
     role = "decode"
 
     def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
-        from dataclasses import replace
-
         # Decode never matches prefixes: prompt KV arrives from the prefill workers.
         super().__init__(cfg, worker_id, cfg.decode_addr(worker_id), replace(cfg.engine, prefix_cache=False))
         self.receiver = make_transfer(cfg.transfer, self.core.pool, worker_id, "decode")
