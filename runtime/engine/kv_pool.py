@@ -72,6 +72,26 @@ class KVPool:
             self._used[p] = 0
         self._free.extend(pages)
 
+    def pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size)
+
+    def grow_to(self, pages: list[int], tokens: int) -> bool:
+        """Extend `pages` in place to cover `tokens` positions; False (pages unchanged) when
+        too few pages are free."""
+        need = self.pages_for(tokens) - len(pages)
+        if need > len(self._free):
+            return False
+        if need > 0:
+            pages += self.alloc(need)
+        return True
+
+    def shrink_to(self, pages: list[int], tokens: int) -> None:
+        """Free, in place, the pages of `pages` past those covering `tokens` positions."""
+        keep = self.pages_for(tokens)
+        if len(pages) > keep:
+            self.free(pages[keep:])
+            del pages[keep:]
+
     def check_no_leak(self, held: int = 0) -> None:
         """Raise if any page is in use beyond `held` (pages legitimately held, e.g. by a cache)."""
         in_use = self.total_pages - len(self._free)

@@ -15,7 +15,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
-from runtime.engine.kv_pool import KVPool, OutOfPages
+from runtime.engine.kv_pool import KVPool
 from runtime.engine.radix_cache import PrefixCache, duplicate_pages
 from runtime.engine.request import Phase, Req
 
@@ -70,7 +70,7 @@ class Scheduler:
             raise ValueError(
                 f"prompt has {req.seq_len} tokens; the context holds {self.cfg.max_model_len}"
             )
-        if self._pages_for(req.seq_len + 1) > self.pool.total_pages:
+        if self.pool.pages_for(req.seq_len + 1) > self.pool.total_pages:
             raise ValueError(
                 f"prompt has {req.seq_len} tokens; the KV pool holds only "
                 f"{self.pool.total_pages * self.page_size}"
@@ -202,19 +202,15 @@ class Scheduler:
         self._trim_pages(req)
 
     # ---- pages ---------------------------------------------------------------------------
-    def _pages_for(self, tokens: int) -> int:
-        return -(-tokens // self.page_size)
-
     def _reserve(self, req: Req, tokens: int, retract: bool) -> bool:
         """Make req hold pages for `tokens` positions, evicting unlocked cache pages and, if
         allowed, retracting requests admitted after it (the newest first). False when it
         cannot: req is then left as it was, or retracted itself if it is the newest."""
-        need = self._pages_for(tokens) - len(req.pages)
+        need = self.pool.pages_for(tokens) - len(req.pages)
         while need > 0:
             if self.pool.num_free < need:
                 self.cache.evict(need - self.pool.num_free)
-            if self.pool.num_free >= need:
-                req.pages += self.pool.alloc(need)
+            if self.pool.grow_to(req.pages, tokens):
                 return True
             if not retract:
                 return False
@@ -241,11 +237,7 @@ class Scheduler:
 
     def _trim_pages(self, req: Req) -> None:
         """Free pages past what the KV needs (rolled-back draft tokens)."""
-        keep = max(self._pages_for(req.num_computed), req.num_cache_owned // self.page_size)
-        if len(req.pages) > keep:
-            extra = req.pages[keep:]
-            del req.pages[keep:]
-            self.pool.free(extra)
+        self.pool.shrink_to(req.pages, max(req.num_computed, req.num_cache_owned))
 
     def _cache_prefix(self, req: Req) -> None:
         """Hand the full pages of req's computed KV to the prefix cache."""

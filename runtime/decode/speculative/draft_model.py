@@ -93,7 +93,7 @@ class DraftModelDrafter(Drafter):
             st.computed = min(st.computed, n - 1)
             # KV for every position up to the last draft fed back (d_k itself is never fed).
             if not self._reserve(st, n + k - 1, live):
-                self._trim(st)
+                self.pool.shrink_to(st.pages, st.computed)
                 continue
             st.base = n
             work.append((st, _DraftSeq(req.rid, req.all_ids, st.pages)))
@@ -131,7 +131,7 @@ class DraftModelDrafter(Drafter):
             st.computed = st.base + match
         st.drafts = []
         st.computed = min(st.computed, req.seq_len + len(accepted) - 1)
-        self._trim(st)
+        self.pool.shrink_to(st.pages, st.computed)
 
     def release(self, req: Req) -> None:
         self._drop(req.rid)
@@ -141,24 +141,13 @@ class DraftModelDrafter(Drafter):
         """Make st hold pages for `tokens` positions. When the pool is short, first drop the
         state of requests not in this proposal (retracted or prefilling: they would be
         recomputed anyway). False, with st unchanged, when there is still no room."""
-        need = -(-tokens // self.pool.page_size) - len(st.pages)
-        if need <= 0:
-            return True
+        need = self.pool.pages_for(tokens) - len(st.pages)
         if self.pool.num_free < need:
             for rid in [r for r in self.states if r not in live]:
                 self._drop(rid)
                 if self.pool.num_free >= need:
                     break
-        if self.pool.num_free < need:
-            return False
-        st.pages += self.pool.alloc(need)
-        return True
-
-    def _trim(self, st: _State) -> None:
-        keep = -(-st.computed // self.pool.page_size)
-        if len(st.pages) > keep:
-            self.pool.free(st.pages[keep:])
-            del st.pages[keep:]
+        return self.pool.grow_to(st.pages, tokens)
 
     def _drop(self, rid: str) -> None:
         st = self.states.pop(rid, None)

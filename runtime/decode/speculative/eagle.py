@@ -47,7 +47,7 @@ from torch import nn
 
 from runtime.decode.speculative.base import Drafter
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
-from runtime.engine.kv_pool import KVPool, OutOfPages
+from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import DecoderLayer, ForwardContext, LlamaForCausalLM, RMSNorm, Rotary, apply_rotary
 from runtime.engine.model_config import ModelConfig
 from runtime.engine.request import Req
@@ -279,7 +279,7 @@ class EagleDrafter(Drafter):
                     continue
                 st.committed -= 1
                 st.tokens, st.feats = [st.last[0]], [st.last[1]]
-            if not self._reserve(st, st.committed + len(st.tokens) + k - 1):
+            if not self.pool.grow_to(st.pages, st.committed + len(st.tokens) + k - 1):
                 self._drop(r.rid)
                 continue
             batch.append((r, st))
@@ -316,7 +316,7 @@ class EagleDrafter(Drafter):
             draft = self.target.compute_logits(feat).argmax(dim=-1)
             drafts.append(draft)
         for _, st in batch:
-            self._trim(st)
+            self.pool.shrink_to(st.pages, st.committed)  # free the pages of draft pairs only
         rows = torch.stack(drafts, dim=1).tolist()  # [B, k]
         return {r.rid: d for (r, _), d in zip(batch, rows)}
 
@@ -332,21 +332,6 @@ class EagleDrafter(Drafter):
         emb = self.target.model.embed_tokens(tokens)
         return self.head(emb, feats, torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
 
-    def _reserve(self, st: _State, slots: int) -> bool:
-        need = -(-slots // self.pool.page_size) - len(st.pages)
-        if need > 0:
-            try:
-                st.pages += self.pool.alloc(need)
-            except OutOfPages:
-                return False
-        return True
-
-    def _trim(self, st: _State) -> None:
-        """Free the pages that held only draft pairs."""
-        keep = -(-st.committed // self.pool.page_size)
-        if len(st.pages) > keep:
-            self.pool.free(st.pages[keep:])
-            del st.pages[keep:]
 
     def _drop(self, rid: str) -> None:
         st = self.states.pop(rid, None)
