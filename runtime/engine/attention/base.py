@@ -27,6 +27,13 @@ class AttentionMetadata:
     # bool [B, max_q, max_kv] device, True = may attend; ANDed with the causal rule. Used by
     # tree verification, where a draft token sees only its ancestors.
     custom_mask: torch.Tensor | None = None
+    # Tree attention in decode shape (every q_len 1; one row per tree node, each with its
+    # own page-table row): row b attends position p < kv_lens[b] only when p < tree_start[b]
+    # or bit (p - tree_start[b]) of tree_bits[b] is set, so a node sees the committed
+    # context, its ancestors and itself (at most 63 tree slots). Rows outside any tree use
+    # tree_start = kv_len. CUDA-graph friendly: plain per-row tensors, no [B, q, kv] mask.
+    tree_start: torch.Tensor | None = None  # int32 [B]
+    tree_bits: torch.Tensor | None = None  # int64 [B]
 
     @property
     def batch_size(self) -> int:
@@ -44,6 +51,14 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return self.max_q_len == 1
 
+
+def tree_allowed(positions: torch.Tensor, tree_start: torch.Tensor, tree_bits: torch.Tensor) -> torch.Tensor:
+    """bool [B, P]: whether row b may attend key position positions[p] under the tree rule
+    (positions before tree_start[b] always; later ones by bit of tree_bits[b])."""
+    rel = positions[None, :].long() - tree_start[:, None].long()
+    bit = (tree_bits[:, None] >> rel.clamp(0, 63)) & 1
+    return (rel < 0) | ((rel < 64) & (bit == 1))
+
     @classmethod
     def build(
         cls,
@@ -53,6 +68,8 @@ class AttentionMetadata:
         page_size: int,
         device: torch.device,
         custom_mask: torch.Tensor | None = None,
+        tree_start: list[int] | None = None,
+        tree_bits: list[int] | None = None,
     ) -> "AttentionMetadata":
         width = max(1, max((len(p) for p in page_lists), default=1))
         table = torch.zeros(len(page_lists), width, dtype=torch.int32)
@@ -71,6 +88,8 @@ class AttentionMetadata:
             kv_lens_cpu=list(kv_lens),
             page_size=page_size,
             custom_mask=custom_mask,
+            tree_start=None if tree_start is None else torch.tensor(tree_start, dtype=torch.int32).to(device),
+            tree_bits=None if tree_bits is None else torch.tensor(tree_bits, dtype=torch.int64).to(device),
         )
 
 

@@ -12,11 +12,12 @@ indices are gathered on the device with sizes known on the host (no sync either)
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
+from runtime.engine.attention.base import AttentionBackend, AttentionMetadata, tree_allowed
 
 _DEFAULT_WORKSPACE_BYTES = 256 * 1024 * 1024
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -103,6 +104,9 @@ class FlashInferAttention(AttentionBackend):
 
     def prepare(self, meta: AttentionMetadata) -> None:
         ps, device = meta.page_size, meta.kv_lens.device
+        if meta.tree_start is not None:  # flashinfer's decode has no masks: a masked prefill
+            allowed = tree_allowed(torch.arange(meta.max_kv_len, device=device), meta.tree_start, meta.tree_bits)
+            meta = replace(meta, custom_mask=allowed[:, None, :], tree_start=None, tree_bits=None)
         num_pages = [-(-n // ps) for n in meta.kv_lens_cpu]
         self._kv_indptr = _host_indptr(num_pages)  # int32 [B+1] CPU
         self._qo_indptr = _host_indptr(meta.q_lens_cpu)  # int32 [B+1] CPU

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
+from runtime.engine.attention.base import AttentionBackend, AttentionMetadata, tree_allowed
 
 
 class TorchAttention(AttentionBackend):
@@ -29,6 +29,8 @@ class TorchAttention(AttentionBackend):
         mask = (p[None, None, :] <= q_pos[:, :, None]) & (p[None, None, :] < kv_lens[:, None, None])
         if meta.custom_mask is not None:
             mask &= meta.custom_mask[:, :max_q, :max_kv]
+        if meta.tree_start is not None:
+            mask &= tree_allowed(p, meta.tree_start, meta.tree_bits)[:, None, :]
         # Padded query rows would see no key and turn to NaN; let them see key 0 (discarded).
         mask[:, :, 0] |= ~q_valid
         self._mask = mask[:, None]  # [B, 1, max_q, max_kv]
