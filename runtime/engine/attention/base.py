@@ -52,13 +52,6 @@ class AttentionMetadata:
         return self.max_q_len == 1
 
 
-def tree_allowed(positions: torch.Tensor, tree_start: torch.Tensor, tree_bits: torch.Tensor) -> torch.Tensor:
-    """bool [B, P]: whether row b may attend key position positions[p] under the tree rule
-    (positions before tree_start[b] always; later ones by bit of tree_bits[b])."""
-    rel = positions[None, :].long() - tree_start[:, None].long()
-    bit = (tree_bits[:, None] >> rel.clamp(0, 63)) & 1
-    return (rel < 0) | ((rel < 64) & (bit == 1))
-
     @classmethod
     def build(
         cls,
@@ -91,6 +84,14 @@ def tree_allowed(positions: torch.Tensor, tree_start: torch.Tensor, tree_bits: t
             tree_start=None if tree_start is None else torch.tensor(tree_start, dtype=torch.int32).to(device),
             tree_bits=None if tree_bits is None else torch.tensor(tree_bits, dtype=torch.int64).to(device),
         )
+
+
+def tree_allowed(positions: torch.Tensor, tree_start: torch.Tensor, tree_bits: torch.Tensor) -> torch.Tensor:
+    """bool [B, P]: whether row b may attend key position positions[p] under the tree rule
+    (positions before tree_start[b] always; later ones by bit of tree_bits[b])."""
+    rel = positions[None, :].long() - tree_start[:, None].long()
+    bit = (tree_bits[:, None] >> rel.clamp(0, 63)) & 1
+    return (rel < 0) | ((rel < 64) & (bit == 1))
 
 
 class AttentionBackend(ABC):
