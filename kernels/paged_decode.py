@@ -29,7 +29,7 @@ _MAX_SPLITS = 64
 
 @triton.jit
 def _paged_decode_split_kernel(
-    Q, K, V, PageTable, KvLens, MidO, MidLse, Out,
+    Q, K, V, PageTable, KvLens, TreeStart, TreeBits, MidO, MidLse, Out,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qb, stride_qh,
     stride_kp, stride_ks, stride_kh,
@@ -47,6 +47,7 @@ def _paged_decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,  # write the normalised output directly, no merge pass
     IEEE_DOT: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns as ints
+    HAS_TREE: tl.constexpr,  # per-row tree rule: keys past TreeStart[b] only by bit of TreeBits[b]
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -78,6 +79,9 @@ def _paged_decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
+    if HAS_TREE:
+        t_start = tl.load(TreeStart + b)
+        t_bits = tl.load(TreeBits + b)
     pt_row = PageTable + b.to(tl.int64) * stride_ptb
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + offs_n
@@ -102,11 +106,22 @@ def _paged_decode_split_kernel(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_N]
-        # Every block holds at least one valid key, so m_new is finite.
+        if HAS_TREE:
+            # A tree node sees the keys before the tree, then only its ancestors and itself.
+            rel = pos - t_start
+            bit = (t_bits >> tl.minimum(tl.maximum(rel, 0), 63).to(tl.int64)) & 1
+            valid = n_mask & ((rel < 0) | ((rel < 64) & (bit == 1)))
+        else:
+            valid = n_mask
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # [BLOCK_H, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        if HAS_TREE:
+            # A block can be fully masked; keep exp2's reference finite (p is then 0).
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new  # every block holds at least one valid key: finite
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE_DOT:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -268,13 +283,24 @@ def paged_decode(
     out: torch.Tensor | None = None,  # [B, Hq, D], q's dtype
     num_splits: int | None = None,
     max_kv_len: int | None = None,  # host int, only to choose num_splits when it is None
+    tree_start: torch.Tensor | None = None,  # int32 [B]
+    tree_bits: torch.Tensor | None = None,  # int64 [B]
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of each sequence's single query over its first kv_lens[i] cached keys.
+    With tree_start/tree_bits (tree verification, one row per draft-tree node), row i
+    sees key p only when p < tree_start[i] or bit p - tree_start[i] of tree_bits[i] is set.
 
     The values of page_table and kv_lens are not checked (that would sync with the GPU):
     kv_lens[i] must not exceed max_pages * page_size and the page ids must be in range."""
     _check(q, k_cache, v_cache, page_table, kv_lens, out)
     bsz, hq, d = q.shape
+    has_tree = tree_start is not None
+    if has_tree:
+        if tree_bits is None or tree_start.dtype != torch.int32 or tree_bits.dtype != torch.int64 \
+                or tree_start.shape != (bsz,) or tree_bits.shape != (bsz,):
+            raise ValueError("tree_start must be int32 [B] and tree_bits int64 [B], given together")
+    else:
+        tree_start = tree_bits = kv_lens  # unused by the kernel
     page_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
     if out is None:
@@ -299,7 +325,7 @@ def paged_decode(
         mo_strides, ml_strides = mid_o.stride()[:3], mid_lse.stride()[:2]
 
     _paged_decode_split_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, page_table, kv_lens, mid_o, mid_lse, out,
+        q, k_cache, v_cache, page_table, kv_lens, tree_start, tree_bits, mid_o, mid_lse, out,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -312,6 +338,7 @@ def paged_decode(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SINGLE_SPLIT=single, IEEE_DOT=q.dtype == torch.float32,
         UPCAST=q.dtype == torch.bfloat16 and _interpreted(),
+        HAS_TREE=has_tree,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:

@@ -27,6 +27,7 @@ def _case(
     kv_lens: list[int],
     num_splits: int | None,
     seed: int,
+    tree: tuple[list[int], list[int]] | None = None,  # (tree_start, tree_bits) per row
 ) -> str | None:
     """Runs one case; returns a failure message or None."""
     from kernels.paged_decode import paged_decode
@@ -42,7 +43,9 @@ def _case(
     # Hand out pages in a random order so each sequence's pages are scattered.
     free = (torch.randperm(pool.total_pages, generator=gen) + 1).tolist()
     page_lists = [[free.pop() for _ in range(n)] for n in pages_needed]
-    meta = AttentionMetadata.build([1] * bsz, kv_lens, page_lists, page_size, torch.device("cpu"))
+    tree_start, tree_bits = tree if tree else (None, None)
+    meta = AttentionMetadata.build([1] * bsz, kv_lens, page_lists, page_size, torch.device("cpu"),
+                                   tree_start=tree_start, tree_bits=tree_bits)
     k_cache, v_cache = pool.k_cache(1), pool.v_cache(1)
     # q as a strided slice of a packed qkv projection, out as a strided slice too.
     qkv = torch.randn(bsz, hq + 2 * hkv, d, generator=gen).to(dtype)
@@ -50,14 +53,16 @@ def _case(
     out = torch.full((bsz, hq, d + 8), float("nan"), dtype=dtype)[..., :d]
     scale = d**-0.5
 
-    got = paged_decode(q, k_cache, v_cache, meta.page_table, meta.kv_lens, scale, out=out, num_splits=num_splits)
+    got = paged_decode(q, k_cache, v_cache, meta.page_table, meta.kv_lens, scale, out=out, num_splits=num_splits,
+                       tree_start=meta.tree_start, tree_bits=meta.tree_bits)
     if got.data_ptr() != out.data_ptr():
         return f"{name}: the result is not written into `out`"
 
     live = [i for i, n in enumerate(kv_lens) if n > 0]
     ref_backend = TorchAttention()
     ref_meta = AttentionMetadata.build(
-        [1] * len(live), [kv_lens[i] for i in live], [page_lists[i] for i in live], page_size, torch.device("cpu")
+        [1] * len(live), [kv_lens[i] for i in live], [page_lists[i] for i in live], page_size, torch.device("cpu"),
+        tree_start=[tree_start[i] for i in live] if tree else None, tree_bits=[tree_bits[i] for i in live] if tree else None,
     )
     ref_backend.prepare(ref_meta)
     ref = ref_backend.forward(q[live].float(), k_cache.float(), v_cache.float(), scale)
@@ -83,6 +88,11 @@ CASES = [
     # g=9 pads the head block to 16 rows.
     ("gqa9_bf16", torch.bfloat16, 9, 1, 64, 16, [70, 33], 2, 5),
     ("gqa2_fp16", torch.float16, 4, 2, 32, 8, [12, 64, 65], 1, 6),
+    # Tree rows: ancestors by bitmask past tree_start; a plain row (tree_start = kv_len);
+    # a row seeing one tree key with 8 splits, so some chunks are entirely masked.
+    ("tree_fp32", torch.float32, 6, 2, 16, 4, [13, 13, 9, 70], 3, 7,
+     ([8, 8, 9, 6], [0b10101, 0b11111, 0, 1])),
+    ("tree_fp32_many_splits", torch.float32, 6, 2, 16, 4, [70, 40], 8, 8, ([6, 30], [1, (1 << 9) | 1])),
 ]
 
 

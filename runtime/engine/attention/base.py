@@ -51,6 +51,7 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return self.max_q_len == 1
 
+
     @classmethod
     def build(
         cls,

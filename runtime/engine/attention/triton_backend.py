@@ -1,4 +1,6 @@
-"""Attention with Triton kernels: the split-K paged decode kernel for decode batches.
+"""Attention with Triton kernels: the split-K paged decode kernel for decode batches,
+including speculative verification laid out as decode rows (one row per draft token or
+tree node, with the per-row tree rule).
 
 Batches with more than one new token per sequence (prefill, chunked prefill, speculative
 verification, tree masks) fall back to TorchAttention for now: it is exact and handles every
@@ -27,7 +29,7 @@ class TritonAttention(AttentionBackend):
 
     def prepare(self, meta: AttentionMetadata) -> None:
         self._meta = meta
-        self._decode = meta.is_decode and meta.custom_mask is None
+        self._decode = meta.is_decode and meta.custom_mask is None  # tree rows included
         if not self._decode:
             self._fallback.prepare(meta)
 
@@ -43,4 +45,5 @@ class TritonAttention(AttentionBackend):
         splits = self._fixed_splits
         if splits is None:
             splits = default_num_splits(meta.batch_size, k_cache.shape[2], q.device, meta.max_kv_len)
-        return paged_decode(q, k_cache, v_cache, meta.page_table, meta.kv_lens, scale, num_splits=splits)
+        return paged_decode(q, k_cache, v_cache, meta.page_table, meta.kv_lens, scale, num_splits=splits,
+                            tree_start=meta.tree_start, tree_bits=meta.tree_bits)
