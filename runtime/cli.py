@@ -27,6 +27,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--draft-model", default=None)
     p.add_argument("--speculative-policy", default="adaptive", choices=("fixed", "adaptive"))
+    p.add_argument("--speculative-tree", default="chain",
+                   help="eagle: 'chain', or BxN: a draft tree expanding the B best tokens per node, "
+                        "keeping the N best nodes (N <= 63; depth up to --num-draft-tokens)")
     p.add_argument("--log-level", default=ENV.log_level)
 
 
@@ -47,6 +50,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         num_draft_tokens=a.num_draft_tokens,
         draft_model=a.draft_model,
         speculative_policy=a.speculative_policy,
+        speculative_tree=a.speculative_tree,
     )
 
 

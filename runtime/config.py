@@ -11,6 +11,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE = ("none", "ngram", "eagle", "draft")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+MAX_TREE_NODES = 63  # draft tree nodes: one bit each in the attention tree rule (attention/base.py)
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -40,6 +41,9 @@ class EngineConfig:
     draft_model: str | None = None
     speculative_policy: str = "adaptive"  # fixed: always k drafts; adaptive: fewer (or none) at large batches
     speculative_max_batch: int = 32  # adaptive: no drafting above this many decoding requests
+    # eagle only: "chain", or "BxN": a draft tree that expands the B most likely tokens of
+    # every node and keeps the N best nodes (N <= 63), depth up to num_draft_tokens.
+    speculative_tree: str = "chain"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,8 +63,35 @@ class EngineConfig:
         _choose("speculative_policy", self.speculative_policy, ("fixed", "adaptive"))
         if self.num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens must be >= 1 (got {self.num_draft_tokens})")
+        tree = self.draft_tree  # parses and checks the spelling
+        if tree is not None:
+            branch, nodes = tree
+            if self.speculative != "eagle":
+                raise ValueError(f"speculative_tree {self.speculative_tree!r} needs speculative 'eagle' "
+                                 f"(got {self.speculative!r})")
+            if (self.num_draft_tokens - 1) * branch > MAX_TREE_NODES:
+                raise ValueError(
+                    f"speculative_tree {self.speculative_tree!r} with num_draft_tokens {self.num_draft_tokens}: "
+                    f"(num_draft_tokens - 1) * B must be <= {MAX_TREE_NODES}; lower B or num_draft_tokens"
+                )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+
+    @property
+    def draft_tree(self) -> tuple[int, int] | None:
+        """(branch B, max nodes N) of speculative_tree "BxN"; None for "chain"."""
+        spec = self.speculative_tree.strip().lower()
+        if spec == "chain":
+            return None
+        parts = spec.split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"speculative_tree must be 'chain' or 'BxN', e.g. '4x24' (got {self.speculative_tree!r})")
+        branch, nodes = int(parts[0]), int(parts[1])
+        if not 2 <= branch <= nodes <= MAX_TREE_NODES:
+            raise ValueError(
+                f"speculative_tree {self.speculative_tree!r}: need 2 <= B <= N <= {MAX_TREE_NODES} (B = 1 is 'chain')"
+            )
+        return branch, nodes
 
     @property
     def torch_device(self) -> torch.device:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative import train_draft
+from runtime.decode.speculative import eagle, simulate, train_draft
+from runtime.decode.speculative.base import DraftTree
 from runtime.decode.speculative.eagle import CONFIG_FILE, WEIGHTS_FILE, EagleDrafter, EagleHead, load_head, save_head
 from runtime.engine.attention.base import AttentionMetadata
 from runtime.engine.attention.torch_ref import TorchAttention
@@ -24,7 +25,7 @@ from runtime.engine.weights import LoadedModel, load_model, reference_hf_model
 from tests.unit.test_engine import PROMPTS
 
 # Overfit a head on the tiny model's own greedy continuations of 4 prompts (1 held out).
-TRAIN_ARGS = ["--num-prompts", "5", "--max-new-tokens", "24", "--temperature", "0", "--epochs", "40",
+TRAIN_ARGS = ["--num-prompts", "5", "--max-new-tokens", "24", "--temperature", "0", "--epochs", "60",
               "--batch-size", "4", "--lr", "5e-3", "--token-weight", "1.0", "--device", "cpu", "--dtype", "float32"]
 
 
@@ -80,34 +81,72 @@ def test_paged_head_matches_dense(tiny: LoadedModel) -> None:
     torch.testing.assert_close(torch.cat(rows), dense, rtol=1e-5, atol=1e-5)
 
 
-def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedModel, tmp_path) -> None:
-    """EagleDrafter's chain drafts equal train_draft.chain_drafts, which the reported
-    validation accept length is computed from."""
-    save_head(str(tmp_path / "h"), _random_head(tiny, seed=2), {"target_model": "tiny"})
-    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"))
-    drafter = engine.core.drafter
-    assert isinstance(drafter, EagleDrafter)
-    head = drafter.head
-    gen = torch.Generator().manual_seed(0)
-    prompt_len, t, k = 6, 9, 4
-    tokens = torch.randint(3, 512, (t,), generator=gen)
-    feats = torch.randn(t + 1, 64, generator=gen)  # f_{L-1} .. f_{L+t-1}
-    sample = train_draft.Sample(tokens, feats, prompt_len)
-    want = train_draft.chain_drafts(head, tiny.model, train_draft.collate([sample], torch.device("cpu")), k)[0]
-    # Deliver pairs as the engine would: 1 (prefill), then 3, then 2, proposing in between.
-    req = Req(rid="r", prompt_ids=list(range(3, 3 + prompt_len)), params=SamplingParams(), seed=0, arrival=0)
+def _feed_and_compare(drafter: EagleDrafter, tiny: LoadedModel, tree: tuple[int, int] | None,
+                      prompt_chunks: tuple[int, ...], gen_chunks: tuple[int, ...], k: int, seed: int) -> None:
+    """Deliver a sequence's pairs as the engine does (prompt chunks through observe_prompt,
+    then accepted runs through observe), proposing after each run; every proposal must equal
+    simulate.draft_trees at that pair."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt_len, n_gen = sum(prompt_chunks), sum(gen_chunks)
+    seq = torch.randint(3, 512, (prompt_len + n_gen,), generator=gen)
+    feats = torch.randn(prompt_len + n_gen, 64, generator=gen)  # f_0 .. f_{n-1}
+    sample = train_draft.Sample(seq[1:], feats, prompt_len)
+    want_tok, want_par = simulate.draft_trees(drafter.head, tiny.model, train_draft.collate([sample], torch.device("cpu")),
+                                              k, *(tree or (1, 0)))
+    req = Req(rid="r", prompt_ids=seq[:prompt_len].tolist(), params=SamplingParams(), seed=0, arrival=0)
+    start = 0
+    for q in prompt_chunks:
+        drafter.observe_prompt(req, start, feats[start : start + q])
+        start += q
     fed = 0
-    for chunk in (1, 3, 2, 1):
-        drafter.observe(req, tokens[fed : fed + chunk].tolist(), feats[fed : fed + chunk])
-        req.output_ids += tokens[fed : fed + chunk].tolist()
+    for chunk in gen_chunks:
+        pos = prompt_len + fed
+        drafter.observe(req, seq[pos : pos + chunk].tolist(), feats[pos - 1 : pos - 1 + chunk])
+        req.output_ids += seq[pos : pos + chunk].tolist()
         fed += chunk
         got = drafter.propose([req], k)["r"]
-        assert got == want[fed - 1].tolist()
+        t = prompt_len + fed - 2  # the pair index of the newest token
+        if tree is None:
+            assert got == want_tok[0, t].tolist()
+        else:
+            assert isinstance(got, DraftTree) and len(got) == tree[1]
+            assert (got.tokens, got.parents) == (want_tok[0, t].tolist(), want_par[0, t].tolist())
     # A second propose with nothing observed in between (its verify step did not run)
     # redoes the newest pair and drafts the same tokens.
     assert drafter.propose([req], k)["r"] == got
     drafter.release(req)
     drafter.pool.check_no_leak(0)
+
+
+@pytest.mark.parametrize("tree", [None, (3, 10)], ids=["chain", "tree3x10"])
+def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedModel, tmp_path, tree) -> None:
+    """EagleDrafter's drafts (chain or tree) equal simulate.draft_trees, which training's
+    validation accept lengths are computed from, with the prompt in the head's context."""
+    save_head(str(tmp_path / "h"), _random_head(tiny, seed=2), {"target_model": "tiny"})
+    spec = f"{tree[0]}x{tree[1]}" if tree else "chain"
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"),
+                    speculative_tree=spec, num_draft_tokens=4, page_size=4)
+    drafter = engine.core.drafter
+    assert isinstance(drafter, EagleDrafter) and drafter.wants_prompt_hidden
+    _feed_and_compare(drafter, tiny, tree, (4, 3), (1, 3, 2, 1), k=4, seed=0)
+
+
+def test_long_prompt_is_cached_in_chunks(tiny_model_dir: str, tiny: LoadedModel, tmp_path, monkeypatch) -> None:
+    """A prompt longer than MAX_PENDING stays in the head's context (prompt pairs are never
+    dropped for it); the catch-up caches it over several forwards of CATCHUP_CHUNK pairs."""
+    save_head(str(tmp_path / "h"), _random_head(tiny, seed=3), {"target_model": "tiny"})
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"),
+                    page_size=4)
+    drafter = engine.core.drafter
+    monkeypatch.setattr(eagle, "MAX_PENDING", 6)
+    monkeypatch.setattr(eagle, "CATCHUP_CHUNK", 5)
+    monkeypatch.setattr(eagle, "CATCHUP_ROWS", 5)
+    rows: list[int] = []
+    cache_pairs = drafter._cache_pairs
+    monkeypatch.setattr(drafter, "_cache_pairs", lambda states, counts: (rows.append(sum(counts)), cache_pairs(states, counts))[1])
+    _feed_and_compare(drafter, tiny, None, (9, 8, 6), (1, 4, 2), k=3, seed=1)
+    # The first propose cached 22 prompt pairs + 1 generated one: 5 + 5 + 5 + 5, then 3.
+    assert rows[:5] == [5, 5, 5, 5, 3]
 
 
 def test_engine_hidden_is_hf_last_hidden_state(tiny_model_dir: str, tiny: LoadedModel, tmp_path) -> None:
@@ -150,10 +189,10 @@ def test_train_draft_writes_a_checkpoint(trained_head: str, tiny_model_dir: str)
     assert meta["target_path"] == os.path.abspath(tiny_model_dir)
     assert meta["hidden_size"] == 64 and meta["vocab_size"] == 512
     m = meta["metrics"]
-    assert 0.0 <= m["val_top1"] <= 1.0 and m["val_accept_length_k4"] >= 1.0
+    assert 0.0 <= m["val_top1"] <= 1.0 and m["val_accept_length_k5"] >= 1.0 and m["val_accept_length_tree8x48_k5"] >= 1.0
     # Greedy validation data and the features of one forward agree on every next token.
     assert m["val_target_agreement"] == 1.0
-    assert m["train_top1"] > 0.5  # it fits the data it was trained on
+    assert m["train_top1"] > 0.5 and m["train_top1_step1"] > 0.5  # it fits the data it was trained on
 
 
 def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_model_dir: str) -> None:

@@ -1,4 +1,4 @@
-"""EAGLE-style draft head (chain drafting) over the target's own features.
+"""EAGLE-style draft head over the target's own features: chain or tree drafting.
 
 Notation: x_p is the token at position p, f_p the target's final hidden state at p (after
 the final RMSNorm, the input of lm_head), so lm_head(f_p) scores x_{p+1}.
@@ -19,19 +19,26 @@ does exactly that, so a predicted feature lives in the same space as a real one:
 regressed against f_p, fed to lm_head as is, and fed back as the next step's input. The
 embedding and lm_head are the target's (never saved with the head).
 
-Chain drafting with k steps: step 1 runs the head over the newest pair (x_S, f_{S-1})
-(together with any earlier pairs not yet cached), d1 = argmax lm_head(f^_S); step j feeds
-(d_{j-1}, f^_{S+j-2}). Argmax drafts make the drafter deterministic (q one-hot), which is
-what EngineCore._accept assumes.
+Context (the serving regime, which train_draft.py trains under): a request's head context
+is every pair (x_p, f_{p-1}) for p = 1 .. S, prompt included, with real features: the
+prompt pairs arrive through observe_prompt (per prefill chunk), the generated ones through
+observe. With a prefix-cache hit the context starts at the first computed prompt position;
+a drafter restart (see MAX_PENDING) starts it at the newest token.
+
+Drafting with depth k: step 1 runs the head over the newest pair (x_S, f_{S-1}) (with any
+earlier pairs not yet cached: the catch-up), giving f^_S and the root's candidates. Each
+further step runs the head over the current frontier: a draft node at depth d is the pair
+(its token, its parent's predicted feature) at position S + d, attending the committed
+pairs, its ancestors and itself (the per-row tree rule of attention/base.py). Which nodes
+are expanded and kept is tree.py's TreeBuilder (EAGLE-2: best cumulative log-probability);
+branch 1 is the chain d_j = argmax lm_head(f^_{S+j-1}). Drafts are argmaxes / top-k, so the
+drafter is deterministic (q one-hot), which is what EngineCore's acceptance assumes.
 
 The head's KV cache is a 1-layer paged KVPool. Pair i of a request sits in slot i of its
-head pages at rope position start + i (start: the target position of its first pair).
-Pairs built from real features (delivered by observe) are "committed"; draft pairs are
-written past them and simply overwritten by the next catch-up (their pages are freed
-after each propose). The engine reports features only for rows that produced tokens, so
-the head's context starts at the first generated token: prompt positions contribute
-through f_{L-1} (which summarises the prompt) but are not cached pairs. train_draft.py
-trains under exactly this regime.
+head pages at rope position start + i (start: the position of its first pair). Pairs built
+from real features are "committed"; draft nodes are written past them (depth d, frontier
+row f at slot committed + (d-1)*branch + f) and simply overwritten by the next catch-up
+(their pages are freed after each propose).
 """
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.decode.speculative.base import Drafter
+from runtime.decode.speculative.base import Drafter, DraftTree
+from runtime.decode.speculative.tree import TreeBuilder, top_logprobs
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import DecoderLayer, ForwardContext, LlamaForCausalLM, RMSNorm, Rotary, apply_rotary
@@ -60,9 +68,15 @@ log = logging.getLogger("runtime.speculative")
 CONFIG_FILE = "eagle_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "runtime-eagle-v1"
-# Pairs observed but not yet cached (drafting was off, e.g. a large batch under the
-# adaptive policy). Past this the head context restarts instead of growing without bound.
+# Generated pairs observed but not yet cached (drafting was off, e.g. a large batch under
+# the adaptive policy). Past this the head context restarts instead of growing without
+# bound. Prompt pairs are exempt: they are bounded by the prompt, whose target KV is ~2 *
+# num_layers times larger than their features.
 MAX_PENDING = 256
+# A catch-up caches at most this many pairs per request and head forward, and at most
+# CATCHUP_ROWS rows per forward: a long prompt is cached in several forwards.
+CATCHUP_CHUNK = 512
+CATCHUP_ROWS = 4096
 
 
 class EagleHead(nn.Module):
@@ -200,15 +214,23 @@ class _State:
     committed: int = 0  # pairs whose KV (from real features) is in the head cache
     tokens: list[int] = field(default_factory=list)  # pairs observed, not yet cached
     feats: list[torch.Tensor] = field(default_factory=list)  # their features, chunks [n, H]
+    prompt_pending: int = 0  # how many pending pairs are exempt from MAX_PENDING (prompt pairs)
     last: tuple[int, torch.Tensor] | None = None  # the newest pair, redone when nothing is pending
 
     @property
     def next_pos(self) -> int:
         return self.start + self.committed + len(self.tokens)
 
+    def add(self, tokens: list[int], feats: torch.Tensor) -> None:
+        rows = feats.detach().clone()  # CUDA-graph decode returns views of static buffers
+        self.tokens += tokens
+        self.feats.append(rows)
+        self.last = (tokens[-1], rows[-1:])
+
 
 class EagleDrafter(Drafter):
     name = "eagle"
+    wants_prompt_hidden = True
 
     def __init__(self, core: "EngineCore") -> None:
         loaded = core.loaded
@@ -219,6 +241,8 @@ class EagleDrafter(Drafter):
         if trained_for and trained_for != loaded.name:
             log.warning("EAGLE head %s was trained for %s, serving %s: drafts may be poor (outputs stay exact)",
                         core.cfg.draft_model, trained_for, loaded.name)
+        # (branch, max nodes); branch 1 drafts chains.
+        self.branch, self.max_nodes = core.cfg.draft_tree or (1, 0)
         hc = self.head.cfg
         ps = core.cfg.page_size
         self.pool = KVPool(1, self._num_pages(core), ps, hc.num_kv_heads, hc.head_dim, self.dtype, self.device)
@@ -240,6 +264,24 @@ class EagleDrafter(Drafter):
         return max(2, -(-tokens // ps) + 1)
 
     # ---- the Drafter seam -------------------------------------------------------------------
+    def observe_prompt(self, req: Req, start: int, hidden: torch.Tensor) -> None:
+        # hidden[i] is f_{start+i}; the chunk completes the pairs (x_p, f_{p-1}) for
+        # p = start+1 .. start+q_len whose token is already known (p < seq_len). The pair of
+        # the first generated token comes with observe().
+        first = start + 1
+        last = min(start + hidden.shape[0], req.seq_len - 1)
+        if last < first:
+            return
+        st = self.states.get(req.rid)
+        if st is not None and st.next_pos != first:
+            self._drop(req.rid)  # out of step: restart the head context here
+            st = None
+        if st is None:
+            st = self.states[req.rid] = _State(start=first)
+        ids = req.all_ids[first : last + 1]
+        st.add(ids, hidden[: len(ids)])
+        st.prompt_pending = len(st.tokens)
+
     def observe(self, req: Req, accepted: list[int], hidden: torch.Tensor | None) -> None:
         # Called before the tokens are appended: accepted[j] lands at position seq_len + j
         # and hidden[j] is f at the position before it, so (accepted[j], hidden[j]) is a pair.
@@ -249,21 +291,20 @@ class EagleDrafter(Drafter):
             raise ValueError(f"observe: {len(accepted)} tokens but {hidden.shape[0]} hidden rows")
         pos = req.seq_len
         st = self.states.get(req.rid)
-        if st is not None and (st.next_pos != pos or len(st.tokens) + len(accepted) > MAX_PENDING):
+        if st is not None and (st.next_pos != pos
+                               or len(st.tokens) - st.prompt_pending + len(accepted) > MAX_PENDING):
             self._drop(req.rid)  # out of step (or too far behind): restart the head context here
             st = None
         if st is None:
             st = self.states[req.rid] = _State(start=pos)
-        rows = hidden.detach().clone()  # CUDA-graph decode returns views of static buffers
-        st.tokens += accepted
-        st.feats.append(rows)
-        st.last = (accepted[-1], rows[-1:])
+        st.add(list(accepted), hidden)
 
     def release(self, req: Req) -> None:
         self._drop(req.rid)
 
     @torch.inference_mode()
-    def propose(self, reqs: list[Req], k: int) -> dict[str, list[int]]:
+    def propose(self, reqs: list[Req], k: int) -> dict[str, list[int] | DraftTree]:
+        tree_slots = (k - 1) * self.branch  # draft nodes written to the head cache
         batch: list[tuple[Req, _State]] = []
         for r in reqs:
             st = self.states.get(r.rid)
@@ -274,64 +315,100 @@ class EagleDrafter(Drafter):
                 continue
             if not st.tokens:
                 # Nothing new since the last propose (the verify step did not run for this
-                # request): redo the newest pair, whose output is draft step 1.
+                # request): redo the newest pair, whose output is the tree's root.
                 if st.committed == 0 or st.last is None:
                     continue
                 st.committed -= 1
-                st.tokens, st.feats = [st.last[0]], [st.last[1]]
-            if not self.pool.grow_to(st.pages, st.committed + len(st.tokens) + k - 1):
+                st.tokens, st.feats, st.prompt_pending = [st.last[0]], [st.last[1]], 0
+            if not self.pool.grow_to(st.pages, st.committed + len(st.tokens) + tree_slots):
                 self._drop(r.rid)
                 continue
             batch.append((r, st))
         if not batch:
             return {}
-        ps = self.pool.page_size
-        # Step 1: cache every pending pair (catch-up) and predict from the newest one.
-        tokens, slots, q_lens, kv_lens = [], [], [], []
-        for _, st in batch:
-            tokens += st.tokens
-            slots += range(st.committed, st.committed + len(st.tokens))
-            q_lens.append(len(st.tokens))
-            kv_lens.append(st.committed + len(st.tokens))
-        feats = torch.cat([f for _, st in batch for f in st.feats])
-        starts = [st.start for _, st in batch for _ in st.tokens]
-        owners = [st for _, st in batch for _ in st.tokens]
-        out = self._forward(torch.tensor(tokens, device=self.device), feats, [s + i for s, i in zip(starts, slots)],
-                            [o.pages[i // ps] * ps + i % ps for o, i in zip(owners, slots)], q_lens, kv_lens, batch)
-        last = torch.tensor(q_lens).cumsum(0) - 1  # the newest pair's row of each request
-        feat = out[last.to(self.device)]  # [B, H]
-        for _, st in batch:
-            st.committed += len(st.tokens)
-            st.tokens, st.feats = [], []
-        draft = self.target.compute_logits(feat).argmax(dim=-1)  # int64 [B]
-        drafts = [draft]
-        # Steps 2..k: one draft pair per request, written past the committed pairs.
-        for j in range(1, k):
-            slot = [st.committed + j - 1 for _, st in batch]
-            feat = self._forward(
-                draft, feat, [st.start + s for (_, st), s in zip(batch, slot)],
-                [st.pages[s // ps] * ps + s % ps for (_, st), s in zip(batch, slot)],
-                [1] * len(batch), [s + 1 for s in slot], batch,
-            )
-            draft = self.target.compute_logits(feat).argmax(dim=-1)
-            drafts.append(draft)
-        for _, st in batch:
-            self.pool.shrink_to(st.pages, st.committed)  # free the pages of draft pairs only
-        rows = torch.stack(drafts, dim=1).tolist()  # [B, k]
-        return {r.rid: d for (r, _), d in zip(batch, rows)}
+        states = [st for _, st in batch]
+        while True:  # long backlogs (a whole prompt): cache all but the last chunk first
+            backlog = [st for st in states if len(st.tokens) > CATCHUP_CHUNK]
+            if not backlog:
+                break
+            group = backlog[: max(1, CATCHUP_ROWS // CATCHUP_CHUNK)]
+            self._cache_pairs(group, [CATCHUP_CHUNK] * len(group))
+        root = self._cache_pairs(states, [len(st.tokens) for st in states])  # [B, H]: f^_S
+        tokens, parents = self._grow(states, root, k)
+        for st in states:
+            self.pool.shrink_to(st.pages, st.committed)  # free the pages of draft nodes only
+        token_rows = tokens.tolist()  # the one host sync of a propose
+        if self.branch == 1:
+            return {r.rid: t for (r, _), t in zip(batch, token_rows)}
+        return {r.rid: DraftTree(t, p) for (r, _), t, p in zip(batch, token_rows, parents.tolist())}
 
     # ---- internals ---------------------------------------------------------------------------
-    def _forward(
-        self, tokens: torch.Tensor, feats: torch.Tensor, positions: list[int], out_slots: list[int],
-        q_lens: list[int], kv_lens: list[int], batch: list[tuple[Req, _State]],
-    ) -> torch.Tensor:
-        dev = self.device
-        meta = AttentionMetadata.build(q_lens, kv_lens, [st.pages for _, st in batch], self.pool.page_size, dev)
+    def _cache_pairs(self, states: list[_State], counts: list[int]) -> torch.Tensor:
+        """Run the head over the first counts[i] pending pairs of each state, writing their
+        KV (they become committed). Returns the head's output at each state's last one [B, H]."""
+        ps, dev = self.pool.page_size, self.device
+        tokens: list[int] = []
+        feats, positions, slots, q_lens, kv_lens = [], [], [], [], []
+        for st, n in zip(states, counts):
+            pending = torch.cat(st.feats) if len(st.feats) > 1 else st.feats[0]
+            feats.append(pending[:n])
+            st.feats = [pending[n:]] if n < len(st.tokens) else []
+            tokens += st.tokens[:n]
+            del st.tokens[:n]
+            c = st.committed
+            positions += range(st.start + c, st.start + c + n)
+            slots += [st.pages[i // ps] * ps + i % ps for i in range(c, c + n)]
+            q_lens.append(n)
+            kv_lens.append(c + n)
+            st.committed += n
+            st.prompt_pending = max(0, st.prompt_pending - n)
+        meta = AttentionMetadata.build(q_lens, kv_lens, [st.pages for st in states], ps, dev)
         self.attn.prepare(meta)
-        ctx = ForwardContext(self.pool, self.attn, torch.tensor(out_slots, dtype=torch.int64, device=dev))
-        emb = self.target.model.embed_tokens(tokens)
-        return self.head(emb, feats, torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
+        ctx = ForwardContext(self.pool, self.attn, torch.tensor(slots, dtype=torch.int64, device=dev))
+        emb = self.target.model.embed_tokens(torch.tensor(tokens, dtype=torch.int64, device=dev))
+        out = self.head(emb, torch.cat(feats), torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
+        return out[meta.cu_q_lens[1:].long() - 1]
 
+    def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft steps 2..k over the tree's frontier, all on the device. Returns TreeBuilder's
+        selection: tokens and parents int64 [B, n]."""
+        w = self.target.lm_head.weight
+        b, kb, h = len(states), self.branch, root.shape[-1]
+        tree = TreeBuilder(kb)
+        front = tree.start(*top_logprobs(root, w, kb))
+        if k > 1:
+            dev, ps, n = self.device, self.pool.page_size, b * kb
+            # Per-propose constants, one row per frontier node (request-major).
+            committed = torch.tensor([st.committed for st in states], dtype=torch.int64).to(dev)
+            c_rows = committed.repeat_interleave(kb)  # [n]
+            root_pos = (torch.tensor([st.start for st in states], dtype=torch.int64).to(dev) + committed - 1
+                        ).repeat_interleave(kb)
+            node = torch.arange(kb, device=dev).repeat(b)  # frontier row of each row
+            width = max(len(st.pages) for st in states)
+            table = torch.tensor([st.pages + [0] * (width - len(st.pages)) for st in states], dtype=torch.int32)
+            table = table.to(dev).repeat_interleave(kb, dim=0)  # int32 [n, max_pages]
+            ones, cu = torch.ones(n, dtype=torch.int32, device=dev), torch.arange(n + 1, dtype=torch.int32, device=dev)
+            kv_host = [st.committed for st in states for _ in range(kb)]
+            feats = root[:, None, :]  # [B, 1, H]: the root's output is every depth-1 node's feature
+            bits = torch.zeros(b, 1, dtype=torch.int64, device=dev)
+            for d in range(1, k):  # run the depth-d frontier, giving depth d+1's candidates
+                own = (d - 1) * kb + node  # the node's tree slot
+                bits = bits.gather(1, front.parent) | (torch.ones_like(own) << own).view(b, kb)
+                slot = c_rows + own
+                out_slots = table.gather(1, (slot // ps)[:, None])[:, 0].long() * ps + slot % ps
+                meta = AttentionMetadata(
+                    q_lens=ones, kv_lens=(c_rows + d * kb).int(), cu_q_lens=cu, page_table=table,
+                    q_lens_cpu=[1] * n, kv_lens_cpu=[c + d * kb for c in kv_host], page_size=ps,
+                    # A chain sees all its earlier slots: no tree rule needed.
+                    tree_start=c_rows.int() if kb > 1 else None, tree_bits=bits.view(n) if kb > 1 else None,
+                )
+                self.attn.prepare(meta)
+                feat_in = feats.gather(1, front.parent[..., None].expand(b, kb, h)).view(n, h)
+                out = self.head(self.target.model.embed_tokens(front.tokens.reshape(n)), feat_in, root_pos + d,
+                                ForwardContext(self.pool, self.attn, out_slots))
+                feats = out.view(b, kb, h)
+                front = tree.grow(*top_logprobs(feats, w, kb))
+        return tree.select(self.max_nodes if kb > 1 else k)
 
     def _drop(self, rid: str) -> None:
         st = self.states.pop(rid, None)

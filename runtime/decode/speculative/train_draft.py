@@ -1,32 +1,38 @@
 """`runtime train-draft`: train an EAGLE head (see eagle.py) for a target model by
 self-distillation, with no labelled data.
 
-1. Varied prompts: instruction templates x subjects x styles (chat-templated when the
-   tokenizer has a chat template).
-2. Continuations from the target itself with `runtime.Engine`: temperature sampling for
-   training; the held-out prompts (5%) are decoded greedily, so that the chain simulation
-   in (5) is exact for greedy serving.
+1. Varied prompts (train_prompts.py), chat-templated when the tokenizer has a template.
+2. Continuations from the target itself with `runtime.Engine`: a `--greedy-fraction` of
+   the training prompts greedily (what greedy serving shows the head), the rest sampled at
+   `--temperature` (variety); the held-out prompts are all greedy, so that the simulated
+   accept lengths in (5) are exact for greedy serving.
 3. Features: one plain forward of transformers' model over each whole sequence;
    `last_hidden_state` is the final RMSNorm's output, the same tensor our engine hands to
    the drafter (tests/unit/test_eagle.py checks the two agree).
-4. Training, teacher-forced over the generated part only (the head's serving context
-   starts at the first generated token, see eagle.py): pair t = (x_p, f_{p-1}) for
-   p = L + t predicts f_p. Loss = feature_weight * SmoothL1(f^_p, f_p)
-   + token_weight * CE(lm_head(f^_p), softmax(lm_head(f_p))). The token term uses the
-   target's own distribution (EAGLE's choice): its expectation equals the CE against
-   tokens sampled from the target, with less variance. AdamW, warmup + cosine.
-5. Validation on the greedy held-out sequences: top-1 (head's argmax == the target's next
-   token) and the chain accept length for k drafts: from every position the head drafts k
-   tokens autoregressively (real features up to the position, its own predicted features
-   after, exactly as EagleDrafter does), and a step gains 1 + the number of leading drafts
-   that match. This is the per-position mean; the engine's per-step mean weights positions
-   by where steps begin, so it differs slightly.
+4. Training under the serving regime: pairs (x_p, f_{p-1}) for every position p >= 1 of
+   prompt and continuation, causal attention over all of them (the drafter's context holds
+   the prompt too). The loss counts the pairs of generated tokens only (p >= L): those are
+   where the drafter drafts; prompt pairs are context. This is EAGLE's choice too (loss on
+   the assistant's tokens), and keeps the one-layer head's capacity on the text it has to
+   predict rather than on guessing the user's next word. Step 0 is teacher-forced; steps
+   j = 1 .. train_depth-1 unroll the drafter's own later steps (the real next token with
+   the head's own predicted feature, attending real pairs up to p and its own earlier
+   steps: EAGLE-3's "training-time test"), so that the head learns to continue from its
+   own features, which is what drafting at depth >= 2 does. Per step the loss is
+   feature_weight * SmoothL1(f^, f) + token_weight * CE(lm_head(f^), softmax(lm_head(f))),
+   with weight 0.8^j (later steps only matter once earlier drafts were accepted). AdamW,
+   linear warmup and cosine decay, bf16 autocast on GPU.
+5. Validation on the greedy held-out sequences, from every generated position: top-1 (the
+   head's argmax == the target's next token), and the accept length of a chain of
+   `--eval-k` drafts and of the `--eval-tree` tree, built with simulate.py, which drafts
+   exactly as EagleDrafter does (tests check the two agree): 1 + the depth of the deepest
+   draft whose path matches the target's continuation. Per-position means; the engine's
+   per-step mean weights positions by where steps begin, so it differs slightly.
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import logging
 import math
 import os
@@ -40,57 +46,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.config import EngineConfig
 from runtime.decode.speculative.eagle import EagleHead, save_head
+from runtime.decode.speculative.simulate import Batch, DraftKV, accept_lengths, context, draft_step, draft_trees
+from runtime.decode.speculative.train_prompts import make_prompts
 from runtime.engine.model import LlamaForCausalLM
 from runtime.engine.weights import LoadedModel
 
 log = logging.getLogger("runtime.train_draft")
 
-TEMPLATES = [
-    "Explain {s} in simple terms.",
-    "Write a short story about {s}.",
-    "What are the main advantages and disadvantages of {s}?",
-    "Give me five interesting facts about {s}.",
-    "Write a poem about {s}.",
-    "How would you teach {s} to a ten-year-old?",
-    "Summarize the history of {s}.",
-    "Write a Python function that has something to do with {s}, and explain it.",
-    "What are common misconceptions about {s}?",
-    "Compare {s} with something similar and describe the differences.",
-    "Write an email to a friend about {s}.",
-    "List the steps to get started with {s}.",
-    "Why is {s} important?",
-    "Describe a typical day of someone who works with {s}.",
-    "Write a dialogue between two people discussing {s}.",
-    "What questions should a beginner ask about {s}?",
-    "Write a product description inspired by {s}.",
-    "Give a step-by-step plan to learn about {s} in one month.",
-    "What will {s} look like in twenty years?",
-    "Write a news headline and a short article about {s}.",
-    "Answer briefly: what is {s}?",
-    "Create a quiz with three questions about {s}, with answers.",
-    "Describe {s} using an analogy.",
-    "Write a haiku about {s}, then explain it.",
-]
-SUBJECTS = [
-    "the ocean", "black holes", "photosynthesis", "the French Revolution", "machine learning", "coffee",
-    "volcanoes", "the human heart", "climate change", "chess", "the Roman Empire", "electric cars",
-    "honey bees", "quantum computing", "the internet", "gardening", "the moon landing", "recycling",
-    "jazz music", "sleep", "the stock market", "dinosaurs", "vaccines", "renewable energy",
-    "ancient Egypt", "cooking pasta", "friendship", "mountains", "the printing press", "smartphones",
-    "rainforests", "the water cycle", "prime numbers", "the solar system", "public libraries",
-    "running a marathon", "cats", "bridges", "democracy", "earthquakes", "learning a new language",
-    "baking bread", "the immune system", "robots", "time management", "the Great Wall of China",
-    "sorting algorithms", "volunteering",
-]
-STYLES = ["", " Keep it short.", " Be detailed and give examples.", " Use a friendly, casual tone."]
-
-
-def make_prompts(n: int, seed: int) -> list[str]:
-    """n prompt texts, a seeded shuffle of templates x subjects x styles (cycled past 4608)."""
-    combos = [t.format(s=s) + st for t, s, st in itertools.product(TEMPLATES, SUBJECTS, STYLES)]
-    random.Random(seed).shuffle(combos)
-    return [combos[i % len(combos)] for i in range(n)]
+__all__ = ["Sample", "collate", "main", "make_prompts", "prompt_ids"]
 
 
 def prompt_ids(engine, texts: list[str]) -> list[list[int]]:
@@ -102,44 +67,40 @@ def prompt_ids(engine, texts: list[str]) -> list[list[int]]:
 
 @dataclass
 class Sample:
-    """One generated sequence: prompt of L tokens, continuation x_L .. x_{n-1} (T tokens)."""
+    """One sequence x_0 .. x_{n-1}: a prompt of L tokens and its continuation."""
 
-    tokens: torch.Tensor  # int64 [T] CPU: x_L .. x_{n-1}, the head's pair tokens
-    feats: torch.Tensor  # [T+1, H] device: f_{L-1} .. f_{n-1}
-    start: int  # L: the position of tokens[0]
-
-
-@dataclass
-class Batch:
-    tokens: torch.Tensor  # int64 [B, T]
-    feat_in: torch.Tensor  # [B, T, H]: f_{p-1}, the pair's feature
-    feat_out: torch.Tensor  # [B, T, H]: f_p, what the head predicts
-    positions: torch.Tensor  # int64 [B, T]
-    lens: torch.Tensor  # int64 [B] valid pairs per row
-    mask: torch.Tensor  # bool [B, T]
+    tokens: torch.Tensor  # int64 [n-1] CPU: x_1 .. x_{n-1}, the pairs' tokens
+    feats: torch.Tensor  # [n, H] device: f_0 .. f_{n-1}
+    prompt_len: int  # L
 
 
 def collate(samples: list[Sample], device: torch.device) -> Batch:
+    """Pair t of a row is (x_{t+1}, f_t) at position t + 1; right-padded."""
     b, t = len(samples), max(len(s.tokens) for s in samples)
-    h = samples[0].feats.shape[1]
     tokens = torch.zeros(b, t, dtype=torch.int64)
-    feats = torch.zeros(b, t + 1, h, dtype=torch.float32, device=device)
-    lens = torch.tensor([len(s.tokens) for s in samples])
     for i, s in enumerate(samples):
         tokens[i, : len(s.tokens)] = s.tokens
-        feats[i, : len(s.feats)] = s.feats.float()
-    starts = torch.tensor([s.start for s in samples])
-    positions = starts[:, None] + torch.arange(t)[None, :]
-    mask = torch.arange(t)[None, :] < lens[:, None]
-    return Batch(tokens.to(device), feats[:, :-1], feats[:, 1:], positions.to(device), lens.to(device), mask.to(device))
+    feats = torch.nn.utils.rnn.pad_sequence([s.feats.to(device) for s in samples], batch_first=True)  # [B, T+1, H]
+    lens = torch.tensor([len(s.tokens) for s in samples], device=device)
+    first = torch.tensor([s.prompt_len - 1 for s in samples], device=device)  # the pair of x_L
+    positions = torch.arange(1, t + 1, device=device).expand(b, t)
+    return Batch(tokens.to(device), feats[:, :-1], feats[:, 1:], positions, lens, first)
 
 
 def batches(samples: list[Sample], size: int, device: torch.device, rng: random.Random | None) -> Iterator[Batch]:
+    """Batches of `size` sequences. Shuffled with `rng`: sequences of similar length go
+    together (sorted within windows of 16 batches), batches in random order."""
     order = list(range(len(samples)))
     if rng is not None:
         rng.shuffle(order)
-    for i in range(0, len(order), size):
-        yield collate([samples[j] for j in order[i : i + size]], device)
+        window = 16 * size
+        order = [j for i in range(0, len(order), window)
+                 for j in sorted(order[i : i + window], key=lambda j: len(samples[j].tokens))]
+    groups = [order[i : i + size] for i in range(0, len(order), size)]
+    if rng is not None:
+        rng.shuffle(groups)
+    for g in groups:
+        yield collate([samples[j] for j in g], device)
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -160,14 +121,14 @@ def generate(core, prompts: list[list[int]], params: list, desc: str) -> list[li
 @torch.no_grad()
 def extract_features(hf_model: torch.nn.Module, seqs: list[tuple[list[int], list[int]]], batch_size: int,
                      device: torch.device, desc: str) -> list[Sample]:
-    """The target's final hidden states of each (prompt, output) with one forward per batch
-    of sequences (right-padded; causal attention keeps padding out of real rows)."""
+    """The target's final hidden states over each whole (prompt, output), one forward per
+    batch of sequences (right-padded; causal attention keeps padding out of real rows).
+    Sequences with fewer than 2 generated tokens have nothing to draft and are left out."""
     out: list[Sample | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
+    keep = [i for i, (_, o) in enumerate(seqs) if len(o) >= 2]
+    order = sorted(keep, key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
     for i in tqdm(range(0, len(order), batch_size), desc=f"features ({desc})", unit="batch"):
-        idx = [j for j in order[i : i + batch_size] if seqs[j][1]]
-        if not idx:
-            continue
+        idx = order[i : i + batch_size]
         full = [seqs[j][0] + seqs[j][1] for j in idx]
         n = max(map(len, full))
         ids = torch.zeros(len(full), n, dtype=torch.int64)
@@ -177,9 +138,7 @@ def extract_features(hf_model: torch.nn.Module, seqs: list[tuple[list[int], list
             mask[r, : len(f)] = 1
         hidden = hf_model.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         for r, j in enumerate(idx):
-            prompt, output = seqs[j]
-            start = len(prompt)
-            out[j] = Sample(torch.tensor(output), hidden[r, start - 1 : start + len(output)].clone(), start)
+            out[j] = Sample(torch.tensor(full[r][1:]), hidden[r, : len(full[r])].clone(), len(seqs[j][0]))
     return [s for s in out if s is not None]
 
 
@@ -188,124 +147,111 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32)
 
 
-def train_loss(head: EagleHead, target: LlamaForCausalLM, b: Batch, feature_weight: float,
-               token_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    emb = target.model.embed_tokens(b.tokens)
-    pred = head.forward_dense(emb, b.feat_in, b.positions)[b.mask]  # [M, H]
-    tgt = b.feat_out[b.mask]
-    w = target.lm_head.weight
-    floss = F.smooth_l1_loss(pred.float(), tgt)
+def _step_loss(pred: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, feature_weight: float,
+               token_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, tgt [M, H] -> (loss, top-1 agreement with the target's argmax)."""
+    floss = F.smooth_l1_loss(pred.float(), tgt.float())
     logits = F.linear(pred, w).float()
     with torch.no_grad():
         tprob = F.linear(tgt.to(pred.dtype), w).float().softmax(-1)
     tloss = -(tprob * logits.log_softmax(-1)).sum(-1).mean()
-    acc = (logits.argmax(-1) == tprob.argmax(-1)).float().mean()
-    loss = feature_weight * floss + token_weight * tloss
-    return loss, {"loss": loss.item(), "feat": floss.item(), "tok": tloss.item(), "top1": acc.item()}
+    top1 = (logits.argmax(-1) == tprob.argmax(-1)).float().mean()
+    return feature_weight * floss + token_weight * tloss, top1.detach()
 
 
-@torch.no_grad()
-def chain_drafts(head: EagleHead, target: LlamaForCausalLM, b: Batch, k: int) -> torch.Tensor:
-    """Drafts [B, T, k]: row t holds the k tokens the head drafts after pair t, with real
-    pairs 0..t as context and its own predicted pairs after, as EagleDrafter does."""
+def train_loss(head: EagleHead, target: LlamaForCausalLM, b: Batch, depth: int, feature_weight: float,
+               token_weight: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The loss of the teacher-forced pass and depth-1 unrolled draft steps (see the module
+    docstring, 4), and each step's top-1 (device scalars)."""
     w = target.lm_head.weight
-    embed = target.model.embed_tokens
-    x = head.project(embed(b.tokens), b.feat_in)
-    q, k_real, v_real = head.qkv(x, b.positions)  # [B, Hq|Hkv, T, D]
-    scale = head.layer.self_attn.scale
-    rep = q.shape[1] // k_real.shape[1]
-    feat = head.finish(x, F.scaled_dot_product_attention(q, k_real, v_real, is_causal=True, scale=scale,
-                                                        enable_gqa=rep != 1))
-    draft = F.linear(feat, w).argmax(-1)
-    drafts = [draft]
-    k_real, v_real = k_real.repeat_interleave(rep, 1), v_real.repeat_interleave(rep, 1)
-    t = b.tokens.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    k_chain: list[torch.Tensor] = []
-    v_chain: list[torch.Tensor] = []
-    for j in range(1, k):
-        # Draft pair j of chain t sits at position p + j and sees real pairs <= t and the
-        # chain's own draft pairs 1..j (itself included).
-        x = head.project(embed(draft), feat)
-        q, kj, vj = head.qkv(x, b.positions + j)
-        k_chain.append(kj.repeat_interleave(rep, 1))
-        v_chain.append(vj.repeat_interleave(rep, 1))
-        s_real = (q @ k_real.transpose(-1, -2)).float().masked_fill(~causal, float("-inf"))  # [B, Hq, T, T]
-        s_chain = torch.stack([(q * kc).sum(-1) for kc in k_chain], -1).float()  # [B, Hq, T, j]
-        p = (torch.cat((s_real, s_chain), -1) * scale).softmax(-1)
-        out = p[..., :t].to(v_real.dtype) @ v_real
-        for i, vc in enumerate(v_chain):
-            out = out + p[..., t + i, None].to(vc.dtype) * vc
-        feat = head.finish(x, out.to(x.dtype))
-        draft = F.linear(feat, w).argmax(-1)
-        drafts.append(draft)
-    return torch.stack(drafts, -1)
+    ctx = context(head, target, b)
+    pred, kv = ctx.feat, DraftKV()
+    total = pred.new_zeros((), dtype=torch.float32)
+    top1: list[torch.Tensor] = []
+    bsz, t, _ = pred.shape
+    for j in range(depth):
+        if j:
+            # Step j after pair t: the real x_{p+j} with the head's f^_{p+j-1}, seeing the
+            # real pairs <= t and its own steps 1..j (slots 0..j-1).
+            x = head.project(target.model.embed_tokens(b.shifted(b.tokens, j)), pred)[:, :, None]
+            bits = torch.full((bsz, t, 1), (1 << j) - 1, dtype=torch.int64, device=x.device)
+            pred = draft_step(head, ctx, kv, x, b.positions + j, bits)[:, :, 0]
+        mask = b.valid(j)
+        loss, acc = _step_loss(pred[mask], b.shifted(b.feat_out, j)[mask], w, feature_weight, token_weight)
+        total = total + 0.8**j * loss
+        top1.append(acc)
+    return total, top1
 
 
 @torch.no_grad()
 def evaluate(head: EagleHead, target: LlamaForCausalLM, samples: list[Sample], batch_size: int, k: int,
-             device: torch.device) -> dict[str, float]:
-    """Top-1, chain accept length for k drafts, and how often the target's argmax over the
-    extracted features agrees with the generated (greedy) token: near 1 when the features
-    are the ones the engine sees."""
+             tree: tuple[int, int] | None, device: torch.device) -> dict[str, float]:
+    """Top-1, accept lengths of the chain of k drafts and of the tree (branch, nodes) of
+    depth k, and how often the target's argmax over the extracted features agrees with the
+    generated (greedy) token: near 1 when the features are the ones the engine sees."""
     was_training = head.training
     head.eval()
-    top1 = agree = n1 = 0.0
-    accept = nk = 0.0
+    w = target.lm_head.weight
+    sums = dict(top1=0.0, agree=0.0, n1=0.0, chain=0.0, tree=0.0, nk=0.0)
     for b in batches(samples, batch_size, device, None):
-        with _autocast(device, target.lm_head.weight.dtype):
-            d = chain_drafts(head, target, b, k)  # [B, T, k]
-            tgt_argmax = F.linear(b.feat_out.to(target.lm_head.weight.dtype), target.lm_head.weight).argmax(-1)
-        t = b.tokens.shape[1]
-        pos = torch.arange(t, device=device)[None, :]
-        nxt = torch.full_like(b.tokens, -1)
-        nxt[:, :-1] = b.tokens[:, 1:]
-        has_next = pos < (b.lens[:, None] - 1)
-        top1 += (d[..., 0] == nxt)[has_next].sum().item()
-        agree += (tgt_argmax == nxt)[has_next].sum().item()
-        n1 += has_next.sum().item()
-        want = torch.full_like(d, -1)  # want[:, t, j-1] = x at pair t + j
-        for j in range(1, k + 1):
-            want[:, : t - j, j - 1] = b.tokens[:, j:]
-        full = pos + k < b.lens[:, None]  # all k next tokens exist
-        lead = (d == want).long().cumprod(-1).sum(-1)  # leading matches
-        accept += (1 + lead)[full].sum().item()
-        nk += full.sum().item()
+        with _autocast(device, w.dtype):
+            chain, chain_par = draft_trees(head, target, b, k)  # [B, T, k]
+            tgt_argmax = torch.cat([F.linear(f.to(w.dtype), w).argmax(-1)[None] for f in b.feat_out])
+            trees = draft_trees(head, target, b, k, *tree) if tree else None
+        nxt = b.shifted(b.tokens, 1)
+        has_next = b.valid(1)
+        sums["top1"] += (chain[..., 0] == nxt)[has_next].sum().item()
+        sums["agree"] += (tgt_argmax == nxt)[has_next].sum().item()
+        sums["n1"] += has_next.sum().item()
+        want = torch.stack([b.shifted(b.tokens, j) for j in range(1, k + 1)], -1)  # [B, T, k]
+        full = b.valid(k)  # all k next tokens exist
+        sums["chain"] += accept_lengths(chain[full], chain_par[full], want[full]).sum().item()
+        if trees is not None:
+            sums["tree"] += accept_lengths(trees[0][full], trees[1][full], want[full]).sum().item()
+        sums["nk"] += full.sum().item()
     head.train(was_training)
-    return {
-        "top1": top1 / max(n1, 1), f"accept_length_k{k}": accept / max(nk, 1) if nk else float("nan"),
-        "target_agreement": agree / max(n1, 1), "positions": n1,
-    }
+    nk = sums["nk"] or float("nan")
+    out = {"top1": sums["top1"] / max(sums["n1"], 1), f"accept_length_k{k}": sums["chain"] / nk,
+           "target_agreement": sums["agree"] / max(sums["n1"], 1), "positions": sums["n1"]}
+    if tree:
+        out[f"accept_length_tree{tree[0]}x{tree[1]}_k{k}"] = sums["tree"] / nk
+    return out
 
 
 def train(head: EagleHead, target: LlamaForCausalLM, train_set: list[Sample],
           a: argparse.Namespace, device: torch.device) -> dict[str, float]:
     steps_per_epoch = math.ceil(len(train_set) / a.batch_size)
     total = max(1, steps_per_epoch * a.epochs)
-    warmup = max(1, total // 20)
+    warmup = max(1, round(total * a.warmup))
     opt = torch.optim.AdamW(head.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine down to 10%
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine down to 5%
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 0.05 + 0.475 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     rng = random.Random(a.seed)
     head.train()
+    recent: list[torch.Tensor] = []  # per-step [loss, top1 per depth], read every few steps (host syncs)
     stats: dict[str, float] = {}
     with tqdm(total=total, desc="train", unit="step") as bar:
         for epoch in range(a.epochs):
             for b in batches(train_set, a.batch_size, device, rng):
                 with _autocast(device, target.lm_head.weight.dtype):
-                    loss, stats = train_loss(head, target, b, a.feature_weight, a.token_weight)
+                    loss, top1 = train_loss(head, target, b, a.train_depth, a.feature_weight, a.token_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
                 opt.step()
                 sched.step()
+                recent.append(torch.stack([loss.detach(), *top1]))
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.3f}")
+                if len(recent) == 25 or bar.n == total:
+                    mean = torch.stack(recent).mean(0).tolist()
+                    recent.clear()
+                    stats = {"loss": mean[0], "top1": mean[1], **{f"top1_step{j}": v for j, v in enumerate(mean[2:], 1)}}
+                    bar.set_postfix(epoch=epoch, loss=f"{mean[0]:.3f}", top1=f"{mean[1]:.3f}")
     return {f"train_{k}": v for k, v in stats.items()}
 
 
@@ -315,47 +261,63 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 description="Train an EAGLE draft head for `--speculative eagle` by self-distillation.")
     p.add_argument("--model", default=None, help="HF folder of the target (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder to write the head to (pass it as --draft-model)")
-    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--num-prompts", type=int, default=2048)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per training step")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (linear warmup, cosine decay)")
+    p.add_argument("--warmup", type=float, default=0.03, help="fraction of the steps spent warming up")
+    p.add_argument("--train-depth", type=int, default=2,
+                   help="draft steps trained per position (1: teacher forcing only; more: unrolled on the head's own features)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the training data")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the sampled training data")
+    p.add_argument("--greedy-fraction", type=float, default=0.5, help="training prompts decoded greedily")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05, help="prompts held out (decoded greedily)")
     p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the SmoothL1 feature loss")
-    p.add_argument("--token-weight", type=float, default=0.1, help="weight of the cross-entropy token loss")
-    p.add_argument("--eval-k", type=int, default=4, help="draft length of the simulated accept length")
+    p.add_argument("--token-weight", type=float, default=0.5, help="weight of the cross-entropy token loss")
+    p.add_argument("--eval-k", type=int, default=5, help="draft depth of the simulated accept lengths")
+    p.add_argument("--eval-tree", default="8x48", help="tree (BxN, as --speculative-tree) of the simulated tree "
+                                                      "accept length, or 'chain' to skip it")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per validation batch")
     a = p.parse_args(argv)
     if a.num_prompts < 2:
         p.error("--num-prompts must be at least 2 (one is held out for validation)")
-    if a.max_new_tokens < 2 or a.epochs < 1 or a.batch_size < 1 or a.lr <= 0:
-        p.error("--max-new-tokens >= 2, --epochs >= 1, --batch-size >= 1 and --lr > 0 are required")
-    if not 0.0 < a.val_fraction < 1.0:
-        p.error("--val-fraction must be in (0, 1)")
+    if a.max_new_tokens < 2 or a.epochs < 1 or a.batch_size < 1 or a.lr <= 0 or a.train_depth < 1 or a.eval_k < 1:
+        p.error("--max-new-tokens >= 2, --epochs >= 1, --batch-size >= 1, --lr > 0, --train-depth >= 1 "
+                "and --eval-k >= 1 are required")
+    if not 0.0 < a.val_fraction < 1.0 or not 0.0 <= a.greedy_fraction <= 1.0 or not 0.0 <= a.warmup < 1.0:
+        p.error("--val-fraction must be in (0, 1), --greedy-fraction in [0, 1], --warmup in [0, 1)")
+    try:  # the serving config's own check of a tree's shape
+        a.tree = EngineConfig(speculative="eagle", speculative_tree=a.eval_tree, num_draft_tokens=a.eval_k).draft_tree
+    except ValueError as e:
+        p.error(f"--eval-tree / --eval-k: {e}")
     return a
 
 
-def build_data(a: argparse.Namespace) -> tuple[LoadedModel, list[Sample], list[Sample]]:
+def build_data(a: argparse.Namespace, timings: dict[str, float]) -> tuple[LoadedModel, list[Sample], list[Sample]]:
     """Generate with the engine, then extract features with transformers. Returns the
     target (for its embedding and lm_head), the training and the validation samples."""
     from runtime import Engine, SamplingParams
     from runtime.engine.weights import reference_hf_model
 
+    t0 = time.time()
     cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-    # The engine's KV pool must leave room for the transformers model and training.
-    engine = Engine(a.model, device="cuda" if cuda else "cpu", dtype=a.dtype, seed=a.seed, kv_mem_fraction=0.4)
+    # The engine's KV pool must leave room for the transformers model and training. 128
+    # running requests: the largest batch CUDA-graph decode captures by default.
+    engine = Engine(a.model, device="cuda" if cuda else "cpu", dtype=a.dtype, seed=a.seed, kv_mem_fraction=0.4,
+                    max_running=128)
     loaded = engine.core.loaded
     if os.path.isfile(loaded.path):
         raise ValueError(f"{loaded.path} is not a Hugging Face folder: features come from transformers")
     ids = prompt_ids(engine, make_prompts(a.num_prompts, a.seed))
     n_val = max(1, round(a.num_prompts * a.val_fraction))
+    n_greedy = n_val + round((a.num_prompts - n_val) * a.greedy_fraction)
     room = engine.core.max_model_len - 1
     params = [
         SamplingParams(max_tokens=max(1, min(a.max_new_tokens, room - len(p))),
-                       temperature=0.0 if i < n_val else a.temperature, seed=a.seed * 1_000_003 + i)
+                       temperature=0.0 if i < n_greedy else a.temperature, seed=a.seed * 1_000_003 + i)
         for i, p in enumerate(ids)
     ]
     outputs = generate(engine.core, ids, params, f"{len(ids) - n_val} train + {n_val} greedy validation")
@@ -364,15 +326,21 @@ def build_data(a: argparse.Namespace) -> tuple[LoadedModel, list[Sample], list[S
     gc.collect()
     device = loaded.device
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    timings["generate_s"] = time.time() - t0
+    t0 = time.time()
     hf = reference_hf_model(loaded.path, loaded.dtype).to(device)
     seqs = list(zip(ids, outputs))
-    val_set = extract_features(hf, seqs[:n_val], 2 * a.batch_size, device, "validation")
-    train_set = extract_features(hf, seqs[n_val:], 2 * a.batch_size, device, "train")
+    fbs = max(8, 2 * a.batch_size)
+    val_set = extract_features(hf, seqs[:n_val], fbs, device, "validation")
+    train_set = extract_features(hf, seqs[n_val:], fbs, device, "train")
     del hf
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
+    timings["features_s"] = time.time() - t0
     return loaded, train_set, val_set
 
 
@@ -381,42 +349,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             stream=sys.stderr)
-    t0 = time.time()
+    t_start = time.time()
+    timings: dict[str, float] = {}
     torch.manual_seed(a.seed)
     try:
-        loaded, train_set, val_set = build_data(a)
+        loaded, train_set, val_set = build_data(a, timings)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"runtime train-draft: error: {e}", file=sys.stderr)
         return 2
     target, device = loaded.model, loaded.device
-    n_train_tok = sum(len(s.tokens) for s in train_set)
-    log.info("data: %d training sequences (%d tokens), %d validation sequences (%d tokens)",
-             len(train_set), n_train_tok, len(val_set), sum(len(s.tokens) for s in val_set))
-    if not train_set:
-        print("runtime train-draft: error: the model generated no tokens to train on", file=sys.stderr)
+    n_train_tok = sum(len(s.tokens) - s.prompt_len + 1 for s in train_set)
+    log.info("data: %d training sequences (%d generated tokens), %d validation sequences",
+             len(train_set), n_train_tok, len(val_set))
+    if not train_set or not val_set:
+        print("runtime train-draft: error: the model generated too few tokens to train on", file=sys.stderr)
         return 2
 
     head = EagleHead.for_target(target)
+    t0 = time.time()
     train_stats = train(head, target, train_set, a, device)
-    val = evaluate(head, target, val_set, a.batch_size, a.eval_k, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    timings["train_s"] = time.time() - t0
+    t0 = time.time()
+    val = evaluate(head, target, val_set, a.eval_batch_size, a.eval_k, a.tree, device)
+    timings["eval_s"] = time.time() - t0
     if val["target_agreement"] < 0.9:
         log.warning("the target's argmax over the extracted features matches its greedy tokens only %.1f%% of the "
                     "time: the features may not be the ones the engine serves", 100 * val["target_agreement"])
-    seconds = time.time() - t0
-    settings = {k: v for k, v in vars(a).items() if k != "out"}
+    seconds = time.time() - t_start
+    settings = {k: v for k, v in vars(a).items() if k not in ("out", "tree")}
     meta = {
         "target_model": loaded.name,
         "target_path": loaded.path,
-        "train": {**settings, "train_tokens": n_train_tok, "seconds": round(seconds, 1)},
+        "train": {**settings, "train_tokens": n_train_tok, "seconds": round(seconds, 1),
+                  **{k: round(v, 1) for k, v in timings.items()}},
         "metrics": {**train_stats, **{f"val_{k}": v for k, v in val.items()}},
     }
     save_head(a.out, head, meta)
-    acc = val[f"accept_length_k{a.eval_k}"]
+    chain = val[f"accept_length_k{a.eval_k}"]
     print(f"EAGLE head for {loaded.name} -> {a.out}")
-    print(f"  validation (greedy): top-1 {val['top1']:.3f}, accept length (k={a.eval_k}) {acc:.2f} tokens/step, "
-          f"target agreement {val['target_agreement']:.3f} over {int(val['positions'])} positions")
-    print(f"  {len(train_set)} sequences, {n_train_tok} training tokens, {seconds:.0f} s")
-    print(f"  serve with: --speculative eagle --draft-model {a.out}")
+    print(f"  validation (greedy, {int(val['positions'])} positions): top-1 {val['top1']:.3f}, "
+          f"target agreement {val['target_agreement']:.3f}")
+    print(f"  simulated accept length: chain k={a.eval_k} {chain:.2f} tokens/step", end="")
+    if a.tree:
+        tree = val[f"accept_length_tree{a.tree[0]}x{a.tree[1]}_k{a.eval_k}"]
+        print(f", tree {a.eval_tree} depth {a.eval_k} {tree:.2f} tokens/step", end="")
+    print()
+    print(f"  {len(train_set)} sequences, {n_train_tok} generated training tokens, {seconds:.0f} s "
+          f"({', '.join(f'{k[:-2]} {v:.0f} s' for k, v in timings.items())})")
+    flags = f"--num-draft-tokens {a.eval_k}" + (f" --speculative-tree {a.eval_tree}" if a.tree else "")
+    print(f"  serve with: --speculative eagle --draft-model {a.out} {flags}")
     return 0
 
 

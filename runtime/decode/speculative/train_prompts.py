@@ -1,0 +1,102 @@
+"""Prompts for `runtime train-draft`: instruction templates x subjects x styles, so that a
+head can be trained with no data set at hand. The subjects leave out the topics of
+benchmarks/bench_spec.py's chat prompts, so that its accept lengths are not measured on
+text the head was trained on."""
+from __future__ import annotations
+
+import itertools
+import random
+
+TEMPLATES = [
+    "Explain {s} in simple terms.",
+    "Write a short story about {s}.",
+    "What are the main advantages and disadvantages of {s}?",
+    "Give me five interesting facts about {s}.",
+    "Write a poem about {s}.",
+    "How would you teach {s} to a ten-year-old?",
+    "Summarize the history of {s}.",
+    "Write a Python function that has something to do with {s}, and explain it.",
+    "What are common misconceptions about {s}?",
+    "Compare {s} with something similar and describe the differences.",
+    "Write an email to a friend about {s}.",
+    "List the steps to get started with {s}.",
+    "Why is {s} important?",
+    "Describe a typical day of someone who works with {s}.",
+    "Write a dialogue between two people discussing {s}.",
+    "What questions should a beginner ask about {s}?",
+    "Write a product description inspired by {s}.",
+    "Give a step-by-step plan to learn about {s} in one month.",
+    "What will {s} look like in twenty years?",
+    "Write a news headline and a short article about {s}.",
+    "Answer briefly: what is {s}?",
+    "Create a quiz with three questions about {s}, with answers.",
+    "Describe {s} using an analogy.",
+    "Write a haiku about {s}, then explain it.",
+    "What is the most surprising thing about {s}?",
+    "Write a blog post introduction about {s}.",
+    "How does {s} affect everyday life?",
+    "Give me a list of pros and cons of {s}.",
+    "Tell me a joke about {s}.",
+    "Write a motivational speech that mentions {s}.",
+    "What are the biggest challenges related to {s}?",
+    "Explain {s} to someone who has never heard of it.",
+    "Write a short essay on {s}.",
+    "What skills do you need to understand {s}?",
+    "Describe {s} in three sentences.",
+    "Write a limerick about {s}.",
+    "What are three books or resources to learn about {s}?",
+    "How has {s} changed over the last hundred years?",
+    "Write a letter to a teacher asking about {s}.",
+    "Give an example of {s} in a real-world situation.",
+    "What would happen if {s} disappeared tomorrow?",
+    "Write a recipe-style guide to understanding {s}.",
+    "Create an outline for a presentation about {s}.",
+    "What ethical questions does {s} raise?",
+    "Write a tweet about {s}.",
+    "Describe the sounds, sights and smells associated with {s}.",
+    "Write a children's story featuring {s}.",
+    "What is a fun weekend project involving {s}?",
+]
+SUBJECTS = [
+    "volcanoes", "the human heart", "climate change", "chess", "the Roman Empire", "electric cars", "honey bees",
+    "quantum computing", "the internet", "gardening", "the moon landing", "recycling", "jazz music", "sleep",
+    "the stock market", "dinosaurs", "renewable energy", "ancient Egypt", "cooking pasta", "friendship",
+    "mountains", "the printing press", "smartphones", "rainforests", "prime numbers", "the solar system",
+    "public libraries", "running a marathon", "cats", "bridges", "democracy", "the immune system", "robots",
+    "time management", "the Great Wall of China", "sorting algorithms", "volunteering", "the French Revolution",
+    "coffee", "tea ceremonies", "deserts", "coral reefs", "glaciers", "hurricanes", "rivers", "penguins",
+    "elephants", "octopuses", "wolves", "owls", "butterflies", "mushrooms", "old trees", "cactus plants",
+    "the Renaissance", "the Industrial Revolution", "the Silk Road", "the Vikings", "ancient Greece",
+    "the Aztec empire", "medieval castles", "the Cold War", "the space race", "the invention of the telephone",
+    "electricity", "magnets", "gravity", "light and color", "sound waves", "atoms", "DNA", "evolution",
+    "the periodic table", "chemical reactions", "rainbows", "the northern lights", "comets", "Mars", "Jupiter",
+    "telescopes", "satellites", "rockets", "submarines", "trains", "bicycles", "sailing", "hot air balloons",
+    "video games", "board games", "soccer", "basketball", "tennis", "swimming", "yoga", "meditation",
+    "chocolate", "pizza", "sushi", "spices", "vegetarian cooking", "fermentation", "cheese making",
+    "painting", "photography", "sculpture", "architecture", "classical music", "rock and roll", "hip hop",
+    "opera", "ballet", "theater", "poetry", "novels", "comic books", "movies", "podcasts", "social media",
+    "email etiquette", "job interviews", "public speaking", "negotiation", "leadership", "teamwork",
+    "personal finance", "saving money", "taxes", "inflation", "cryptocurrency", "small businesses",
+    "remote work", "startups", "marketing", "customer service", "supply chains", "shipping containers",
+    "databases", "operating systems", "compilers", "encryption", "passwords", "computer viruses",
+    "open source software", "web browsers", "spreadsheets", "linked lists", "binary search", "recursion",
+    "hash tables", "graphs and networks", "probability", "statistics", "geometry", "fractions", "algebra",
+    "calculus", "the number zero", "maps", "time zones", "calendars", "clocks", "languages of the world",
+    "writing systems", "dictionaries", "translation", "museums", "zoos", "national parks", "camping",
+    "hiking", "fishing", "birdwatching", "dogs", "horses", "farming", "bees and pollination", "soil",
+    "water purification", "plastic pollution", "wind turbines", "solar panels", "batteries", "nuclear power",
+    "cities", "villages", "traffic", "public transport", "skyscrapers", "houses", "furniture", "fashion",
+    "knitting", "woodworking", "origami", "magic tricks", "puzzles", "memory", "dreams", "happiness",
+    "kindness", "habits", "curiosity", "childhood", "grandparents", "birthdays", "holidays", "weddings",
+    "first aid", "nutrition", "vitamins", "the brain", "the eyes", "bones", "muscles", "hospitals",
+]
+STYLES = ["", " Keep it short.", " Be detailed and give examples.", " Use a friendly, casual tone.",
+          " Answer in a numbered list.", " Write it for a professional audience."]
+
+
+def make_prompts(n: int, seed: int) -> list[str]:
+    """n prompt texts, a seeded shuffle of templates x subjects x styles (cycled past all
+    combinations)."""
+    combos = [t.format(s=s) + st for t, s, st in itertools.product(TEMPLATES, SUBJECTS, STYLES)]
+    random.Random(seed).shuffle(combos)
+    return [combos[i % len(combos)] for i in range(n)]

@@ -1,0 +1,120 @@
+"""Draft trees grown on the device, EAGLE-2 style, for many trees at once.
+
+Depth 1 holds the `branch` most likely tokens after the root. Every later depth expands the
+current frontier (`branch` nodes per tree): each frontier node gets its `branch` most likely
+children, scored by cumulative log-probability (the product of the draft probabilities
+along the path), and the best `branch` of those branch^2 candidates become the next
+frontier. Every candidate ever scored stays eligible; the final tree is the `max_nodes`
+candidates with the best cumulative scores. A child never scores above its parent, so the
+chosen set contains every chosen node's parent (ties go to the earlier candidate, and a
+parent always comes before its children).
+
+branch 1 is a chain: the argmax token at every depth.
+
+Everything stays on the device with shapes fixed by (trees, branch, depth): no host sync
+until the caller reads the final tokens and parents once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Candidate scores are compared after subtracting index * TIE_EPS (in float64): strictly
+# lower for a child than for its parent even when the child's log-probability rounds to 0.
+TIE_EPS = 1e-9
+
+
+def top_logprobs(hidden: torch.Tensor, lm_head: torch.Tensor, k: int, chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [..., H], lm_head weight [V, H] -> the k best log-probabilities (fp32) and
+    their token ids (int64), each [..., k], best first. chunk_rows > 0 bounds the [rows, V]
+    logits held at once."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    step = chunk_rows if chunk_rows > 0 else max(1, flat.shape[0])
+    vals, ids = [], []
+    for i in range(0, flat.shape[0], step):
+        logits = F.linear(flat[i : i + step].to(lm_head.dtype), lm_head).float()
+        v, t = logits.topk(k, dim=-1)
+        vals.append(v - logits.logsumexp(-1, keepdim=True))
+        ids.append(t)
+    shape = (*hidden.shape[:-1], k)
+    return torch.cat(vals).view(shape), torch.cat(ids).view(shape)
+
+
+@dataclass
+class Frontier:
+    """The nodes to run the head on next (per tree, `branch` of them, best first)."""
+
+    tokens: torch.Tensor  # int64 [N, branch]
+    parent: torch.Tensor  # int64 [N, branch]: the previous frontier's row that is each node's parent
+
+
+class TreeBuilder:
+    """N trees grown together; `start` then `grow` once per further depth, then `select`."""
+
+    def __init__(self, branch: int) -> None:
+        if branch < 1:
+            raise ValueError(f"branch must be >= 1 (got {branch})")
+        self.branch = branch
+        self._tokens: list[torch.Tensor] = []  # per depth, int64 [N, c]: candidate tokens
+        self._scores: list[torch.Tensor] = []  # per depth, fp32 [N, c]: cumulative log-probs
+        self._parents: list[torch.Tensor] = []  # per depth, int64 [N, c]: parent's candidate index, -1 root
+        self._count = 0  # candidates so far (per tree)
+        self._front_score: torch.Tensor | None = None  # fp32 [N, branch]
+        self._front_index: torch.Tensor | None = None  # int64 [N, branch]: candidate index of each frontier node
+
+    @property
+    def depth(self) -> int:
+        return len(self._tokens)
+
+    def start(self, logp: torch.Tensor, tokens: torch.Tensor) -> Frontier:
+        """logp, tokens [N, branch]: the root's best children (top_logprobs' output)."""
+        n, b = tokens.shape
+        if b != self.branch:
+            raise ValueError(f"start: {b} children per root, branch is {self.branch}")
+        dev = tokens.device
+        self._tokens, self._scores = [tokens], [logp.float()]
+        self._parents = [torch.full((n, b), -1, dtype=torch.int64, device=dev)]
+        self._count = b
+        self._front_score = logp.float()
+        self._front_index = torch.arange(b, device=dev).expand(n, b)
+        return Frontier(tokens, torch.zeros(n, b, dtype=torch.int64, device=dev))
+
+    def grow(self, logp: torch.Tensor, tokens: torch.Tensor) -> Frontier:
+        """logp, tokens [N, branch, branch]: the best children of each frontier node (row f
+        of the last Frontier). Returns the next frontier."""
+        if self._front_score is None:
+            raise RuntimeError("TreeBuilder.grow before start")
+        n, b = tokens.shape[0], self.branch
+        if tokens.shape[1:] != (b, b):
+            raise ValueError(f"grow: children {tuple(tokens.shape)}, expected [{n}, {b}, {b}]")
+        score = (self._front_score[:, :, None] + logp.float()).reshape(n, b * b)
+        flat = tokens.reshape(n, b * b)
+        # Candidate f*b + j is child j of frontier node f.
+        parents = self._front_index.repeat_interleave(b, dim=1)
+        self._tokens.append(flat)
+        self._scores.append(score)
+        self._parents.append(parents)
+        best = score.topk(b, dim=1).indices  # [N, b], best first
+        self._front_score = score.gather(1, best)
+        self._front_index = self._count + best
+        self._count += b * b
+        return Frontier(flat.gather(1, best), best // b)
+
+    def select(self, max_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best min(max_nodes, candidates) nodes of each tree, parents before children
+        and siblings best first: tokens int64 [N, n] and parents int64 [N, n] (a node's
+        parent as an index into the same row, -1 for the root)."""
+        tok = torch.cat(self._tokens, 1)
+        par = torch.cat(self._parents, 1)
+        c = tok.shape[1]
+        n = min(max_nodes, c)
+        key = torch.cat(self._scores, 1).double() - torch.arange(c, device=tok.device, dtype=torch.float64) * TIE_EPS
+        # Candidate order is depth-major and, within a parent, best first; ascending candidate
+        # index therefore puts parents before children and keeps siblings best first.
+        sel = key.topk(n, dim=1).indices.sort(dim=1).values  # [N, n]
+        parent_cand = par.gather(1, sel)
+        parent = torch.searchsorted(sel, parent_cand.clamp(min=0))
+        parent = torch.where(parent_cand < 0, torch.full_like(parent, -1), parent)
+        return tok.gather(1, sel), parent

@@ -1,0 +1,106 @@
+"""Draft trees: TreeBuilder keeps exactly the nodes a plain-Python EAGLE-2 expansion keeps,
+as a valid DraftTree (parents first, distinct siblings best first); greedy verification of a
+tree (simulate.accept_lengths) follows the matching path."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from runtime.decode.speculative.base import DraftTree
+from runtime.decode.speculative.simulate import accept_lengths
+from runtime.decode.speculative.tree import TreeBuilder, top_logprobs
+
+V = 12
+
+
+def _logp(path: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A fixed log-distribution over V tokens after `path` (the drafter head's stand-in)."""
+    g = torch.Generator().manual_seed(hash((seed, path)) % (2**31))
+    return (torch.randn(V, generator=g) * 2.5).log_softmax(-1)
+
+
+def _reference(branch: int, depth: int, nodes: int, seed: int) -> list[tuple[tuple[int, ...], float]]:
+    """EAGLE-2 written out: (path, cumulative log-prob) of the kept nodes."""
+    cands: list[tuple[tuple[int, ...], float]] = []
+    frontier = [((), 0.0)]
+    for _ in range(depth):
+        children = []
+        for path, score in frontier:
+            lp = _logp(path, seed)
+            top = lp.topk(branch)
+            children += [(path + (t,), score + v) for v, t in zip(top.values.tolist(), top.indices.tolist())]
+        cands += children
+        frontier = sorted(children, key=lambda c: -c[1])[:branch]
+    return sorted(cands, key=lambda c: -c[1])[:nodes]
+
+
+def _build(branch: int, depth: int, nodes: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TreeBuilder over len(seeds) trees at once, fed with _logp."""
+    n = len(seeds)
+    tb = TreeBuilder(branch)
+    front = tb.start(*torch.stack([_logp((), s) for s in seeds]).topk(branch))
+    paths = [[(t,) for t in front.tokens[i].tolist()] for i in range(n)]
+    for _ in range(depth - 1):
+        lp = torch.stack([torch.stack([_logp(p, s) for p in ps]) for ps, s in zip(paths, seeds)])  # [n, b, V]
+        front = tb.grow(*lp.topk(branch))
+        paths = [[paths[i][f] + (t,) for f, t in zip(front.parent[i].tolist(), front.tokens[i].tolist())]
+                 for i in range(n)]
+    return tb.select(nodes)
+
+
+@pytest.mark.parametrize(("branch", "depth", "nodes"), [(1, 4, 4), (2, 3, 5), (3, 4, 12), (4, 3, 40), (3, 1, 2)])
+def test_tree_builder_matches_reference(branch: int, depth: int, nodes: int) -> None:
+    seeds = [0, 1, 2]
+    tokens, parents = _build(branch, depth, nodes, seeds)
+    for i, s in enumerate(seeds):
+        tree = DraftTree(tokens[i].tolist(), parents[i].tolist())  # validates parents-first
+        ref = _reference(branch, depth, nodes, s)
+        assert len(tree) == len(ref) == min(nodes, branch + (depth - 1) * branch * branch)
+        paths = []
+        for t, p in zip(tree.tokens, tree.parents):
+            paths.append((paths[p] if p >= 0 else ()) + (t,))
+        assert sorted(paths) == sorted(p for p, _ in ref)
+        # Siblings: distinct, and in the order of their parent's distribution (best first).
+        for p in set(tree.parents):
+            kids = [t for t, q in zip(tree.tokens, tree.parents) if q == p]
+            parent_path = paths[p] if p >= 0 else ()
+            assert kids == _logp(parent_path, s).topk(len(kids)).indices.tolist()
+        if branch == 1:
+            assert tree.is_chain
+
+
+def test_tree_keeps_parents_when_a_child_is_certain() -> None:
+    """A child with log-probability 0 ties its parent; the parent must still be kept."""
+    tb = TreeBuilder(2)
+    lp = torch.tensor([[0.0, -30.0]])
+    tb.start(lp, torch.tensor([[5, 6]]))
+    tb.grow(torch.tensor([[[0.0, -40.0], [0.0, -50.0]]]), torch.tensor([[[7, 8], [9, 10]]]))
+    tokens, parents = tb.select(2)
+    assert tokens.tolist() == [[5, 7]] and parents.tolist() == [[-1, 0]]
+
+
+def test_top_logprobs_chunks() -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden, w = torch.randn(3, 5, 8, generator=g), torch.randn(V, 8, generator=g)
+    lp, ids = top_logprobs(hidden, w, 4, chunk_rows=4)
+    full = (hidden @ w.T).log_softmax(-1).topk(4)
+    torch.testing.assert_close(lp, full.values)
+    assert torch.equal(ids, full.indices)
+
+
+def test_accept_lengths_follow_the_matching_path() -> None:
+    # Root children 5 and 6; 5 -> 7 -> 8, 6 -> 9.
+    tree = DraftTree([5, 6, 7, 9, 8], [-1, -1, 0, 1, 2])
+    toks, pars = torch.tensor([tree.tokens] * 5), torch.tensor([tree.parents] * 5)
+    want = torch.tensor([[5, 7, 8], [6, 9, 1], [5, 7, 1], [1, 5, 7], [6, 7, 8]])
+    assert accept_lengths(toks, pars, want).tolist() == [4, 3, 3, 1, 2]
+    # Brute force over every continuation of a chain: 1 + leading matches.
+    chain = DraftTree.chain([1, 2, 3])
+    for w in itertools.product([1, 2, 3], repeat=3):
+        lead = 0
+        while lead < 3 and w[lead] == chain.tokens[lead]:
+            lead += 1
+        got = accept_lengths(torch.tensor([chain.tokens]), torch.tensor([chain.parents]), torch.tensor([w]))
+        assert got.tolist() == [1 + lead]
