@@ -28,6 +28,7 @@ class KVPool:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1 (got {page_size})")
         self.num_pages = num_pages
+        self.num_layers = num_layers
         self.page_size = page_size
         # [layers, 2 (k, v), pages, page_size, Hkv, D]: one allocation, per-layer views.
         self.kv = torch.zeros(
@@ -91,6 +92,18 @@ class KVPool:
         if len(pages) > keep:
             self.free(pages[keep:])
             del pages[keep:]
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of token slots src[i] (page * page_size + offset) to dst[i] in every
+        layer (speculation moves accepted tree nodes' KV into place). Reads happen before
+        writes, so the lists may overlap."""
+        ps = self.page_size
+        s = torch.tensor(src, dtype=torch.int64).to(self.kv.device, non_blocking=True)
+        d = torch.tensor(dst, dtype=torch.int64).to(self.kv.device, non_blocking=True)
+        sp, so, dp, do = s // ps, s % ps, d // ps, d % ps
+        for layer in range(self.num_layers):
+            for cache in (self.k_cache(layer), self.v_cache(layer)):
+                cache[dp, do] = cache[sp, so]
 
     def check_no_leak(self, held: int = 0) -> None:
         """Raise if any page is in use beyond `held` (pages legitimately held, e.g. by a cache)."""
