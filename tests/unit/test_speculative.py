@@ -66,12 +66,17 @@ def test_rejected_drafts_leak_no_pages(tiny_model_dir: str) -> None:
 
 
 def test_draft_trees_greedy_identical_and_kv_compacted(tiny_model_dir: str) -> None:
+    check_draft_trees(tiny_model_dir, "cpu")
+
+
+def check_draft_trees(model_dir: str, device: str, **engine_kw) -> EngineCore:
     """Trees whose right answer is never the first child: the accepted path runs through
     later siblings, so its KV must be moved into place for the outputs to stay exact."""
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=2)
+    base = Engine(model_dir, device=device, dtype="float32", page_size=2, **engine_kw)
     ref = {f"r{i}": r.token_ids for i, r in enumerate(base.generate(PROMPTS, params))}
-    core = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=2, kv_cache_tokens=600).core
+    base.shutdown()
+    core = Engine(model_dir, device=device, dtype="float32", page_size=2, kv_cache_tokens=600, **engine_kw).core
     for i, p in enumerate(PROMPTS):
         core.add_request(f"r{i}", core.loaded.tokenizer(p)["input_ids"], params)
     reqs = list(core.requests.values())
@@ -96,6 +101,7 @@ def test_draft_trees_greedy_identical_and_kv_compacted(tiny_model_dir: str) -> N
     core.scheduler.check_no_leak()
     core.cache.reset()
     core.pool.check_no_leak(0)
+    return core
 
 
 def test_draft_tree_helpers() -> None:
