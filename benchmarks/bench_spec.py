@@ -109,6 +109,11 @@ def main() -> None:
                 ref = outputs.setdefault((wl, bs), toks)
                 same = sum(x == y for x, y in zip(toks, ref)) / len(ref)
                 rows.append(dict(method=method, workload=wl, batch=bs, k=k, same_as_none=same, **r))
+                if method == "none" and bs > 1:
+                    # Control: the same prompts in a batch of half the size, no speculation;
+                    # the match rate bf16 rounding alone gives.
+                    _, half = run(engine, prompts[: bs // 2], a.max_tokens)
+                    rows[-1]["same_half_batch"] = sum(x == y for x, y in zip(half, toks)) / len(half)
                 print(json.dumps(rows[-1]), flush=True)
         del tok
         engine.shutdown()
