@@ -93,15 +93,19 @@ class CudaGraphDecoder:
         return batch_size <= self.max_batch and max_pages <= self.max_pages
 
     def run(
-        self, input_ids: list[int], positions: list[int], slots: list[int], page_lists: list[list[int]],
+        self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], page_lists: list[list[int]],
         kv_lens: list[int], tree_start: list[int] | None = None, tree_bits: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over N decode-shape rows; returns (logits [N, V], hidden [N, H])."""
+        """One forward over N decode-shape rows; returns (logits [N, V], hidden [N, H]),
+        views of the graph's static outputs (valid until the next run). input_ids may be
+        an int64 device tensor [N]."""
         n = len(input_ids)
         b = next(x for x in self.buckets if x >= n)
         mb = self.max_batch
         h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
-        h64[0, :n], h64[1, :n], h64[2, :n] = input_ids, positions, slots
+        ids_on_device = input_ids if isinstance(input_ids, torch.Tensor) else None
+        h64[0, :n] = 0 if ids_on_device is not None else input_ids
+        h64[1, :n], h64[2, :n] = positions, slots
         h64[3, :n] = tree_bits if tree_bits is not None else 0
         h64[:, n:b] = 0  # padded rows: token 0 at position 0, KV written into page 0
         h32[:n] = kv_lens
@@ -119,6 +123,8 @@ class CudaGraphDecoder:
         table[n:b, 0] = 0
         self._i64.copy_(self._host_i64, non_blocking=True)
         self._i32.copy_(self._host_i32, non_blocking=True)
+        if ids_on_device is not None:  # e.g. a drafter's previous step output: no host sync
+            self.input_ids[:n].copy_(ids_on_device)
         self.graphs[b].replay()
         logits, hidden = self.outputs[b]
         return logits[:n], hidden[:n]
