@@ -111,10 +111,8 @@ class KVPool:
         ps = self.page_size
         s = torch.tensor(src, dtype=torch.int64).to(self.kv.device, non_blocking=True)
         d = torch.tensor(dst, dtype=torch.int64).to(self.kv.device, non_blocking=True)
-        sp, so, dp, do = s // ps, s % ps, d // ps, d % ps
-        for layer in range(self.num_layers):
-            for cache in (self.k_cache(layer), self.v_cache(layer)):
-                cache[dp, do] = cache[sp, so]
+        # kv[page, :, :, slot] is one token's K and V in every layer: one gather, one scatter.
+        self.kv[d // ps, :, :, d % ps] = self.kv[s // ps, :, :, s % ps]
 
     def check_no_leak(self, held: int = 0) -> None:
         """Raise if any page is in use beyond `held` (pages legitimately held, e.g. by a cache)."""
