@@ -1,6 +1,10 @@
 """Paged decode attention: the Triton split-K kernel against flashinfer (when installed),
 the same kernel without split-K, and the GPU's copy bandwidth measured in the same run.
 
+The caches are one layer's K/V views of the engine's page-major KVPool (with the model's
+layer count, so pages are as far apart as in serving); "contiguous" rows run the same
+kernel on a per-layer contiguous cache, the layout the pool used before, as a baseline.
+
 Achieved bandwidth = KV bytes read (sum of kv_lens * Hkv * D * 2 * element size) / graph
 time (eager time where the call cannot be captured).
 Two times per implementation, both medians with the L2 cache cleared before each run:
@@ -24,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.paged_decode import default_num_splits, paged_decode  # noqa: E402
+from runtime.engine.kv_pool import KVPool  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -34,14 +39,15 @@ class Case:
     hq: int
     hkv: int
     head_dim: int
+    layers: int
     page_size: int = 16
     dtype: str = "bfloat16"
 
 
 CASES = [
-    Case("smollm2_64x1024", 64, 1024, 9, 3, 64),
-    Case("llama8b_1x4096", 1, 4096, 32, 8, 128),
-    Case("llama8b_32x2048", 32, 2048, 32, 8, 128),
+    Case("smollm2_64x1024", 64, 1024, 9, 3, 64, 30),
+    Case("llama8b_1x4096", 1, 4096, 32, 8, 128, 32),
+    Case("llama8b_32x2048", 32, 2048, 32, 8, 128, 32),
 ]
 
 
@@ -82,15 +88,17 @@ def _setup(c: Case) -> dict:
     dtype = getattr(torch, c.dtype)
     pages_per_seq = -(-c.kv_len // c.page_size)
     num_pages = c.batch * pages_per_seq + 1
-    k = torch.randn(num_pages, c.page_size, c.hkv, c.head_dim, device="cuda", dtype=dtype)
-    v = torch.randn_like(k)
+    pool = KVPool(c.layers, num_pages, c.page_size, c.hkv, c.head_dim, dtype, "cuda")
+    pool.kv.normal_()
+    k, v = pool.k_cache(c.layers // 2), pool.v_cache(c.layers // 2)  # [pages, page_size, Hkv, D], page-strided
     # Scattered pages, as after a while of serving.
     perm = torch.randperm(num_pages - 1, device="cuda").to(torch.int32) + 1
     table = perm.view(c.batch, pages_per_seq).contiguous()
     lens = torch.full((c.batch,), c.kv_len, dtype=torch.int32, device="cuda")
     q = torch.randn(c.batch, c.hq, c.head_dim, device="cuda", dtype=dtype)
     kv_bytes = c.batch * c.kv_len * c.hkv * c.head_dim * 2 * k.element_size()
-    return dict(q=q, k=k, v=v, table=table, lens=lens, kv_bytes=kv_bytes, scale=c.head_dim**-0.5)
+    return dict(q=q, k=k, v=v, k_contig=k.contiguous(), v_contig=v.contiguous(), table=table, lens=lens,
+                kv_bytes=kv_bytes, scale=c.head_dim**-0.5)
 
 
 def _flashinfer_decode(c: Case, s: dict):
@@ -136,6 +144,8 @@ def main() -> None:
                 s["q"], s["k"], s["v"], s["table"], s["lens"], s["scale"], out=out, num_splits=splits)),
             "triton no split": (1, lambda: paged_decode(
                 s["q"], s["k"], s["v"], s["table"], s["lens"], s["scale"], out=out, num_splits=1)),
+            "triton contiguous": (splits, lambda: paged_decode(
+                s["q"], s["k_contig"], s["v_contig"], s["table"], s["lens"], s["scale"], out=out, num_splits=splits)),
         }
         fi = _flashinfer_decode(c, s)
         if fi is not None:

@@ -29,7 +29,10 @@ CHAT = [
 ]
 PASSAGE = ("The old lighthouse stood at the edge of the cliff, its white paint peeling in the salty wind. "
            "Every evening the keeper climbed the spiral stairs, lit the great lamp, and watched the ships pass "
-           "safely through the narrow channel between the rocks. ")
+           "safely through the narrow channel between the rocks. In winter the storms came from the north, "
+           "and the waves rose so high that spray reached the windows of the lamp room. The keeper kept a "
+           "logbook of every ship, every storm and every visitor, and the villagers said that no vessel had "
+           "been lost on those rocks for as long as the light had burned. ")
 COPY = [f"Rewrite the following text exactly, but change the word 'old' to '{w}':\n\n{PASSAGE}" for w in (
     "ancient", "tall", "lonely", "famous", "small", "broken", "quiet", "distant",
     "grey", "proud", "forgotten", "crooked", "mighty", "humble", "weathered", "silent")]
@@ -50,7 +53,7 @@ def make_draft(target: str, out: str, layers: int) -> None:
     save_file(keep, os.path.join(out, "model.safetensors"))
 
 
-def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
+def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
     if engine.core.device.type == "cuda":
@@ -61,7 +64,8 @@ def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     n = sum(len(r.token_ids) for r in res)
-    return dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt)
+    stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt)
+    return stats, [r.token_ids for r in res]
 
 
 def main() -> None:
@@ -75,28 +79,41 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--ngram-draft-tokens", type=int, default=None, help="k for ngram (default: --num-draft-tokens)")
+    ap.add_argument("--methods", default="none,ngram,draft,eagle", help="subset to run (draft/eagle need their paths)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench_spec.json")
     a = ap.parse_args()
     if a.command == "make-draft":
         make_draft(a.model, a.out_dir, a.draft_layers)
         return
-    methods = [("none", None), ("ngram", None)]
-    if a.draft_model:
-        methods.append(("draft", a.draft_model))
-    if a.eagle:
-        methods.append(("eagle", a.eagle))
+    wanted = a.methods.split(",")
+    methods = [(m, p) for m, p in (("none", None), ("ngram", None), ("draft", a.draft_model), ("eagle", a.eagle))
+               if m in wanted and (m in ("none", "ngram") or p)]
+    if methods[0][0] != "none":
+        ap.error("--methods must include none (the baseline)")
     rows = []
+    outputs: dict[tuple[str, int], list[list[int]]] = {}
     for method, draft in methods:
+        k = a.ngram_draft_tokens if method == "ngram" and a.ngram_draft_tokens else a.num_draft_tokens
         engine = Engine(a.model, device=a.device, speculative=method, draft_model=draft,
-                        num_draft_tokens=a.num_draft_tokens, speculative_policy="fixed")
+                        num_draft_tokens=k, speculative_policy="fixed")
         tok = engine.tokenizer
         workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in ps]
                      for name, ps in (("chat", CHAT), ("copy", COPY))}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
-                r = run(engine, prompts[:bs], a.max_tokens)
-                rows.append(dict(method=method, workload=wl, batch=bs, **r))
+                r, toks = run(engine, prompts[:bs], a.max_tokens)
+                # Greedy speculation is exact; in bf16 a row batched differently can round
+                # differently, so report how many outputs equal no-speculation's.
+                ref = outputs.setdefault((wl, bs), toks)
+                same = sum(x == y for x, y in zip(toks, ref)) / len(ref)
+                rows.append(dict(method=method, workload=wl, batch=bs, k=k, same_as_none=same, **r))
+                if method == "none" and bs > 1:
+                    # Control: the same prompts in a batch of half the size, no speculation;
+                    # the match rate bf16 rounding alone gives.
+                    _, half = run(engine, prompts[: bs // 2], a.max_tokens)
+                    rows[-1]["same_half_batch"] = sum(x == y for x, y in zip(half, toks)) / len(half)
                 print(json.dumps(rows[-1]), flush=True)
         del tok
         engine.shutdown()
@@ -108,9 +125,10 @@ def main() -> None:
         r["speedup"] = r["tok_s"] / base[(r["workload"], r["batch"])]
     with open(a.out, "w") as f:
         json.dump(dict(args=vars(a), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", rows=rows), f, indent=2)
-    print(f"\n{'method':>6} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8}")
+    print(f"\n{'method':>6} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}")
     for r in rows:
-        print(f"{r['method']:>6} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} {r['tok_s']:9.1f} {r['speedup']:7.2f}x")
+        print(f"{r['method']:>6} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
+              f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {r['same_as_none']:5.2f}")
 
 
 if __name__ == "__main__":

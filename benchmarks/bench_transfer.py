@@ -5,15 +5,16 @@ process's pool through each backend, driven exactly as the workers drive it
 Time per transfer is taken on the decode side, from destination() to DONE (device
 synchronized): handshake, gather, wire, scatter or RDMA write, notification. Baselines in
 the same run, in one process: a contiguous torch copy of the same bytes between the two
-devices (the practical ceiling) and a torch page gather -> copy -> scatter. Page ids are
-ascending on both sides (NIXL merges neighbouring blocks into one descriptor) or random
-(one descriptor per layer, k/v and page: layers*2*pages descriptors of one block each).
+devices (the practical ceiling) and a torch page gather -> copy -> scatter.
+
+The pools are the engine's own KVPool: page-major, so each page is one contiguous block
+of all layers' K and V. Page ids are ascending on both sides (NIXL merges the whole
+transfer into one descriptor) or random (one descriptor per page).
 
     python benchmarks/bench_transfer.py                                    # CPU -> CPU
     python benchmarks/bench_transfer.py --src-device cuda:0 --dst-device cuda:1
-    Default pool: 512 pages of 1 MiB (32 layers x k/v blocks of 16 tokens x 8 heads x 64
-    dims, bf16 = 16 KiB blocks). `--layers 1 --heads 256` keeps 1 MiB pages in 512 KiB
-    blocks: what a page-major pool layout would give NIXL.
+    Default pool: 512 pages of 1 MiB (32 layers x k/v x 16 tokens x 8 heads x 64 dims,
+    bf16); --layers/--heads/--head-dim/--page-size change the page size.
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def _pages(args: argparse.Namespace, order: str, seed: int) -> list[int]:
 def _checksum(pool: Any, pages: list[int]) -> int:
     # bytes as int32 words (every dtype's size divides 4 bytes per page row): order-sensitive
     # enough to catch misplaced pages because pages are summed with their position weights.
-    blocks = pool.kv[:, :, pages].contiguous().view(torch.int32).to(torch.int64)
-    w = torch.arange(1, len(pages) + 1, device=blocks.device, dtype=torch.int64).view(1, 1, -1, *([1] * (blocks.dim() - 3)))
+    blocks = pool.kv[pages].contiguous().view(torch.int32).to(torch.int64)  # page-major: [n, ...]
+    w = torch.arange(1, len(pages) + 1, device=blocks.device, dtype=torch.int64).view(-1, *([1] * (blocks.dim() - 1)))
     return int((blocks * w).sum().item())
 
 
@@ -227,7 +228,7 @@ def baselines(args: argparse.Namespace, nbytes: int) -> list[tuple[str, str, flo
     ia = torch.tensor(_pages(args, "random", 1), device=a.kv.device)
     ib = torch.tensor(_pages(args, "random", 2), device=b.kv.device)
     out.append(("torch gather+scatter", "random",
-                _timed(lambda: b.kv.index_copy_(2, ib, a.kv.index_select(2, ia).to(b.kv.device)), args)))
+                _timed(lambda: b.kv.index_copy_(0, ib, a.kv.index_select(0, ia).to(b.kv.device)), args)))
     del a, b
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -261,7 +262,7 @@ def main() -> None:
     nbytes = n * page_bytes
     gib = nbytes / 2**30
     print(f"{args.src_device} -> {args.dst_device}: {n} pages of {page_bytes / 2**20:.2f} MiB "
-          f"({args.layers} layers x k/v blocks of {page_bytes // (2 * args.layers)} B) = {gib:.3f} GiB per transfer")
+          f"(one contiguous block each: {args.layers} layers x k/v) = {gib:.3f} GiB per transfer")
     rows: list[dict[str, Any]] = []
     for name, order, sec in baselines(args, nbytes):
         rows.append({"backend": f"{name} (baseline)", "order": order, "median_ms": sec * 1e3,

@@ -12,6 +12,7 @@ import torch
 
 from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
+from runtime.engine.draft_tree import DraftTree
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req, TokenLogprob
@@ -35,6 +36,16 @@ class StepOutput:
     @property
     def finished(self) -> bool:
         return self.req.finished
+
+
+def graph_rows(cfg: EngineConfig) -> int:
+    """Rows the decode CUDA graphs cover: the batch, or with speculation the verify rows of
+    the batches that draft (each request's last token plus its drafts)."""
+    rows = min(cfg.cuda_graph_max_batch, cfg.max_running)
+    if cfg.speculative != "none":
+        per_req = 1 + max(cfg.num_draft_tokens, getattr(cfg, "draft_tree_nodes", 0))
+        rows = max(rows, min(cfg.max_running, cfg.speculative_max_batch) * per_req)
+    return min(rows, 512)
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -75,9 +86,7 @@ class EngineCore:
         if self.device.type == "cuda" and cfg.cuda_graph and self.attn.name != "torch":
             from runtime.engine.cuda_graph import CudaGraphDecoder
 
-            graphs = CudaGraphDecoder(
-                self.loaded.model, self.pool, min(cfg.cuda_graph_max_batch, cfg.max_running), self.max_model_len
-            )
+            graphs = CudaGraphDecoder(self.loaded.model, self.pool, graph_rows(cfg), self.max_model_len)
         self.runner = ModelRunner(self.loaded.model, self.pool, self.attn, self.device, graphs)
         self.sampler = Sampler()
         self.eos_ids = set(mc.eos_token_ids)
@@ -162,13 +171,14 @@ class EngineCore:
         return self.scheduler.has_work
 
     # ---- one step ------------------------------------------------------------------------
-    def step(self, drafts: dict[str, list[int]] | None = None) -> list[StepOutput]:
-        """One forward. `drafts` (rid -> proposed next tokens) makes a decoding request
-        verify them in this forward (the speculative path); accepted tokens are exact."""
+    def step(self, drafts: dict[str, list[int] | DraftTree] | None = None) -> list[StepOutput]:
+        """One forward. `drafts` (rid -> proposed next tokens, a chain or a DraftTree) makes
+        a decoding request verify them in this forward (the speculative path); accepted
+        tokens are exact."""
         if drafts is None and self.drafter is not None:
             drafts = self._propose()
-        drafts = {rid: d for rid, d in (drafts or {}).items() if d}
-        batch = self.scheduler.schedule({rid: len(d) + 1 for rid, d in drafts.items()})
+        trees = {rid: d if isinstance(d, DraftTree) else DraftTree.chain(d) for rid, d in (drafts or {}).items() if d}
+        batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
         outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
         for r in self.scheduler.ended:
             self.requests.pop(r.rid, None)
@@ -177,27 +187,35 @@ class EngineCore:
         self.scheduler.ended.clear()
         if not batch.seqs:
             return outputs
-        seq_drafts = {s.req.rid: drafts[s.req.rid][: s.q_len - 1] for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
-        logits, hidden = self.runner.forward(batch, seq_drafts)
+        seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
+                     for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
+        want_prompt = (self.drafter is not None and self.drafter.wants_prompt_hidden
+                       and any(s.req.phase is Phase.PREFILL for s in batch.seqs))
+        logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
         sampled = [s for s in batch.seqs if s.num_logits]
-        if seq_drafts:
-            accepted = self._accept(sampled, seq_drafts, logits)
+        if seq_trees:
+            accepted = self._accept(sampled, seq_trees, logits)
+            self._compact_tree_kv(sampled, seq_trees, accepted)
         else:
-            accepted = self._sample(sampled, logits)
+            accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
         row = 0
+        token_row = 0
         for s in batch.seqs:
+            req = s.req
+            if all_hidden is not None and req.phase is Phase.PREFILL:
+                self.drafter.observe_prompt(req, s.start, all_hidden[token_row : token_row + s.q_len])
+            token_row += s.q_len
             if not s.num_logits:
                 self.scheduler.advance(s, s.start + s.q_len)
                 continue
-            req = s.req
-            tokens, logprobs = accepted[req.rid]
-            rows = hidden[row : row + len(tokens)]
+            tokens, logprobs, path = accepted[req.rid]
+            rows = hidden[row + path[0] : row + path[0] + 1] if len(path) == 1 else hidden[[row + j for j in path]]
             row += s.num_logits
             if req.phase is Phase.DECODE:
                 req.num_steps += 1
                 if self.drafter is not None:
                     self.accept_samples.append(len(tokens))
-                    self.policy.record(len(seq_drafts.get(req.rid, ())), len(tokens) - 1)
+                    self.policy.record(len(seq_trees[req.rid]) if req.rid in seq_trees else 0, len(tokens) - 1)
             if self.drafter is not None:
                 self.drafter.observe(req, tokens, rows)
             kept, reason, stop_reason = self._append(req, tokens)
@@ -211,6 +229,23 @@ class EngineCore:
             outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
         return outputs
 
+    def _compact_tree_kv(self, seqs: list, trees: dict[str, DraftTree], accepted: dict) -> None:
+        """Move the KV of accepted tree nodes to consecutive positions: node i was written
+        at slot position start+1+i; the j-th accepted node belongs at start+j."""
+        src, dst = [], []
+        ps = self.pool.page_size
+        for s in seqs:
+            if s.req.rid not in trees:
+                continue
+            pages = s.req.pages
+            for j, r in enumerate(accepted[s.req.rid][2][1:], start=1):
+                if r != j:  # row r is node r-1, at slot position start + r
+                    a, b = s.start + r, s.start + j
+                    src.append(pages[a // ps] * ps + a % ps)
+                    dst.append(pages[b // ps] * ps + b % ps)
+        if src:
+            self.pool.copy_slots(src, dst)
+
     def _propose(self) -> dict[str, list[int]]:
         reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE]
         k = self.policy.num_draft_tokens(len(reqs))
@@ -221,8 +256,8 @@ class EngineCore:
             d = drafts.get(r.rid)
             if d:
                 # Never verify past max_tokens or the context: those rows would be wasted.
-                room = min(r.params.max_tokens - len(r.output_ids), self.max_model_len - r.seq_len) - 1
-                drafts[r.rid] = d[: max(0, min(k, room))]
+                room = max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, self.max_model_len - r.seq_len - 1))
+                drafts[r.rid] = d.within_depth(room) if isinstance(d, DraftTree) else d[:room]
         return drafts
 
     def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:
@@ -270,49 +305,90 @@ class EngineCore:
             res.append(TokenLogprob(tok, chosen[row], top))
         return res
 
-    def _accept(self, seqs: list, drafts: dict[str, list[int]], logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob]]]:
-        """Speculative acceptance over rows [last, d1..dk] of each request: d_{j+1} is kept
-        with probability p_j(d_{j+1}) (the target's final distribution at row j; 1 or 0
-        under greedy), and the first rejected row samples from p_j with d_{j+1} removed and
-        renormalised. For a deterministic drafter (q one-hot) this is exactly rejection
-        sampling with min(1, p/q) and residual max(0, p - q), so outputs keep the target's
-        distribution; under greedy it is exact match plus the target's own token."""
-        reqs, steps, nxt = [], [], []
+    def _accept(self, seqs: list, trees: dict[str, DraftTree], logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
+        """Speculative acceptance. A sequence with a draft tree has rows [root, node 0, ...];
+        from the root, the children of the current row are tried in order: child c is
+        accepted with probability p'(c), where p' is the row's target distribution with the
+        children already rejected removed and renormalised (1 or 0 under greedy); an
+        accepted child's row is tried next; when every child is rejected, the row samples
+        from p' (its bonus token). For deterministic drafts (q one-hot per child) this is
+        rejection sampling with min(1, p/q) and residual max(0, p - q) applied child by
+        child, so the output keeps the target's distribution exactly; under greedy it is
+        exact match plus the target's own token. Returns rid -> (tokens, logprobs, the
+        rows, relative to the sequence's first row, that produced the tokens)."""
+        kids: list[list[int]] = []  # per row: child rows, in order
+        reqs, steps = [], []
         for s in seqs:
-            d = drafts.get(s.req.rid, [])
+            t = trees.get(s.req.rid)
+            depths = [0] + (t.depths() if t else [])
+            first = len(kids)
+            kids += [[] for _ in range(s.num_logits)]
+            for i, p in enumerate(t.parents if t else []):
+                kids[first + p + 1].append(i + 1)
             for j in range(s.num_logits):
                 reqs.append(s.req)
-                steps.append(len(s.req.output_ids) + j)
-                nxt.append(d[j] if j < len(d) else -1)
-        sb = self._sampling_batch(reqs, steps)
-        probs = self.sampler.probs(logits, sb)  # [N, V]
-        nxt_t = torch.tensor(nxt, dtype=torch.int64, device=logits.device)
-        has = nxt_t >= 0
-        p_draft = probs.gather(1, nxt_t.clamp(min=0)[:, None])[:, 0]
-        u = uniform_noise(sb.seed, sb.step, 1, stream=1)[:, 0]
-        keep = has & (u < p_draft)
-        residual = probs.scatter(1, nxt_t.clamp(min=0)[:, None], 0.0) * has[:, None] + probs * (~has)[:, None]
-        race = residual / -torch.log(uniform_noise(sb.seed, sb.step, probs.shape[1], stream=0))
-        alt = race.argmax(dim=1)
-        keep_l, alt_l = keep.tolist(), alt.tolist()
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        result: dict[str, tuple[list[int], list[TokenLogprob]]] = {}
-        row = 0
+                steps.append(len(s.req.output_ids) + depths[j])
+        greedy = all(_plain_greedy(r.params) for r in reqs)
+        width = max(1, max(len(c) for c in kids))
+        row_tokens: list[list[int]] = []  # per row: its children's tokens
+        row0 = 0
         for s in seqs:
-            d = drafts.get(s.req.rid, [])
-            a = 0
-            while a < len(d) and keep_l[row + a]:
-                a += 1
-            tokens = d[:a] + [alt_l[row + a]]
+            t = trees.get(s.req.rid)
+            for j in range(s.num_logits):
+                row_tokens.append([t.tokens[c - 1] for c in kids[row0 + j]])
+            row0 += s.num_logits
+        if greedy:
+            best = logits.argmax(dim=-1).tolist()
+        else:
+            sb = self._sampling_batch(reqs, steps)
+            probs = self.sampler.probs(logits, sb)  # [N, V]
+            child = torch.tensor([c + [-1] * (width - len(c)) for c in row_tokens], dtype=torch.int64)
+            child = child.to(logits.device)
+            valid = child >= 0
+            p_child = probs.gather(1, child.clamp(min=0)) * valid  # [N, width]
+            u = uniform_noise(sb.seed, sb.step, width, stream=1)  # [N, width]
+            # The bonus token of a row where every child was rejected: p without its children.
+            residual = probs.clone()
+            rows_idx, cols_idx = valid.nonzero(as_tuple=True)
+            residual[rows_idx, child[rows_idx, cols_idx]] = 0.0
+            race = residual / -torch.log(uniform_noise(sb.seed, sb.step, probs.shape[1], stream=0))
+            alt = race.argmax(dim=1).tolist()
+            pc, uu = p_child.tolist(), u.tolist()
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
+        result: dict[str, tuple[list[int], list[TokenLogprob], list[int]]] = {}
+        row0 = 0
+        for s in seqs:
+            r, path, tokens = 0, [0], []
+            while True:
+                nxt = None
+                if greedy:
+                    for c, tok in zip(kids[row0 + r], row_tokens[row0 + r]):
+                        if tok == best[row0 + r]:
+                            nxt = c
+                            break
+                else:
+                    removed = 0.0
+                    for ci, c in enumerate(kids[row0 + r]):
+                        q = pc[row0 + r][ci]
+                        if uu[row0 + r][ci] * max(1.0 - removed, 0.0) < q:
+                            nxt = c
+                            break
+                        removed += q
+                if nxt is None:
+                    tokens.append(best[row0 + r] if greedy else alt[row0 + r])
+                    break
+                tokens.append(row_tokens[row0 + r][kids[row0 + r].index(nxt)])
+                r = nxt
+                path.append(r)
             lps: list[TokenLogprob] = []
             if raw_lp is not None and s.req.params.logprobs is not None:
                 k = s.req.params.logprobs
-                for j, t in enumerate(tokens):
-                    lp_row = raw_lp[row + j]
+                for j, t in zip(path, tokens):
+                    lp_row = raw_lp[row0 + j]
                     top = torch.topk(lp_row, k) if k else None
                     lps.append(TokenLogprob(t, lp_row[t].item(), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
-            result[s.req.rid] = (tokens, lps)
-            row += s.num_logits
+            result[s.req.rid] = (tokens, lps, path)
+            row0 += s.num_logits
         return result
 
     def _append(self, req: Req, tokens: list[int]) -> tuple[list[int], str | None, int | None]:

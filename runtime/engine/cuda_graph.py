@@ -1,5 +1,7 @@
-"""CUDA graphs for decode steps: one captured forward (model + logits) per batch-size
-bucket, replayed with the step's inputs copied into static buffers.
+"""CUDA graphs for decode-shape steps: one captured forward (model + logits) per row-count
+bucket, replayed with the step's inputs copied into static buffers. A row is one new token
+with its own page-table row, key count and tree rule, so plain decode, speculative
+verification (chains and trees) and drafters' catch-up steps all replay these graphs.
 
 A decode step of a small model is hundreds of tiny kernels; launching them one by one
 from Python costs more than running them. Replaying a graph launches them all at once.
@@ -35,12 +37,16 @@ class CudaGraphDecoder:
         dev = self.device
         # Static inputs, shared by every bucket (a bucket uses the first b rows). Each step
         # fills pinned host mirrors and copies them with two async H2D copies.
-        self._i64 = torch.zeros(3, max_batch, dtype=torch.int64, device=dev)  # ids, positions, slots
-        self._i32 = torch.zeros(max_batch * (1 + self.max_pages), dtype=torch.int32, device=dev)
-        self.input_ids, self.positions, self.out_slots = self._i64[0], self._i64[1], self._i64[2]
+        # ids, positions, slots, tree bits
+        self._i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
+        # kv_lens, tree_start, page table
+        self._i32 = torch.zeros(max_batch * (2 + self.max_pages), dtype=torch.int32, device=dev)
+        self.input_ids, self.positions, self.out_slots, self.tree_bits = self._i64
         self.kv_lens = self._i32[:max_batch]
-        self.page_table = self._i32[max_batch:].view(max_batch, self.max_pages)
+        self.tree_start = self._i32[max_batch : 2 * max_batch]
+        self.page_table = self._i32[2 * max_batch :].view(max_batch, self.max_pages)
         self.kv_lens.fill_(1)
+        self.tree_start.fill_(1)
         pin = torch.cuda.is_available()
         self._host_i64 = torch.zeros_like(self._i64, device="cpu").pin_memory() if pin else None
         self._host_i32 = torch.ones_like(self._i32, device="cpu").pin_memory() if pin else None
@@ -58,6 +64,8 @@ class CudaGraphDecoder:
             q_lens_cpu=[1] * b,
             kv_lens_cpu=[self.max_pages * self.pool.page_size] * b,  # sizes the split count only
             page_size=self.pool.page_size,
+            tree_start=self.tree_start[:b],
+            tree_bits=self.tree_bits[:b],
         )
         attn.prepare(meta)
         ctx = ForwardContext(self.pool, attn, self.out_slots[:b])
@@ -85,22 +93,38 @@ class CudaGraphDecoder:
         return batch_size <= self.max_batch and max_pages <= self.max_pages
 
     def run(
-        self, input_ids: list[int], positions: list[int], slots: list[int], page_lists: list[list[int]], kv_lens: list[int]
+        self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], page_lists: list[list[int]],
+        kv_lens: list[int], tree_start: list[int] | None = None, tree_bits: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one token for each of B sequences; returns (logits [B, V], hidden [B, H])."""
+        """One forward over N decode-shape rows; returns (logits [N, V], hidden [N, H]),
+        views of the graph's static outputs (valid until the next run). input_ids may be
+        an int64 device tensor [N]."""
         n = len(input_ids)
         b = next(x for x in self.buckets if x >= n)
+        mb = self.max_batch
         h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
-        h64[0, :n], h64[1, :n], h64[2, :n] = input_ids, positions, slots
+        ids_on_device = input_ids if isinstance(input_ids, torch.Tensor) else None
+        h64[0, :n] = 0 if ids_on_device is not None else input_ids
+        h64[1, :n], h64[2, :n] = positions, slots
+        h64[3, :n] = tree_bits if tree_bits is not None else 0
         h64[:, n:b] = 0  # padded rows: token 0 at position 0, KV written into page 0
         h32[:n] = kv_lens
+        h32[mb : mb + n] = tree_start if tree_start is not None else kv_lens
         h32[n:b] = 1
-        table = h32[self.max_batch :].reshape(self.max_batch, self.max_pages)
+        h32[mb + n : mb + b] = 1
+        table = h32[2 * mb :].reshape(mb, self.max_pages)
+        prev = None
         for i, pages in enumerate(page_lists):
-            table[i, : len(pages)] = pages
+            if pages is prev:  # rows of one sequence share its page list
+                table[i] = table[i - 1]
+            else:
+                table[i, : len(pages)] = pages
+                prev = pages
         table[n:b, 0] = 0
         self._i64.copy_(self._host_i64, non_blocking=True)
         self._i32.copy_(self._host_i32, non_blocking=True)
+        if ids_on_device is not None:  # e.g. a drafter's previous step output: no host sync
+            self.input_ids[:n].copy_(ids_on_device)
         self.graphs[b].replay()
         logits, hidden = self.outputs[b]
         return logits[:n], hidden[:n]

@@ -1,4 +1,10 @@
-"""The paged KV pool: one tensor of fixed-size pages per layer and a free list.
+"""The paged KV pool: one page-major tensor of fixed-size pages and a free list.
+
+Layout `kv[page, layer, k/v, slot, Hkv, D]`: everything a page holds, for every layer, is
+one contiguous block of `page_bytes` bytes. Moving a page between workers is then a
+single copy (NIXL: one descriptor per run of pages), not layers*2 small ones. A layer's
+K (or V) cache is the strided view `kv[:, layer, 0]`: [pages, page_size, Hkv, D] with a
+page stride of layers*2*page_size*Hkv*D elements; attention kernels take strides.
 
 Page 0 is never handed out: padded rows of a batch (and CUDA-graph padding) write their
 KV there, so a stray write can never corrupt a live sequence.
@@ -28,10 +34,11 @@ class KVPool:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1 (got {page_size})")
         self.num_pages = num_pages
+        self.num_layers = num_layers
         self.page_size = page_size
-        # [layers, 2 (k, v), pages, page_size, Hkv, D]: one allocation, per-layer views.
+        # [pages, layers, 2 (k, v), page_size, Hkv, D]: one allocation, page-major.
         self.kv = torch.zeros(
-            num_layers, 2, num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
+            num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self._free: list[int] = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._used = bytearray(num_pages)
@@ -51,11 +58,16 @@ class KVPool:
     def num_free(self) -> int:
         return len(self._free)
 
-    def k_cache(self, layer: int) -> torch.Tensor:  # [pages, page_size, Hkv, D]
-        return self.kv[layer, 0]
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page (all layers, K and V): the size of `kv[p]`."""
+        return self.kv[0].numel() * self.kv.element_size()
 
-    def v_cache(self, layer: int) -> torch.Tensor:
-        return self.kv[layer, 1]
+    def k_cache(self, layer: int) -> torch.Tensor:  # [pages, page_size, Hkv, D], strided pages
+        return self.kv[:, layer, 0]
+
+    def v_cache(self, layer: int) -> torch.Tensor:  # [pages, page_size, Hkv, D], strided pages
+        return self.kv[:, layer, 1]
 
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):
@@ -91,6 +103,16 @@ class KVPool:
         if len(pages) > keep:
             self.free(pages[keep:])
             del pages[keep:]
+
+    def copy_slots(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of token slots src[i] (page * page_size + offset) to dst[i] in every
+        layer (speculation moves accepted tree nodes' KV into place). Reads happen before
+        writes, so the lists may overlap."""
+        ps = self.page_size
+        s = torch.tensor(src, dtype=torch.int64).to(self.kv.device, non_blocking=True)
+        d = torch.tensor(dst, dtype=torch.int64).to(self.kv.device, non_blocking=True)
+        # kv[page, :, :, slot] is one token's K and V in every layer: one gather, one scatter.
+        self.kv[d // ps, :, :, d % ps] = self.kv[s // ps, :, :, s % ps]
 
     def check_no_leak(self, held: int = 0) -> None:
         """Raise if any page is in use beyond `held` (pages legitimately held, e.g. by a cache)."""

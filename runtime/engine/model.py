@@ -154,8 +154,10 @@ class Attention(nn.Module):
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
-        k_cache.view(-1, cfg.num_kv_heads, cfg.head_dim)[ctx.out_slots] = k
-        v_cache.view(-1, cfg.num_kv_heads, cfg.head_dim)[ctx.out_slots] = v
+        # Pages are strided in the page-major pool: index (page, slot), not a flat slot.
+        page, slot = ctx.out_slots // k_cache.shape[1], ctx.out_slots % k_cache.shape[1]
+        k_cache[page, slot] = k
+        v_cache[page, slot] = v
         out = ctx.attn.forward(q, k_cache, v_cache, self.scale)
         return self.o_proj(out.reshape(t, cfg.q_size))
 

@@ -1,17 +1,107 @@
-"""Turns a scheduled batch into tensors, runs the model, and returns the logits rows."""
+"""Turns a scheduled batch into tensors, runs the model, and returns the logits rows.
+
+Short work runs in "decode shape": every new token is its own attention row with its own
+page-table row and key count (position + 1), so a decode step, a speculative verification
+(the last token plus k drafts, or a draft tree whose nodes see only their ancestors) and a
+drafter's catch-up are all the same kind of batch: the one the paged-decode kernel and the
+captured CUDA graphs serve. Rows are cheap there: a row re-reads its sequence's keys, which
+for a few rows per sequence costs far less than leaving the graph. Long prefill chunks
+keep one attention row block per sequence (the prefill path).
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
+from runtime.engine.draft_tree import DraftTree
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 from runtime.engine.scheduler import Batch
 
 if TYPE_CHECKING:  # imports Triton, which CPU-only installs lack
     from runtime.engine.cuda_graph import CudaGraphDecoder
+
+# Sequences with at most this many new tokens run in decode shape.
+DECODE_SHAPE_MAX_Q = 16
+
+
+class ForwardOut(NamedTuple):
+    logits: torch.Tensor  # fp32 [N, V]: the rows that need logits, sequence by sequence
+    hidden: torch.Tensor  # [N, H]: the final hidden states of those rows
+    all_hidden: torch.Tensor | None  # [T, H]: every new token's, in batch order (when asked)
+
+
+@dataclass
+class _Rows:
+    """Host-side description of one forward: per new token, and per attention row."""
+
+    tokens: list[int]
+    positions: list[int]  # rope positions
+    slots: list[int]  # KV slot each token's K/V is written to
+    # attention rows: q_lens (1 in decode shape), key counts, page lists, tree rule
+    q_lens: list[int]
+    kv_lens: list[int]
+    page_lists: list[list[int]]
+    tree_start: list[int]
+    tree_bits: list[int]
+    logit_rows: list[int]
+    has_tree: bool = False
+
+    @property
+    def decode_shape(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+
+def build_rows(batch: Batch, drafts: dict[str, DraftTree], page_size: int) -> _Rows:
+    """Token and attention rows of a batch. `drafts` (rid -> DraftTree) extends a decoding
+    sequence past its last sampled token: node i of the tree is written at slot position
+    start + 1 + i, sits at rope position start + depth(i), and sees the sequence before the
+    tree plus its ancestors and itself."""
+    ps = page_size
+    r = _Rows([], [], [], [], [], [], [], [], [])
+    for s in batch.seqs:
+        pages = s.req.pages
+        tree = drafts.get(s.req.rid)
+        first = len(r.tokens)
+        if tree is not None:
+            if s.q_len != 1 + len(tree):
+                raise ValueError(f"{s.req.rid}: {s.q_len} rows scheduled for a tree of {len(tree)} nodes")
+            base = s.start + 1  # the tree starts after the last sampled token
+            r.has_tree = r.has_tree or not tree.is_chain
+            r.tokens += [s.req.token_at(s.start), *tree.tokens]
+            r.positions += [s.start] + [s.start + d for d in tree.depths()]
+            slot_pos = range(s.start, base + len(tree))
+            r.q_lens += [1] * s.q_len
+            r.kv_lens += [p + 1 for p in slot_pos]
+            r.tree_start += [base] * s.q_len
+            r.tree_bits += [0, *tree.ancestors_mask()]
+            r.page_lists += [pages] * s.q_len
+        else:
+            ids = s.req.all_ids
+            slot_pos = range(s.start, s.start + s.q_len)
+            r.tokens += ids[s.start : s.start + s.q_len]
+            r.positions += slot_pos
+            if s.q_len <= DECODE_SHAPE_MAX_Q:
+                r.q_lens += [1] * s.q_len
+                r.kv_lens += [p + 1 for p in slot_pos]
+                r.tree_start += [p + 1 for p in slot_pos]
+                r.page_lists += [pages] * s.q_len
+                r.tree_bits += [0] * s.q_len
+            else:
+                end = s.start + s.q_len
+                r.q_lens.append(s.q_len)
+                r.kv_lens.append(end)
+                r.tree_start.append(end)
+                r.page_lists.append(pages)
+                r.tree_bits.append(0)
+        r.slots += [pages[p // ps] * ps + p % ps for p in slot_pos]
+        end = len(r.tokens)
+        r.logit_rows += range(end - s.num_logits, end)
+        assert end - first == s.q_len
+    return r
 
 
 class ModelRunner:
@@ -30,52 +120,30 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, drafts: dict[str, list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (logits fp32 [N, V], hidden [N, hidden]) for the rows that need logits,
-        sequence by sequence in batch order. `drafts` (rid -> draft tokens) extends a
-        decoding sequence's input past its last sampled token."""
-        ps = self.pool.page_size
-        drafts = drafts or {}
-        if self.graphs is not None and all(s.q_len == 1 for s in batch.seqs):
-            if self.graphs.can_run(len(batch.seqs), max(len(s.req.pages) for s in batch.seqs)):
-                return self._decode_graph(batch)
-        tokens: list[int] = []
-        logit_rows: list[int] = []
-        for s in batch.seqs:
-            ids = s.req.all_ids
-            extra = drafts.get(s.req.rid)
-            if extra:
-                ids = ids + extra
-            tokens += ids[s.start : s.start + s.q_len]
-            end = len(tokens)
-            logit_rows += range(end - s.num_logits, end)
-        q_lens = [s.q_len for s in batch.seqs]
-        kv_lens = [s.start + s.q_len for s in batch.seqs]
-        meta = AttentionMetadata.build(
-            q_lens, kv_lens, [s.req.pages for s in batch.seqs], ps, self.device
-        )
+    def forward(
+        self, batch: Batch, drafts: dict[str, DraftTree] | None = None, all_hidden: bool = False
+    ) -> ForwardOut:
+        """Logits and hidden states of the rows that need logits, sequence by sequence in
+        batch order (every row of a sequence with drafts). `all_hidden` also returns the
+        hidden states of every new token."""
+        rows = build_rows(batch, drafts or {}, self.pool.page_size)
+        if (self.graphs is not None and rows.decode_shape and not all_hidden
+                and self.graphs.can_run(len(rows.tokens), max(len(p) for p in rows.page_lists))):
+            logits, hidden = self.graphs.run(
+                rows.tokens, rows.positions, rows.slots, rows.page_lists, rows.kv_lens, rows.tree_start, rows.tree_bits
+            )
+            if len(rows.logit_rows) != len(rows.tokens):
+                pick = torch.tensor(rows.logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+                logits, hidden = logits[pick], hidden[pick]
+            return ForwardOut(logits, hidden, None)
         dev = self.device
-        # Positions and KV slots of every new token, computed on device.
-        seq_of_row = torch.repeat_interleave(torch.arange(len(q_lens), device=dev), meta.q_lens.long())
-        starts = torch.tensor([s.start for s in batch.seqs], dtype=torch.int64, device=dev)
-        positions = starts[seq_of_row] + torch.arange(len(tokens), device=dev) - meta.cu_q_lens[:-1].long()[seq_of_row]
-        pages = meta.page_table.long()[seq_of_row, positions // ps]
-        out_slots = pages * ps + positions % ps
-        input_ids = torch.tensor(tokens, dtype=torch.int64, device=dev)
-        self.attn.prepare(meta)
-        hidden = self.model(input_ids, positions, ForwardContext(self.pool, self.attn, out_slots))
-        hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]
-        return self.model.compute_logits(hidden), hidden
-
-    def _decode_graph(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ps = self.pool.page_size
-        seqs = batch.seqs
-        positions = [s.start for s in seqs]
-        slots = [s.req.pages[p // ps] * ps + p % ps for s, p in zip(seqs, positions)]
-        return self.graphs.run(
-            [s.req.token_at(s.start) for s in seqs],
-            positions,
-            slots,
-            [s.req.pages for s in seqs],
-            [p + 1 for p in positions],
+        tree = rows.has_tree
+        meta = AttentionMetadata.build(
+            rows.q_lens, rows.kv_lens, rows.page_lists, self.pool.page_size, dev,
+            tree_start=rows.tree_start if tree else None, tree_bits=rows.tree_bits if tree else None,
         )
+        as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64).to(dev, non_blocking=True)  # noqa: E731
+        self.attn.prepare(meta)
+        h = self.model(as_dev(rows.tokens), as_dev(rows.positions), ForwardContext(self.pool, self.attn, as_dev(rows.slots)))
+        hidden = h if len(rows.logit_rows) == len(rows.tokens) else h[as_dev(rows.logit_rows)]
+        return ForwardOut(self.model.compute_logits(hidden), hidden, h if all_hidden else None)

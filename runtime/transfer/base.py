@@ -43,7 +43,7 @@ class TransferError(RuntimeError):
 
 def kv_layout(pool: KVPool) -> dict[str, Any]:
     """What both sides must agree on for a page copy to be meaningful."""
-    layers, _, _, page_size, heads, head_dim = pool.kv.shape
+    _, layers, _, page_size, heads, head_dim = pool.kv.shape  # page-major: page p is kv[p]
     return {
         "num_layers": layers,
         "page_size": page_size,

@@ -64,9 +64,9 @@ class FakeSender(KVSender):
                 entry[1] -= 1
             else:
                 receiver, src, dst = entry[2], entry[3], entry[4]
-                dkv = receiver.pool.kv
-                block = self.pool.kv.index_select(2, page_index(src, self.pool.kv.device))
-                dkv.index_copy_(2, page_index(dst, dkv.device), block.to(dkv.device))
+                dkv = receiver.pool.kv  # page-major: page p is the one block kv[p]
+                block = self.pool.kv.index_select(0, page_index(src, self.pool.kv.device))
+                dkv.index_copy_(0, page_index(dst, dkv.device), block.to(dkv.device))
                 self.bytes_sent += block.numel() * block.element_size()
                 receiver._landed(room, block.numel() * block.element_size())
                 entry[0] = TransferState.DONE

@@ -8,9 +8,12 @@ its agent metadata (a few hundred bytes, sent every time so a restarted prefill 
 needs no extra handshake), the pool's base address and page geometry; the sender loads a
 peer's metadata once per agent name.
 
-Descriptors: pool.kv is [layers, 2, pages, page_size, Hkv, D], so block (l, k/v, page) is
-one contiguous run of page_size*Hkv*D elements at base + ((l*2 + kv)*pages + page)*block.
-One WRITE moves layers*2*n blocks; NIXL merges blocks that are adjacent on both sides.
+Descriptors: the pool is page-major ([pages, layers, 2, page_size, Hkv, D]), so page p is
+one contiguous block of `block_bytes` (every layer's K and V) at base + p * block_bytes. A
+run of pages that are consecutive on both sides becomes one descriptor (`merged_rows`): a
+transfer posts between 1 and n descriptors, each at least one whole page. Descriptor size
+is what NIXL's bandwidth follows (benchmarks/RESULTS.md, 2 x H200 GPU0 -> GPU1: 16 KiB
+descriptors 2.1 GiB/s, 512 KiB ones 56 GiB/s).
 Agents must live in different processes (DEVICE.md: GPU->GPU within one process is staged
 through TCP at <1 GiB/s).
 """
@@ -51,6 +54,29 @@ def nixl_available() -> bool:
     return True
 
 
+def merged_rows(
+    src_pages: list[int], dst_pages: list[int], block_bytes: int, src_base: int, dst_base: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(source, destination) descriptor rows, uint64 [k, 2] of (address, length) each: page
+    src_pages[i] goes to dst_pages[i], and every maximal run in which both page ids go up
+    by one is merged into one row."""
+    src = np.asarray(src_pages, dtype=np.int64)
+    dst = np.asarray(dst_pages, dtype=np.int64)
+    if src.shape != dst.shape or src.ndim != 1:
+        raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+    starts_run = np.ones(src.size, dtype=bool)
+    starts_run[1:] = (np.diff(src) != 1) | (np.diff(dst) != 1)
+    first = np.flatnonzero(starts_run)
+    lengths = np.diff(np.append(first, src.size)).astype(np.uint64) * np.uint64(block_bytes)
+    rows = []
+    for base, pages in ((src_base, src), (dst_base, dst)):
+        r = np.empty((first.size, 2), dtype=np.uint64)
+        r[:, 0] = np.uint64(base) + pages[first].astype(np.uint64) * np.uint64(block_bytes)
+        r[:, 1] = lengths
+        rows.append(r)
+    return rows[0], rows[1]
+
+
 class _Agent:
     """One NIXL agent with the whole KV pool registered."""
 
@@ -67,21 +93,14 @@ class _Agent:
         self.mem = "DRAM" if kv.device.type == "cpu" else "VRAM"
         self.dev_id = 0 if kv.device.type == "cpu" else kv.device.index or 0
         self.base = kv.data_ptr()
-        self.num_pages = kv.shape[2]
-        self.block_bytes = kv[0, 0, 0].numel() * kv.element_size()  # one (layer, k/v, page) run
-        self.num_blocks = kv.shape[0] * 2  # (layer, k/v) pairs
+        self.num_pages = kv.shape[0]
+        self.block_bytes = pool.page_bytes  # one whole page: kv[p]
 
-    def addrs(self, base: int, num_pages: int, pages: list[int]) -> np.ndarray:  # uint64 [L*2*n]
-        lkv = np.arange(self.num_blocks, dtype=np.uint64)[:, None]
-        p = np.asarray(pages, dtype=np.uint64)[None, :]
-        return (np.uint64(base) + (lkv * np.uint64(num_pages) + p) * np.uint64(self.block_bytes)).reshape(-1)
-
-    def descs(self, addrs: np.ndarray, dev_id: int, mem: str) -> Any:
-        rows = np.empty((len(addrs), 3), dtype=np.uint64)  # (address, length, device id)
-        rows[:, 0] = addrs
-        rows[:, 1] = self.block_bytes
-        rows[:, 2] = dev_id
-        return self.agent.get_xfer_descs(rows, mem)
+    def descs(self, rows: np.ndarray, dev_id: int, mem: str) -> Any:
+        full = np.empty((len(rows), 3), dtype=np.uint64)  # (address, length, device id)
+        full[:, :2] = rows
+        full[:, 2] = dev_id
+        return self.agent.get_xfer_descs(full, mem)
 
     def close(self) -> None:
         try:
@@ -119,14 +138,15 @@ class NixlSender(KVSender):
             raise TransferError(f"NIXL block sizes differ: {dest['block_bytes']} vs {self._a.block_bytes}")
         try:
             peer = self._peer(dest)
-            local = self._a.descs(self._a.addrs(self._a.base, self._a.num_pages, src_pages[:n]), self._a.dev_id, self._a.mem)
-            remote = self._a.descs(self._a.addrs(dest["base"], dest["num_pages"], dst_pages), dest["dev_id"], dest["mem"])
+            src_rows, dst_rows = merged_rows(src_pages[:n], dst_pages, self._a.block_bytes, self._a.base, dest["base"])
+            local = self._a.descs(src_rows, self._a.dev_id, self._a.mem)
+            remote = self._a.descs(dst_rows, dest["dev_id"], dest["mem"])
             handle = self._a.agent.initialize_xfer("WRITE", local, remote, peer, str(room).encode())
         except TransferError:
             raise
         except Exception as e:  # nixlBackendError, nixlNotFoundError, ...: the peer is unusable
             raise TransferError(f"NIXL could not prepare the KV write for room {room}: {e}") from e
-        nbytes = n * self._a.num_blocks * self._a.block_bytes
+        nbytes = n * self._a.block_bytes
         try:
             status = self._a.agent.transfer(handle)
         except Exception as e:  # noqa: BLE001 - same as an ERR status
@@ -205,7 +225,7 @@ class NixlReceiver(KVReceiver):
             "mem": self._a.mem,
         }
         self._rooms: dict[int, list[Any]] = {}  # room -> [state, bytes expected]
-        self._page_bytes = self._a.num_blocks * self._a.block_bytes
+        self._page_bytes = self._a.block_bytes
 
     def destination(self, room: int, dst_pages: list[int]) -> dict[str, Any]:
         for p in dst_pages:

@@ -2,8 +2,10 @@
 ZMQ link. One gather on the prefill device, one copy to host; on the decode side one copy
 to the device and one scatter. Bit-exact for every dtype (bytes, never values, move).
 
-Payload layout: the first `num_tokens` token slots of the pages, as the raw bytes of a
-[layers, 2, num_tokens, Hkv, D] tensor in the pool's dtype.
+Payload layout: the first `num_tokens` token slots of the pages, as raw bytes in the pool's
+dtype: the pages filled completely, whole ([full, layers, 2, page_size, Hkv, D], each one
+block of the page-major pool), then the first `rem` slots of the last, partly filled page
+([layers, 2, rem, Hkv, D]); num_tokens = full * page_size + rem.
 """
 from __future__ import annotations
 
@@ -28,25 +30,36 @@ from runtime.transfer.base import (
 log = logging.getLogger(__name__)
 
 
+def _split(pool: KVPool, num_tokens: int) -> tuple[int, int, int]:
+    """(full pages, slots of the partial last page, elements of one whole page)."""
+    full, rem = divmod(num_tokens, pool.page_size)
+    return full, rem, pool.kv[0].numel()
+
+
 def gather_tokens(pool: KVPool, pages: list[int], num_tokens: int) -> torch.Tensor:
-    """[layers, 2, num_tokens, Hkv, D] on the pool's device: the first num_tokens slots of pages."""
+    """The payload of the first num_tokens slots of `pages`, flat in the pool's dtype on its
+    device: one gather of whole pages, one copy of the partial page's slots."""
     kv = pool.kv
-    L, _, _, ps, H, D = kv.shape
-    g = kv.index_select(2, page_index(pages, kv.device))  # [L, 2, n, ps, H, D]
-    return g.view(L, 2, len(pages) * ps, H, D)[:, :, :num_tokens]
+    full, rem, page_numel = _split(pool, num_tokens)
+    _, L, _, _, H, D = kv.shape
+    out = kv.new_empty(full * page_numel + L * 2 * rem * H * D)
+    if full:
+        torch.index_select(kv, 0, page_index(pages[:full], kv.device), out=out[: full * page_numel].view(full, *kv.shape[1:]))
+    if rem:
+        out[full * page_numel :].view(L, 2, rem, H, D).copy_(kv[pages[full], :, :, :rem])
+    return out
 
 
-def scatter_tokens(pool: KVPool, pages: list[int], data: torch.Tensor) -> None:
-    """Inverse of gather_tokens: data [layers, 2, num_tokens, Hkv, D] into pages' first slots."""
+def scatter_tokens(pool: KVPool, pages: list[int], data: torch.Tensor, num_tokens: int) -> None:
+    """Inverse of gather_tokens: the flat payload `data` into pages' first num_tokens slots."""
     kv = pool.kv
-    L, _, _, ps, H, D = kv.shape
-    T = data.shape[2]
-    full, rem = divmod(T, ps)
+    full, rem, page_numel = _split(pool, num_tokens)
+    _, L, _, _, H, D = kv.shape
     data = data.to(kv.device)
     if full:
-        kv.index_copy_(2, page_index(pages[:full], kv.device), data[:, :, : full * ps].reshape(L, 2, full, ps, H, D))
+        kv.index_copy_(0, page_index(pages[:full], kv.device), data[: full * page_numel].view(full, *kv.shape[1:]))
     if rem:
-        kv[:, :, pages[full], :rem] = data[:, :, full * ps :]
+        kv[pages[full], :, :, :rem] = data[full * page_numel :].view(L, 2, rem, H, D)
 
 
 class ZmqSender(KVSender):
@@ -59,7 +72,7 @@ class ZmqSender(KVSender):
     def start(self, room: int, src_pages: list[int], dest: dict[str, Any], num_tokens: int) -> memoryview:
         check_request(self.kind, self.pool, src_pages, dest, num_tokens)
         n = pages_needed(num_tokens, self.pool.page_size)
-        data = gather_tokens(self.pool, src_pages[:n], num_tokens).contiguous()
+        data = gather_tokens(self.pool, src_pages[:n], num_tokens)
         # A read-only view of the freshly gathered (host) tensor, which it keeps alive: no
         # extra copy (msgpack packs any bytes-like object). uint8 because numpy has no bf16.
         payload = data.view(torch.uint8).reshape(-1).cpu().numpy().data.toreadonly()
@@ -97,7 +110,7 @@ class ZmqReceiver(KVReceiver):
         if state.finished:
             return state
         kv = self.pool.kv
-        L, _, _, ps, H, D = kv.shape
+        _, L, _, ps, H, D = kv.shape
         expect = L * 2 * num_tokens * H * D * kv.element_size()
         n = pages_needed(num_tokens, ps)
         if len(payload) != expect or not 0 < n <= len(pages):
@@ -111,7 +124,7 @@ class ZmqReceiver(KVReceiver):
             with warnings.catch_warnings():  # read-only bytes: we only read from it
                 warnings.simplefilter("ignore", UserWarning)
                 raw = torch.frombuffer(payload, dtype=torch.uint8)
-            scatter_tokens(self.pool, pages[:n], raw.view(kv.dtype).view(L, 2, num_tokens, H, D))
+            scatter_tokens(self.pool, pages[:n], raw.view(kv.dtype), num_tokens)
             self.bytes_received += len(payload)
             state = TransferState.DONE
         self._rooms[room] = (pages, state)

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 from runtime.engine.attention import make_attention_backend  # noqa: E402
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata  # noqa: E402
 from runtime.engine.attention.torch_ref import TorchAttention  # noqa: E402
+from runtime.engine.kv_pool import KVPool  # noqa: E402
 
 try:
     importlib.import_module("flashinfer")
@@ -23,8 +24,9 @@ TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
 
 
 class Paged:
-    """A random two-layer paged cache holding `kv_lens` tokens per sequence in pages
-    handed out in random order, and the step's metadata for `q_lens` new tokens each."""
+    """A random two-layer KVPool (page-major: each layer's K/V is a page-strided view)
+    holding `kv_lens` tokens per sequence in pages handed out in random order, and the
+    step's metadata for `q_lens` new tokens each."""
 
     def __init__(
         self,
@@ -42,7 +44,8 @@ class Paged:
         gen = torch.Generator().manual_seed(seed)
         need = [-(-n // page_size) for n in kv_lens]
         num_pages = sum(need) + 1 + spare_pages
-        self.kv = torch.randn(2, 2, num_pages, page_size, hkv, d, generator=gen).to(DEV, dtype)
+        self.pool = KVPool(2, num_pages, page_size, hkv, d, dtype, DEV)
+        self.pool.kv.copy_(torch.randn(self.pool.kv.shape, generator=gen).to(DEV, dtype))
         order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
         self.page_lists = [[order.pop() for _ in range(n)] for n in need]
         mask = None
@@ -58,7 +61,7 @@ class Paged:
         self.scale = d**-0.5
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[i, 0], self.kv[i, 1]
+        return self.pool.k_cache(i), self.pool.v_cache(i)
 
     def reference(self, layer: int = 0) -> torch.Tensor:  # fp32 [T, Hq, D]
         ref = TorchAttention()

@@ -102,3 +102,32 @@ def test_tiny_bf16_fused_kernels_close_to_transformers(tiny_model_dir: str, back
     if backend != "torch" and not _has(backend):
         pytest.skip(f"{backend} not installed")
     assert_bf16_close(tiny_model_dir, 12, attention_backend=backend, cuda_graph=graphs, page_size=4)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_tree_verification_cuda(tiny_model_dir: str, graphs: bool) -> None:
+    """Draft trees verified on CUDA (Triton tree rows; with graphs, replayed) keep greedy
+    outputs identical and leak no page."""
+    if not _has("triton"):
+        pytest.skip("triton not installed")
+    from tests.unit.test_speculative import check_draft_trees
+
+    core = check_draft_trees(tiny_model_dir, "cuda", attention_backend="triton", cuda_graph=graphs)
+    assert (core.runner.graphs is not None) == graphs
+
+
+@pytest.mark.parametrize("method", ["ngram"])
+def test_speculation_with_graphs_identical(tiny_model_dir: str, method: str) -> None:
+    from tests.unit.test_speculative import COPY
+
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = PROMPTS + [COPY, COPY + " mat. The cat"]
+    base = Engine(tiny_model_dir, device="cuda", dtype="float32", attention_backend="triton", page_size=4)
+    ref = [r.token_ids for r in base.generate(prompts, params)]
+    spec = Engine(tiny_model_dir, device="cuda", dtype="float32", attention_backend="triton", page_size=4,
+                  speculative=method, num_draft_tokens=4, speculative_policy="fixed")
+    got = spec.generate(prompts, params)
+    assert [r.token_ids for r in got] == ref
+    assert max(r.accept_length for r in got) > 1.0
+    spec.shutdown()
+    spec.core.pool.check_no_leak(0)

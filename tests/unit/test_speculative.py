@@ -10,6 +10,7 @@ import torch
 
 from runtime import Engine, SamplingParams
 from runtime.config import EngineConfig
+from runtime.decode.speculative.base import DraftTree
 from runtime.decode.speculative.ngram import NgramDrafter
 from runtime.engine.core import EngineCore
 from runtime.engine.model import LlamaForCausalLM
@@ -64,6 +65,55 @@ def test_rejected_drafts_leak_no_pages(tiny_model_dir: str) -> None:
     core.pool.check_no_leak(0)
 
 
+def test_draft_trees_greedy_identical_and_kv_compacted(tiny_model_dir: str) -> None:
+    check_draft_trees(tiny_model_dir, "cpu")
+
+
+def check_draft_trees(model_dir: str, device: str, **engine_kw) -> EngineCore:
+    """Trees whose right answer is never the first child: the accepted path runs through
+    later siblings, so its KV must be moved into place for the outputs to stay exact."""
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    base = Engine(model_dir, device=device, dtype="float32", page_size=2, **engine_kw)
+    ref = {f"r{i}": r.token_ids for i, r in enumerate(base.generate(PROMPTS, params))}
+    base.shutdown()
+    core = Engine(model_dir, device=device, dtype="float32", page_size=2, kv_cache_tokens=600, **engine_kw).core
+    for i, p in enumerate(PROMPTS):
+        core.add_request(f"r{i}", core.loaded.tokenizer(p)["input_ids"], params)
+    reqs = list(core.requests.values())
+    gen = torch.Generator().manual_seed(0)
+    gained = []
+    while core.has_work:
+        drafts = {}
+        for r in core.scheduler.running:
+            m, want = len(r.output_ids), ref[r.rid]
+            if not m:
+                continue
+            nxt = want[m : m + 3] + [0, 0, 0]
+            wrong = [(t + 1 + int(torch.randint(0, 50, (1,), generator=gen))) % 512 for t in nxt[:3]]
+            # node: 0 wrong, 1 right (depth 1); 2 wrong, 3 right (under 1); 4 right (under 3);
+            # 5 wrong (under 0)
+            drafts[r.rid] = DraftTree([wrong[0], nxt[0], wrong[1], nxt[1], nxt[2], wrong[2]], [-1, -1, 1, 1, 3, 0])
+        for out in core.step(drafts):
+            if out.new_token_ids and out.req.rid in drafts:
+                gained.append(len(out.new_token_ids))
+    assert {r.rid: r.output_ids for r in reqs} == ref
+    assert max(gained) == 4  # three accepted nodes plus the bonus token
+    core.scheduler.check_no_leak()
+    core.cache.reset()
+    core.pool.check_no_leak(0)
+    return core
+
+
+def test_draft_tree_helpers() -> None:
+    t = DraftTree([5, 6, 7, 8], [-1, -1, 0, 2])
+    assert t.depths() == [1, 1, 2, 3]
+    assert t.ancestors_mask() == [0b1, 0b10, 0b101, 0b1101]
+    assert not t.is_chain and DraftTree.chain([1, 2, 3]).is_chain
+    assert t.within_depth(2) == DraftTree([5, 6, 7], [-1, -1, 0])
+    with pytest.raises(ValueError, match="parents must come first"):
+        DraftTree([1, 2], [1, -1])
+
+
 def test_ngram_lookup() -> None:
     d = NgramDrafter(max_n=3)
     assert d.lookup([1, 2, 3, 4, 9, 1, 2, 3], 3) == [4, 9, 1]
@@ -103,7 +153,16 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-@pytest.mark.parametrize("drafts", ["likely", "random"])
+def _tree_proposal(likely: list[int], gen: torch.Generator) -> DraftTree:
+    """Three distinct first tokens (the likely one second), two children under each of the
+    first two, one of them the likely second token."""
+    firsts = [t for t in torch.randperm(V, generator=gen).tolist() if t != likely[0]][:2]
+    firsts.insert(1, likely[0])
+    seconds = [t for t in torch.randperm(V, generator=gen).tolist() if t != likely[1]][:1] + [likely[1]]
+    return DraftTree(firsts + seconds + seconds[::-1], [-1, -1, -1, 0, 0, 1, 1])
+
+
+@pytest.mark.parametrize("drafts", ["likely", "random", "tree"])
 def test_sampling_distribution_preserved(tiny_vocab_core: EngineCore, drafts: str) -> None:
     core, prompt, n = tiny_vocab_core, [1, 2, 3, 1, 2], 3000
     p1 = _dist(core, prompt)
@@ -114,7 +173,8 @@ def test_sampling_distribution_preserved(tiny_vocab_core: EngineCore, drafts: st
     gen = torch.Generator().manual_seed(1)
     reqs = [core.add_request(f"s{drafts}{i}", prompt, SamplingParams(max_tokens=3, temperature=1.0, seed=i)) for i in range(n)]
     while any(not r.finished for r in reqs):
-        proposal = {r.rid: (likely if drafts == "likely" else torch.randint(0, V, (2,), generator=gen).tolist())
+        proposal = {r.rid: (likely if drafts == "likely" else _tree_proposal(likely, gen) if drafts == "tree"
+                            else torch.randint(0, V, (2,), generator=gen).tolist())
                     for r in reqs if r.output_ids and not r.finished}
         core.step(proposal)
     assert max(r.accept_length for r in reqs) > 1.0

@@ -9,6 +9,7 @@ import queue
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from runtime.ipc import decode, encode
 from runtime.messages import KVDestination, KVDone
 from runtime.transfer import TransferError, TransferState, make_transfer
 from runtime.transfer.fake import FakeFabric, FakeReceiver, FakeSender
-from runtime.transfer.nixl import nixl_available
+from runtime.transfer.nixl import merged_rows, nixl_available
 from runtime.transfer.zmq_inline import ZmqReceiver, ZmqSender
 
 LAYERS, PAGE, HEADS, DIM = 3, 4, 2, 8
@@ -39,16 +40,19 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+def tokens(kv: torch.Tensor, pages: list[int], num_tokens: int) -> torch.Tensor:
+    """[layers, 2, num_tokens, Hkv, D]: the first num_tokens slots of `pages` of a pool's kv."""
+    _, L, _, ps, H, D = kv.shape
+    n = -(-num_tokens // ps)
+    return kv[pages[:n]].permute(1, 2, 0, 3, 4, 5).reshape(L, 2, n * ps, H, D)[:, :, :num_tokens]
+
+
 def assert_transferred(src: KVPool, dst: KVPool, before: torch.Tensor, num_tokens: int = NUM_TOKENS) -> None:
     """The first num_tokens slots of DST_PAGES equal SRC_PAGES' bit for bit; every page not
     in DST_PAGES is exactly as before."""
-    L, _, _, ps, H, D = src.kv.shape
-    n = -(-num_tokens // ps)
-    got = dst.kv[:, :, DST_PAGES[:n]].reshape(L, 2, n * ps, H, D)[:, :, :num_tokens]
-    want = src.kv[:, :, SRC_PAGES[:n]].reshape(L, 2, n * ps, H, D)[:, :, :num_tokens]
-    assert torch.equal(bits(got), bits(want))
+    assert torch.equal(bits(tokens(dst.kv, DST_PAGES, num_tokens)), bits(tokens(src.kv, SRC_PAGES, num_tokens)))
     others = [p for p in range(dst.num_pages) if p not in DST_PAGES]
-    assert torch.equal(bits(dst.kv[:, :, others]), bits(before[:, :, others]))
+    assert torch.equal(bits(dst.kv[others]), bits(before[others]))
 
 
 def wire(msg: Any) -> Any:
@@ -122,11 +126,15 @@ def test_zmq_payload_holds_only_the_prompt_tokens() -> None:
     sender, receiver = zmq_pair(src, dst)
     payload = sender.start(1, SRC_PAGES, receiver.destination(1, DST_PAGES), NUM_TOKENS)
     assert len(payload) == LAYERS * 2 * NUM_TOKENS * HEADS * DIM * 2
+    # the documented wire layout: the full pages whole, then the partial page's first slots
+    full = NUM_TOKENS // PAGE
+    want = torch.cat([bits(src.kv[SRC_PAGES[:full]]).flatten(), bits(src.kv[SRC_PAGES[full], :, :, : NUM_TOKENS % PAGE]).flatten()])
+    assert bytes(payload) == want.numpy().tobytes()
     before = dst.kv.clone()
     receiver.complete(1, payload, NUM_TOKENS)
-    last = DST_PAGES[NUM_TOKENS // PAGE]
+    last = DST_PAGES[full]
     # slots past the prompt in the last page are not written
-    assert torch.equal(bits(dst.kv[:, :, last, 1:]), bits(before[:, :, last, 1:]))
+    assert torch.equal(bits(dst.kv[last, :, :, 1:]), bits(before[last, :, :, 1:]))
 
 
 def test_zmq_bad_payload_fails_and_writes_nothing() -> None:
@@ -229,6 +237,29 @@ def test_make_transfer() -> None:
         make_transfer("carrier-pigeon", pool, 0, "prefill")
 
 
+# ---- NIXL descriptors ---------------------------------------------------------------------
+def test_nixl_rows_merge_runs_of_consecutive_pages() -> None:
+    B, SB, DB = 1 << 20, 1 << 40, 1 << 41  # block (page) bytes, source and destination bases
+
+    def rows(src: list[int], dst: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        s, d = merged_rows(src, dst, B, SB, DB)
+        assert s.dtype == d.dtype == np.uint64 and s.shape == d.shape and s.shape[1] == 2
+        assert int(s[:, 1].sum()) == len(src) * B  # every page moved once, whole
+        return [tuple(map(int, r)) for r in s], [tuple(map(int, r)) for r in d]
+
+    # one run on both sides: a single descriptor of all the pages
+    assert rows([3, 4, 5, 6], [10, 11, 12, 13]) == ([(SB + 3 * B, 4 * B)], [(DB + 10 * B, 4 * B)])
+    # scattered pages: one descriptor per page, in order
+    s, d = rows(SRC_PAGES, DST_PAGES)
+    assert s == [(SB + p * B, B) for p in SRC_PAGES] and d == [(DB + p * B, B) for p in DST_PAGES]
+    # runs break wherever either side stops going up by one
+    s, d = rows([2, 3, 4, 9, 10, 7, 8], [5, 6, 7, 1, 2, 3, 9])
+    assert s == [(SB + 2 * B, 3 * B), (SB + 9 * B, 2 * B), (SB + 7 * B, B), (SB + 8 * B, B)]
+    assert d == [(DB + 5 * B, 3 * B), (DB + 1 * B, 2 * B), (DB + 3 * B, B), (DB + 9 * B, B)]
+    assert rows([1, 2], [5, 4]) == ([(SB + B, B), (SB + 2 * B, B)], [(DB + 5 * B, B), (DB + 4 * B, B)])
+    assert rows([7], [1]) == ([(SB + 7 * B, B)], [(DB + B, B)])
+
+
 # ---- NIXL: one agent per process ------------------------------------------------------------
 def _nixl_child(role: str, cmds: Any, results: Any) -> None:
     """Runs in a spawned process: executes (op, *args) commands on this side's backend."""
@@ -251,9 +282,9 @@ def _nixl_child(role: str, cmds: Any, results: Any) -> None:
                 out = pools[args[0]].kv.clone()
             elif op == "dest":  # wid, room, pages
                 out = sides[args[0]].destination(args[1], args[2])
-            elif op == "send":  # wid, room, dest, num_tokens
-                wid, room, dest, num_tokens = args
-                payload = sides[wid].start(room, SRC_PAGES, dest, num_tokens)
+            elif op == "send":  # wid, room, dest, num_tokens[, source pages]
+                wid, room, dest, num_tokens, *src = args
+                payload = sides[wid].start(room, src[0] if src else SRC_PAGES, dest, num_tokens)
                 out = (payload, wait(sides[wid].poll, room).name, sides[wid].bytes_sent)
             elif op == "complete":  # wid, room, num_tokens
                 wid, room, num_tokens = args
@@ -333,9 +364,30 @@ def test_nixl_two_processes_bit_exact(nixl_peers: Any, dtype: str) -> None:
     dst.kv.copy_(decode_("kv", wid))
     assert_transferred(src, dst, before)
     # whole pages are written: the tail of the last page too
-    assert torch.equal(bits(dst.kv[:, :, DST_PAGES]), bits(src.kv[:, :, SRC_PAGES]))
+    assert torch.equal(bits(dst.kv[DST_PAGES]), bits(src.kv[SRC_PAGES]))
     prefill("release", wid, 40)
     decode_("release", wid, 40)
+
+
+def test_nixl_merged_runs_land_bit_exact(nixl_peers: Any) -> None:
+    """Runs of consecutive pages go as one descriptor each: every page still lands in its
+    own destination page, and nothing else is touched."""
+    prefill, decode_ = nixl_peers
+    wid, src_pages, dst_pages = 3, [2, 3, 4, 9, 10, 7], [5, 6, 7, 1, 2, 12]
+    prefill("init", wid, "bfloat16", 12, 41)
+    decode_("init", wid, "bfloat16", 16, 42)
+    src, before = random_pool(12, torch.bfloat16, 41), decode_("kv", wid)
+    dest = wire(KVDestination(room=60, rid="r", decode_id=wid, pages=dst_pages, transfer=decode_("dest", wid, 60, dst_pages)))
+    num_tokens = len(src_pages) * PAGE - 2
+    _, state, sent = prefill("send", wid, 60, dest.transfer, num_tokens, src_pages)
+    assert state == "DONE" and sent == len(src_pages) * src.page_bytes
+    assert decode_("complete", wid, 60, num_tokens) == "DONE"
+    after = decode_("kv", wid)
+    assert torch.equal(bits(after[dst_pages]), bits(src.kv[src_pages]))
+    others = [p for p in range(16) if p not in dst_pages]
+    assert torch.equal(bits(after[others]), bits(before[others]))
+    prefill("release", wid, 60)
+    decode_("release", wid, 60)
 
 
 def test_nixl_failure_paths(nixl_peers: Any) -> None:

@@ -77,7 +77,14 @@ class DraftModelDrafter(Drafter):
             cfg.attention_backend, core.device, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim, dtype=target_dtype,
         )
-        self.runner = ModelRunner(self.loaded.model, self.pool, attn, core.device)
+        self.loaded.model.fuse_projections()
+        graphs = None
+        if core.runner.graphs is not None:  # CUDA with a graph-capable backend, as the target
+            from runtime.engine.core import graph_rows
+            from runtime.engine.cuda_graph import CudaGraphDecoder
+
+            graphs = CudaGraphDecoder(self.loaded.model, self.pool, graph_rows(cfg), core.max_model_len)
+        self.runner = ModelRunner(self.loaded.model, self.pool, attn, core.device, graphs)
         self.states: dict[str, _State] = {}
 
     # ---- the Drafter seam ----------------------------------------------------------------
@@ -101,7 +108,7 @@ class DraftModelDrafter(Drafter):
             return {}
         # Catch-up: rows all_ids[computed:seq_len] at positions computed..seq_len-1.
         seqs = [ScheduledSeq(v, st.computed, st.base - st.computed, 1) for st, v in work]  # type: ignore[arg-type]
-        logits, _ = self.runner.forward(Batch(seqs))  # fp32 [B, V]
+        logits = self.runner.forward(Batch(seqs)).logits  # fp32 [B, V]
         for step in range(k):
             for (st, v), t in zip(work, logits.argmax(dim=-1).tolist()):
                 st.drafts.append(t)
@@ -110,7 +117,7 @@ class DraftModelDrafter(Drafter):
                 break
             # Feed draft step+1 back at position seq_len+step.
             seqs = [ScheduledSeq(v, st.base + step, 1, 1) for st, v in work]  # type: ignore[arg-type]
-            logits, _ = self.runner.forward(Batch(seqs))
+            logits = self.runner.forward(Batch(seqs)).logits
         for st, _ in work:
             st.computed = st.base  # the drafts' KV is speculative until observe() confirms it
         return {v.rid: list(st.drafts) for st, v in work}

@@ -6,6 +6,12 @@ prefix, chunked prefill, speculative verification) uses `BatchPrefillWithPagedKV
 with causal=True, or with the custom mask (ANDed with the causal rule here, because
 flashinfer's custom mode replaces the causal mask instead of combining with it).
 
+The caches are strided views of the page-major pool (page stride = a whole page of every
+layer). flashinfer's paged kernels (FA2 and decode via `paged_kv_t`'s kv_strides, the SM90
+kernels via k/v_page_stride) read the tensors' strides, but need K and V to share them, a
+unit stride on head_dim, and a page stride that fits their 32-bit fields; `_check_cache`
+refuses anything else rather than let a kernel read the wrong memory.
+
 flashinfer's plan() reads the indptr arrays on the host; they are built from the host
 copies of the lengths in the metadata, so planning never waits for the GPU. The page
 indices are gathered on the device with sizes known on the host (no sync either).
@@ -39,6 +45,25 @@ def _ragged_rows(sizes_dev: torch.Tensor, total: int) -> tuple[torch.Tensor, tor
     )
     starts = torch.cumsum(sizes_dev, 0) - sizes_dev
     return rows, torch.arange(total, device=sizes_dev.device) - starts[rows]
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Raise unless flashinfer can address these [pages, page_size, Hkv, D] caches."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"flashinfer attention needs K and V caches of one shape [pages, page_size, Hkv, D], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError(
+            "flashinfer attention needs K and V caches with equal strides and a unit stride on "
+            f"head_dim, got {k_cache.stride()} and {v_cache.stride()}"
+        )
+    if k_cache.stride(0) * k_cache.element_size() >= 2**32:
+        raise ValueError(
+            f"a KV page of {k_cache.stride(0) * k_cache.element_size()} bytes is too large for flashinfer's "
+            "32-bit page stride; use smaller pages or the triton attention backend"
+        )
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -90,6 +115,7 @@ class FlashInferAttention(AttentionBackend):
             else None
         )
         self._meta: AttentionMetadata | None = None
+        self._checked_strides: tuple | None = None
         self._planned: tuple | None = None
         self._wrapper: Any = None
 
@@ -182,6 +208,10 @@ class FlashInferAttention(AttentionBackend):
             raise RuntimeError("FlashInferAttention.forward called before prepare()")
         hq, d = q.shape[1], q.shape[2]
         key = (hq, k_cache.shape[2], d, q.dtype, scale)
+        strides = (k_cache.shape, k_cache.stride(), v_cache.shape, v_cache.stride())
+        if strides != self._checked_strides:
+            _check_cache(k_cache, v_cache)
+            self._checked_strides = strides
         if key != self._planned:
             _check_dtype(q.dtype)
             self._plan(*key)

@@ -21,10 +21,13 @@ class TorchAttention(AttentionBackend):
         q_valid = j[None, :] < q_lens[:, None]  # [B, max_q]
         self._q_index = (meta.cu_q_lens[:-1].long()[:, None] + j[None, :])[q_valid]  # [T]
         self._q_valid = q_valid
-        # KV slot of key position p of sequence i.
+        # The pages holding key positions 0..max_kv-1 of each sequence, gathered whole: a page
+        # is contiguous within the (page-strided) cache, so this copies blocks, not rows.
         p = torch.arange(max_kv, device=device)
-        pages = meta.page_table.long().gather(1, (p // ps).clamp(max=meta.page_table.shape[1] - 1)[None, :].expand(bsz, -1))
-        self._kv_slots = (pages * ps + (p % ps)[None, :]).flatten()  # [B * max_kv]
+        self._num_pages = -(-max_kv // ps)
+        cols = torch.arange(self._num_pages, device=device).clamp(max=meta.page_table.shape[1] - 1)
+        self._kv_pages = meta.page_table.long()[:, cols].flatten()  # int64 [B * num_pages]
+        self._max_kv = max_kv
         q_pos = kv_lens[:, None] - q_lens[:, None] + j[None, :]  # [B, max_q]
         mask = (p[None, None, :] <= q_pos[:, :, None]) & (p[None, None, :] < kv_lens[:, None, None])
         if meta.custom_mask is not None:
@@ -47,12 +50,15 @@ class TorchAttention(AttentionBackend):
         else:
             qp = q.new_zeros(bsz, max_q, hq, d)
             qp[self._q_valid] = q
-        # index_select on flat slots is ~2x faster than advanced indexing with a 2-D index.
-        k = k_cache.view(-1, hkv, d).index_select(0, self._kv_slots).view(bsz, -1, hkv, d)  # [B, max_kv, Hkv, D]
-        v = v_cache.view(-1, hkv, d).index_select(0, self._kv_slots).view(bsz, -1, hkv, d)
+        k, v = self._gather(k_cache), self._gather(v_cache)  # [B, max_kv, Hkv, D]
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=self._mask, scale=scale,
             enable_gqa=hkv != hq,
         )  # [B, Hq, max_q, D]
         out = out.transpose(1, 2)
         return out.reshape(bsz, hq, d) if max_q == 1 else out[self._q_valid]
+
+    def _gather(self, cache: torch.Tensor) -> torch.Tensor:  # [B, max_kv, Hkv, D]
+        bsz = self._shape[0]
+        pages = cache.index_select(0, self._kv_pages)  # [B * num_pages, page_size, Hkv, D]
+        return pages.view(bsz, -1, *cache.shape[2:])[:, : self._max_kv]
