@@ -195,10 +195,14 @@ def test_train_draft_writes_a_checkpoint(trained_head: str, tiny_model_dir: str)
     assert m["train_top1"] > 0.5 and m["train_top1_step1"] > 0.5  # it fits the data it was trained on
 
 
-def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_model_dir: str) -> None:
+@pytest.mark.parametrize("tree", ["chain", "4x12"])
+def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_model_dir: str, tree: str) -> None:
+    """Chains and trees: greedy outputs equal the target's own, drafts are accepted on a
+    training prompt (its second run hits the prefix cache: the head's context then starts
+    after the cached prompt part), sampling runs, and no page of either pool leaks."""
     base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
     spec = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="eagle",
-                  draft_model=trained_head, speculative_policy="fixed")
+                  draft_model=trained_head, speculative_policy="fixed", speculative_tree=tree)
     # A prompt of the training set, decoded as train-draft decoded it (greedy, eos honoured).
     train_prompt = train_draft.prompt_ids(spec, train_draft.make_prompts(5, 0))[1]
     trained = SamplingParams(max_tokens=24, temperature=0.0)
@@ -212,6 +216,8 @@ def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_mod
     ref = [r.token_ids for r in base.generate(prompts, params)]
     got = spec.generate(prompts, params)
     assert [r.token_ids for r in got] == ref
+    sampled = spec.generate(prompts, SamplingParams(max_tokens=12, temperature=0.8, seed=5))
+    assert all(r.token_ids for r in sampled)
     spec.shutdown()
     spec.core.pool.check_no_leak(0)
     spec.core.drafter.pool.check_no_leak(0)

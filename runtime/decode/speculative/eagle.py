@@ -337,10 +337,11 @@ class EagleDrafter(Drafter):
         tokens, parents = self._grow(states, root, k)
         for st in states:
             self.pool.shrink_to(st.pages, st.committed)  # free the pages of draft nodes only
-        token_rows = tokens.tolist()  # the one host sync of a propose
         if self.branch == 1:
-            return {r.rid: t for (r, _), t in zip(batch, token_rows)}
-        return {r.rid: DraftTree(t, p) for (r, _), t, p in zip(batch, token_rows, parents.tolist())}
+            rows = tokens.tolist()  # the one host sync of a propose
+            return {r.rid: t for (r, _), t in zip(batch, rows)}
+        token_rows, parent_rows = torch.stack((tokens, parents)).tolist()  # the one host sync
+        return {r.rid: DraftTree(t, p) for (r, _), t, p in zip(batch, token_rows, parent_rows)}
 
     # ---- internals ---------------------------------------------------------------------------
     def _cache_pairs(self, states: list[_State], counts: list[int]) -> torch.Tensor:
