@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--ngram-draft-tokens", type=int, default=None, help="k for ngram (default: --num-draft-tokens)")
+    ap.add_argument("--eagle-draft-tokens", type=int, default=None, help="k (tree depth) for eagle (default: --num-draft-tokens)")
+    ap.add_argument("--eagle-trees", default="chain", help="eagle runs, comma-separated --speculative-tree values (chain, BxN)")
     ap.add_argument("--methods", default="none,ngram,draft,eagle", help="subset to run (draft/eagle need their paths)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="bench_spec.json")
@@ -88,16 +90,20 @@ def main() -> None:
         make_draft(a.model, a.out_dir, a.draft_layers)
         return
     wanted = a.methods.split(",")
-    methods = [(m, p) for m, p in (("none", None), ("ngram", None), ("draft", a.draft_model), ("eagle", a.eagle))
+    methods = [(m, p, "chain") for m, p in (("none", None), ("ngram", None), ("draft", a.draft_model))
                if m in wanted and (m in ("none", "ngram") or p)]
+    if "eagle" in wanted and a.eagle:
+        methods += [("eagle", a.eagle, tree) for tree in a.eagle_trees.split(",")]
     if methods[0][0] != "none":
         ap.error("--methods must include none (the baseline)")
     rows = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
-    for method, draft in methods:
-        k = a.ngram_draft_tokens if method == "ngram" and a.ngram_draft_tokens else a.num_draft_tokens
+    for method, draft, tree in methods:
+        k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method) or a.num_draft_tokens
         engine = Engine(a.model, device=a.device, speculative=method, draft_model=draft,
-                        num_draft_tokens=k, speculative_policy="fixed")
+                        num_draft_tokens=k, speculative_policy="fixed", speculative_tree=tree)
+        if tree != "chain":
+            method = f"eagle-{tree}"
         tok = engine.tokenizer
         workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in ps]
                      for name, ps in (("chat", CHAT), ("copy", COPY))}
@@ -125,9 +131,9 @@ def main() -> None:
         r["speedup"] = r["tok_s"] / base[(r["workload"], r["batch"])]
     with open(a.out, "w") as f:
         json.dump(dict(args=vars(a), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", rows=rows), f, indent=2)
-    print(f"\n{'method':>6} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}")
+    print(f"\n{'method':>11} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}")
     for r in rows:
-        print(f"{r['method']:>6} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
+        print(f"{r['method']:>11} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
               f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {r['same_as_none']:5.2f}")
 
 
