@@ -118,10 +118,14 @@ def _feed_and_compare(drafter: EagleDrafter, tiny: LoadedModel, tree: tuple[int,
     drafter.pool.check_no_leak(0)
 
 
+@pytest.mark.parametrize("catchup", ["decode", "prefill"])
 @pytest.mark.parametrize("tree", [None, (3, 10)], ids=["chain", "tree3x10"])
-def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedModel, tmp_path, tree) -> None:
+def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedModel, tmp_path, tree, catchup,
+                                             monkeypatch) -> None:
     """EagleDrafter's drafts (chain or tree) equal simulate.draft_trees, which training's
-    validation accept lengths are computed from, with the prompt in the head's context."""
+    validation accept lengths are computed from, with the prompt in the head's context;
+    catch-ups in decode shape (one row per pair) or as a prefill."""
+    monkeypatch.setattr(eagle, "DECODE_CATCHUP", 8 if catchup == "decode" else 0)
     save_head(str(tmp_path / "h"), _random_head(tiny, seed=2), {"target_model": "tiny"})
     spec = f"{tree[0]}x{tree[1]}" if tree else "chain"
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"),

@@ -77,6 +77,11 @@ MAX_PENDING = 256
 # CATCHUP_ROWS rows per forward: a long prompt is cached in several forwards.
 CATCHUP_CHUNK = 512
 CATCHUP_ROWS = 4096
+# A catch-up of at most this many pairs per request (the steady state: the tokens accepted
+# by one verify step) runs in decode shape, one row per pair with its own key count: one
+# paged-decode launch, no prefill planning. Longer ones (a prompt) run as a prefill, which
+# reads each key once instead of once per row.
+DECODE_CATCHUP = 8
 
 
 class EagleHead(nn.Module):
@@ -246,7 +251,11 @@ class EagleDrafter(Drafter):
         hc = self.head.cfg
         ps = core.cfg.page_size
         self.pool = KVPool(1, self._num_pages(core), ps, hc.num_kv_heads, hc.head_dim, self.dtype, self.device)
-        self.attn = make_attention_backend(core.attn.name, self.device, num_q_heads=hc.num_heads,
+        # Draft steps are decode-shape rows (with a tree rule for trees): Triton's paged
+        # decode kernel runs them in one launch, where flashinfer would plan a masked prefill
+        # every step. Otherwise the target's backend.
+        backend = "triton" if core.attn.name == "flashinfer" else core.attn.name
+        self.attn = make_attention_backend(backend, self.device, num_q_heads=hc.num_heads,
                                            num_kv_heads=hc.num_kv_heads, head_dim=hc.head_dim, dtype=self.dtype)
         self.states: dict[str, _State] = {}
 
@@ -349,7 +358,8 @@ class EagleDrafter(Drafter):
         KV (they become committed). Returns the head's output at each state's last one [B, H]."""
         ps, dev = self.pool.page_size, self.device
         tokens: list[int] = []
-        feats, positions, slots, q_lens, kv_lens = [], [], [], [], []
+        feats, positions, slots, kv_lens, pages = [], [], [], [], []
+        decode = max(counts) <= DECODE_CATCHUP
         for st, n in zip(states, counts):
             pending = torch.cat(st.feats) if len(st.feats) > 1 else st.feats[0]
             feats.append(pending[:n])
@@ -359,16 +369,23 @@ class EagleDrafter(Drafter):
             c = st.committed
             positions += range(st.start + c, st.start + c + n)
             slots += [st.pages[i // ps] * ps + i % ps for i in range(c, c + n)]
-            q_lens.append(n)
-            kv_lens.append(c + n)
+            if decode:  # one row per pair, seeing the pairs up to itself
+                kv_lens += range(c + 1, c + n + 1)
+                pages += [st.pages] * n
+            else:
+                kv_lens.append(c + n)
             st.committed += n
             st.prompt_pending = max(0, st.prompt_pending - n)
-        meta = AttentionMetadata.build(q_lens, kv_lens, [st.pages for st in states], ps, dev)
+        if decode:
+            meta = AttentionMetadata.build([1] * len(tokens), kv_lens, pages, ps, dev)
+        else:
+            meta = AttentionMetadata.build(counts, kv_lens, [st.pages for st in states], ps, dev)
         self.attn.prepare(meta)
         ctx = ForwardContext(self.pool, self.attn, torch.tensor(slots, dtype=torch.int64, device=dev))
         emb = self.target.model.embed_tokens(torch.tensor(tokens, dtype=torch.int64, device=dev))
         out = self.head(emb, torch.cat(feats), torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
-        return out[meta.cu_q_lens[1:].long() - 1]
+        last = torch.tensor(counts, dtype=torch.int64).cumsum(0) - 1  # each state's last row
+        return out[last.to(dev)]
 
     def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft steps 2..k over the tree's frontier, all on the device. Returns TreeBuilder's
