@@ -104,3 +104,21 @@ def test_accept_lengths_follow_the_matching_path() -> None:
             lead += 1
         got = accept_lengths(torch.tensor([chain.tokens]), torch.tensor([chain.parents]), torch.tensor([w]))
         assert got.tolist() == [1 + lead]
+
+
+def test_speculative_tree_flag_parses_and_checks() -> None:
+    from runtime.cli import build_parser, engine_kwargs
+    from runtime.config import EngineConfig
+
+    a = build_parser().parse_args(["generate", "hi", "--speculative", "eagle", "--draft-model", "h",
+                                   "--speculative-tree", "8x48", "--num-draft-tokens", "6"])
+    cfg = EngineConfig(**engine_kwargs(a))
+    assert (cfg.draft_tree, cfg.num_draft_tokens) == ((8, 48), 6)
+    assert EngineConfig().draft_tree is None  # chain by default
+    for kw, msg in [(dict(speculative="ngram", speculative_tree="4x8"), "needs speculative 'eagle'"),
+                    (dict(speculative="eagle", speculative_tree="4x64"), "N <= 63"),
+                    (dict(speculative="eagle", speculative_tree="1x8"), "B = 1 is 'chain'"),
+                    (dict(speculative="eagle", speculative_tree="wide"), "'chain' or 'BxN'"),
+                    (dict(speculative="eagle", speculative_tree="16x32", num_draft_tokens=6), r"\(num_draft_tokens - 1\) \* B")]:
+        with pytest.raises(ValueError, match=msg):
+            EngineConfig(**kw)
