@@ -94,6 +94,12 @@ class EngineConfig:
         return branch, nodes
 
     @property
+    def draft_tree_nodes(self) -> int:
+        """N of a "BxN" draft tree; 0 for chains."""
+        tree = self.draft_tree
+        return tree[1] if tree else 0
+
+    @property
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -113,8 +113,8 @@ def test_speculative_tree_flag_parses_and_checks() -> None:
     a = build_parser().parse_args(["generate", "hi", "--speculative", "eagle", "--draft-model", "h",
                                    "--speculative-tree", "8x48", "--num-draft-tokens", "6"])
     cfg = EngineConfig(**engine_kwargs(a))
-    assert (cfg.draft_tree, cfg.num_draft_tokens) == ((8, 48), 6)
-    assert EngineConfig().draft_tree is None  # chain by default
+    assert (cfg.draft_tree, cfg.draft_tree_nodes, cfg.num_draft_tokens) == ((8, 48), 48, 6)
+    assert EngineConfig().draft_tree is None and EngineConfig().draft_tree_nodes == 0  # chain by default
     for kw, msg in [(dict(speculative="ngram", speculative_tree="4x8"), "needs speculative 'eagle'"),
                     (dict(speculative="eagle", speculative_tree="4x64"), "N <= 63"),
                     (dict(speculative="eagle", speculative_tree="1x8"), "B = 1 is 'chain'"),
