@@ -53,6 +53,16 @@ class DecodeTask:
 
 
 @message
+class GenerateTask:
+    """A whole request for a colocated decode worker (`--prefill 0`): it prefills the
+    prompt itself, in its own prefix cache, then decodes; no KV moves."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+
+
+@message
 class AbortTask:
     rid: str
 
