@@ -116,6 +116,7 @@ class Ready:
     id: int
     pid: int
     kv_total_pages: int
+    device: str  # where the engine runs, as the host names it: "cpu", "cuda:3" (physical index)
 
 
 @message

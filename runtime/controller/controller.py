@@ -38,6 +38,7 @@ class WorkerState:
     load: Load = field(default_factory=lambda: Load(0))
     restarts: int = 0
     ever_ready: bool = False
+    device: str = ""  # from Ready: "cpu", "cuda:N"
 
 
 @dataclass
@@ -194,9 +195,9 @@ class Controller(ipc.Actor):
         w = self.workers.get((r.role, r.id))
         if w is None:
             raise ValueError(f"Ready from unknown worker {r.role} {r.id}")
-        w.alive, w.ever_ready, w.last_beat = True, True, time.monotonic()
+        w.alive, w.ever_ready, w.last_beat, w.device = True, True, time.monotonic(), r.device
         w.load = Load(r.id, kv_free_pages=r.kv_total_pages, kv_total_pages=r.kv_total_pages)
-        log.info("%s worker %d ready (pid %d)", r.role, r.id, r.pid)
+        log.info("%s worker %d ready (pid %d, %s)", r.role, r.id, r.pid, r.device)
 
     async def on_heartbeat(self, h: Heartbeat) -> None:
         w = self.workers.get((h.role, h.id))
@@ -261,7 +262,7 @@ class Controller(ipc.Actor):
                 role=w.role, id=w.id, pid=w.proc.pid, alive=w.alive,
                 running=b.running if b else 0, queued=b.queued if b else 0, served=b.served if b else 0,
                 kv_free_pages=b.kv_free_pages if b else 0, kv_total_pages=b.kv_total_pages if b else 0,
-                restarts=w.restarts,
+                restarts=w.restarts, device=w.device,
             ))
             if b and w.alive:
                 used += b.kv_total_pages - b.kv_free_pages
