@@ -97,6 +97,19 @@ def placement(url: str) -> list[str]:
     return [f"{w['role']} {w['id']}: {w.get('device') or '?'}" for w in workers]
 
 
+def transfer_totals(url: str) -> tuple[float, float, float]:
+    """(bytes, seconds, count) of KV transfers so far, from the gateway's /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    def value(name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{}"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+    return (value("runtime_kv_transfer_bytes_total"), value("runtime_kv_transfer_latency_seconds_sum"),
+            value("runtime_kv_transfer_latency_seconds_count"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="1x1,2x4",
@@ -105,6 +118,8 @@ def main() -> None:
     ap.add_argument("--datasets", default="random,shared-prefix")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--waves", type=int, default=0,
+                    help="if > 0: num-prompts = waves x concurrency (at least 4) for each concurrency")
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--gpu-placement", default="none", choices=("none", "in-order"),
@@ -133,12 +148,19 @@ def main() -> None:
             for ds in a.datasets.split(","):
                 for c in (int(x) for x in a.concurrency.split(",")):
                     out = tempfile.mktemp(suffix=".json")
-                    bench_main(["--url", url, "--dataset", ds, "--num-prompts", str(a.num_prompts), "--concurrency", str(c),
+                    n = max(4, a.waves * c) if a.waves else a.num_prompts
+                    before = transfer_totals(url)
+                    bench_main(["--url", url, "--dataset", ds, "--num-prompts", str(n), "--concurrency", str(c),
                                 "--input-len", str(a.input_len), "--output-len", str(a.output_len), "--out", out])
                     with open(out) as f:
                         res = json.load(f)
                     s = res["summary"]
-                    rows.append(dict(config=conf, dataset=ds, concurrency=c, devices=sorted(devices), **{
+                    nbytes, secs, count = (x - y for x, y in zip(transfer_totals(url), before))
+                    gpus = max(1, sum(1 for x in devices if x.startswith("cuda")))
+                    rows.append(dict(config=conf, dataset=ds, concurrency=c, devices=sorted(devices), gpus=gpus,
+                                     out_tok_s_per_gpu=(s.get("output_token_throughput") or 0) / gpus,
+                                     transfer_ms=1e3 * secs / count if count else None,
+                                     transfer_gib_s=nbytes / secs / 2**30 if secs else None, **{
                         k: s.get(k) for k in ("completed", "failed", "output_token_throughput", "request_throughput",
                                               "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "cache_hit_ratio")}))
         finally:
@@ -148,13 +170,15 @@ def main() -> None:
     print()
     for conf, where in placements.items():
         print(f"{conf:>6}: " + ", ".join(where))
-    print(f"\n{'config':>6} {'dataset':>13} {'conc':>4} {'ok':>4} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'cache':>6}")
+    print(f"\n{'config':>6} {'dataset':>13} {'conc':>4} {'ok':>4} {'out tok/s':>10} {'per GPU':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'ITL p50':>8} {'ITL p99':>8} {'cache':>6} {'xfer ms':>8} {'xfer GiB/s':>10}")
     def f(x: float | None, w: int, d: int = 1) -> str:
         return f"{x:{w}.{d}f}" if x is not None else f"{'-':>{w}}"
 
     for r in rows:
         print(f"{r['config']:>6} {r['dataset']:>13} {r['concurrency']:>4} {r['completed']:>4} {f(r['output_token_throughput'], 10)} "
-              f"{f(r['p50_ttft_ms'], 9)} {f(r['p99_ttft_ms'], 9)} {f(r['p50_itl_ms'], 8)} {f(r['p99_itl_ms'], 8)} {f(r['cache_hit_ratio'], 6, 2)}")
+              f"{f(r['out_tok_s_per_gpu'], 8)} {f(r['p50_ttft_ms'], 9)} {f(r['p99_ttft_ms'], 9)} {f(r['p50_itl_ms'], 8)} "
+              f"{f(r['p99_itl_ms'], 8)} {f(r['cache_hit_ratio'], 6, 2)} {f(r['transfer_ms'], 8)} {f(r['transfer_gib_s'], 10, 2)}")
 
 
 if __name__ == "__main__":
