@@ -163,6 +163,7 @@ def main() -> None:
                                      transfer_gib_s=nbytes / secs / 2**30 if secs else None, **{
                         k: s.get(k) for k in ("completed", "failed", "output_token_throughput", "request_throughput",
                                               "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "cache_hit_ratio")}))
+                    print("row " + json.dumps(rows[-1]), flush=True)
         finally:
             stop(proc)
     with open(a.out, "w") as f:
