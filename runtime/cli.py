@@ -125,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
 
-    u = sub.add_parser("up", help="serve the OpenAI API with disaggregated prefill and decode workers")
-    u.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    u.add_argument("--decode", type=int, default=1, help="decode replicas")
+    u = sub.add_parser("up", help="serve the OpenAI API with disaggregated prefill and decode workers "
+                       "(or colocated engines: --prefill 0)")
+    u.add_argument("--prefill", type=int, default=1,
+                   help="prefill workers; 0: colocated, each decode worker prefills and decodes its own requests (no KV transfer)")
+    u.add_argument("--decode", type=int, default=1, help="decode replicas (with --prefill 0: the engine workers)")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=8000)
     u.add_argument("--api-key", default=None)
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--transfer", default="auto", choices=("auto", "zmq", "nixl"))
     u.add_argument("--routing", default="prefix_aware", choices=("prefix_aware", "shortest_queue", "round_robin"))
     u.add_argument("--prefill-gpus", default="", help="CUDA device per prefill worker, e.g. 0,1")
-    u.add_argument("--decode-gpus", default="", help="CUDA device per decode worker, e.g. 2,3,4,5")
+    u.add_argument("--decode-gpus", default="", help="CUDA device per decode worker (colocated too), e.g. 2,3,4,5")
     u.add_argument("--fail-transfer-rate", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
     add_engine_args(u)
     u.set_defaults(func=cmd_up)

@@ -115,6 +115,8 @@ class ClusterConfig:
     """`runtime up`: the processes and the one place their socket addresses are derived."""
 
     engine: EngineConfig = EngineConfig()
+    # 0 prefill workers: colocated serving, each decode worker prefills its own requests
+    # (no KV transfer), the non-disaggregated baseline.
     num_prefill: int = 1
     num_decode: int = 1
     host: str = "127.0.0.1"
@@ -137,12 +139,27 @@ class ClusterConfig:
     fail_transfer_rate: float = 0.0  # TEST ONLY: fraction of transfers the prefill side fails
 
     def __post_init__(self) -> None:
-        if self.num_prefill < 1 or self.num_decode < 1:
-            raise ValueError("--prefill and --decode must each be at least 1")
+        if self.num_decode < 1:
+            why = " (with --prefill 0 the decode workers serve every request, prefill included)" if self.colocated else ""
+            raise ValueError(f"--decode must be at least 1, got {self.num_decode}{why}")
+        if self.num_prefill < 0:
+            raise ValueError(f"--prefill must be 0 (colocated) or more (got {self.num_prefill})")
+        if self.colocated and self.prefill_gpus:
+            raise ValueError("--prefill-gpus was given, but --prefill 0 starts no prefill worker; "
+                             "place the colocated workers with --decode-gpus")
         _choose("transfer", self.transfer, TRANSFER_BACKENDS)
         _choose("routing", self.routing, ROUTING_POLICIES)
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535 (got {self.port})")
+
+    @property
+    def colocated(self) -> bool:
+        return self.num_prefill == 0
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The worker roles this cluster runs (each must have a live worker to serve)."""
+        return ("decode",) if self.colocated else ("prefill", "decode")
 
     def _addr(self, name: str, k: int) -> str:
         if self.tcp_host:
@@ -160,5 +177,5 @@ class ClusterConfig:
     def prefill_addr(self, i: int) -> str:  # prefill worker i PULL: PrefillTask, KVDestination, AbortTask
         return self._addr(f"prefill-{i}", 2 + i)
 
-    def decode_addr(self, i: int) -> str:  # decode worker i PULL: DecodeTask, KVDone, AbortTask
+    def decode_addr(self, i: int) -> str:  # decode worker i PULL: DecodeTask | GenerateTask, KVDone, AbortTask
         return self._addr(f"decode-{i}", 2 + self.num_prefill + i)

@@ -30,6 +30,9 @@ _VARS = {
         "RUNTIME_ATTENTION_BACKEND", "auto", "auto | torch | triton | flashinfer"
     ),
     "log_level": _Var("RUNTIME_LOG_LEVEL", "info", "default log level"),
+    "cuda_visible_devices": _Var(
+        "CUDA_VISIBLE_DEVICES", "", "CUDA's own; `runtime up` sets it per worker from --prefill-gpus/--decode-gpus"
+    ),
 }
 
 

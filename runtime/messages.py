@@ -53,6 +53,16 @@ class DecodeTask:
 
 
 @message
+class GenerateTask:
+    """A whole request for a colocated decode worker (`--prefill 0`): it prefills the
+    prompt itself, in its own prefix cache, then decodes; no KV moves."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+
+
+@message
 class AbortTask:
     rid: str
 
@@ -106,6 +116,7 @@ class Ready:
     id: int
     pid: int
     kv_total_pages: int
+    device: str  # where the engine runs, as the host names it: "cpu", "cuda:3" (physical index)
 
 
 @message

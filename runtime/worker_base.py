@@ -9,12 +9,14 @@ import threading
 from collections import deque
 from typing import Any
 
+import torch
 import zmq
 import zmq.asyncio
 
 from runtime import ipc
 from runtime.config import ClusterConfig
 from runtime.engine.core import EngineCore
+from runtime.env import ENV
 from runtime.messages import Heartbeat, Ready, Shutdown
 
 log = logging.getLogger("runtime.worker")
@@ -26,6 +28,16 @@ def _drain(q: deque) -> list:
     while q:
         out.append(q.popleft())
     return out
+
+
+def device_label(device: torch.device) -> str:
+    """The device as the host names it: "cpu", or "cuda:N" with N the physical GPU index
+    (CUDA_VISIBLE_DEVICES renumbers GPUs inside the process), so /health shows placement."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [x.strip() for x in ENV.cuda_visible_devices.split(",") if x.strip()]
+    return f"cuda:{visible[index] if index < len(visible) else index}"
 
 
 class Worker(ipc.Actor):
@@ -101,7 +113,7 @@ class Worker(ipc.Actor):
 
     # ---- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
-        await self.controller.send(Ready(self.role, self.id, os.getpid(), self.core.pool.total_pages))
+        await self.controller.send(Ready(self.role, self.id, os.getpid(), self.core.pool.total_pages, device_label(self.core.device)))
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_forever, args=(stop,), name="heartbeat", daemon=True)
         beat.start()

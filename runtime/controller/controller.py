@@ -1,6 +1,7 @@
 """The controller: the only place that knows the topology. It starts the workers, routes
-each request to a (prefill, decode) pair, watches heartbeats and process exits, retries or
-fails the requests of a dead worker, restarts it, and tells the gateway the cluster state."""
+each request to a (prefill, decode) pair (colocated, `--prefill 0`: to one decode worker
+that does both), watches heartbeats and process exits, retries or fails the requests of a
+dead worker, restarts it, and tells the gateway the cluster state."""
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,8 @@ from runtime.config import ClusterConfig
 from runtime.controller.process import WorkerProcess
 from runtime.controller.routing import Load, Router
 from runtime.messages import (
-    Abort, AbortTask, ClusterStatus, DecodeTask, Generate, Heartbeat, PrefillTask, Ready,
-    RequestError, Streaming, TaskDone,
+    Abort, AbortTask, ClusterStatus, DecodeTask, Generate, GenerateTask, Heartbeat, PrefillTask,
+    Ready, RequestError, Streaming, TaskDone,
 )
 
 log = logging.getLogger("runtime.controller")
@@ -37,15 +38,16 @@ class WorkerState:
     load: Load = field(default_factory=lambda: Load(0))
     restarts: int = 0
     ever_ready: bool = False
+    device: str = ""  # from Ready: "cpu", "cuda:N"
 
 
 @dataclass
 class Flight:
     gen: Generate
-    prefill: int
+    prefill: int  # -1 when colocated
     decode: int
-    room: int
-    prefill_done: bool = False
+    room: int  # 0 when colocated (no transfer)
+    prefill_done: bool = False  # colocated: True from the start (no prefill worker to track)
     streaming: bool = False
     retries: int = 0
 
@@ -62,6 +64,9 @@ class Controller(ipc.Actor):
         self.workers: dict[tuple[str, int], WorkerState] = {}
         self.flights: dict[str, Flight] = {}
         self.router = Router(cfg.routing, block=cfg.engine.page_size)
+        # The workers that prefill prompts, each in its own prefix cache (what the router's
+        # prefix index approximates): the prefill workers, or colocated decode workers.
+        self.prefill_role = "decode" if cfg.colocated else "prefill"
         self._rooms = itertools.count(1)
         self._seeds = random.Random()
         # Samples gathered from heartbeats since the last ClusterStatus (sent once each).
@@ -119,6 +124,9 @@ class Controller(ipc.Actor):
         await self._dispatch_flight(g, retries=0)
 
     async def _dispatch_flight(self, g: Generate, retries: int) -> None:
+        if self.cfg.colocated:
+            await self._dispatch_colocated(g, retries)
+            return
         prefills, decodes = self._live("prefill"), self._live("decode")
         if not prefills or not decodes:
             role = "prefill" if not prefills else "decode"
@@ -134,6 +142,17 @@ class Controller(ipc.Actor):
             DecodeTask(g.rid, room, g.prompt_ids, g.params, p.id, self.cfg.prefill_addr(p.id)))
         await self.out[("prefill", p.id)].send(
             PrefillTask(g.rid, room, g.prompt_ids, g.params, d.id, self.cfg.decode_addr(d.id)))
+
+    async def _dispatch_colocated(self, g: Generate, retries: int) -> None:
+        workers = self._live("decode")
+        if not workers:
+            await self.gateway.send(RequestError(g.rid, "no live decode worker; try again shortly", 503))
+            return
+        # The worker prefills too: pick it as a prefill worker is picked (prefix affinity, load).
+        w = self.router.pick_prefill(g.prompt_ids, [w.load for w in workers])
+        self.flights[g.rid] = Flight(g, -1, w.id, 0, prefill_done=True, retries=retries)
+        w.inflight += 1
+        await self.out[("decode", w.id)].send(GenerateTask(g.rid, g.prompt_ids, g.params))
 
     async def on_abort(self, a: Abort) -> None:
         f = self.flights.pop(a.rid, None)
@@ -176,9 +195,9 @@ class Controller(ipc.Actor):
         w = self.workers.get((r.role, r.id))
         if w is None:
             raise ValueError(f"Ready from unknown worker {r.role} {r.id}")
-        w.alive, w.ever_ready, w.last_beat = True, True, time.monotonic()
+        w.alive, w.ever_ready, w.last_beat, w.device = True, True, time.monotonic(), r.device
         w.load = Load(r.id, kv_free_pages=r.kv_total_pages, kv_total_pages=r.kv_total_pages)
-        log.info("%s worker %d ready (pid %d)", r.role, r.id, r.pid)
+        log.info("%s worker %d ready (pid %d, %s)", r.role, r.id, r.pid, r.device)
 
     async def on_heartbeat(self, h: Heartbeat) -> None:
         w = self.workers.get((h.role, h.id))
@@ -213,7 +232,7 @@ class Controller(ipc.Actor):
     async def _recover(self, dead: WorkerState) -> None:
         """Requests that touched a dead worker: retry those no token of which reached the
         client, fail the rest."""
-        if dead.role == "prefill":
+        if dead.role == self.prefill_role:
             self.router.index.forget_worker(dead.id)
         dead.load = Load(dead.id)
         for rid, f in list(self.flights.items()):
@@ -243,13 +262,14 @@ class Controller(ipc.Actor):
                 role=w.role, id=w.id, pid=w.proc.pid, alive=w.alive,
                 running=b.running if b else 0, queued=b.queued if b else 0, served=b.served if b else 0,
                 kv_free_pages=b.kv_free_pages if b else 0, kv_total_pages=b.kv_total_pages if b else 0,
-                restarts=w.restarts,
+                restarts=w.restarts, device=w.device,
             ))
             if b and w.alive:
                 used += b.kv_total_pages - b.kv_free_pages
                 total += b.kv_total_pages
-                if w.role == "prefill":
+                if w.role == self.prefill_role:
                     hit_rates.append(b.cache_hit_rate)
+                if w.role == "prefill":
                     tbytes += b.transfer_bytes
                     tfail += b.transfer_failures
         metrics = dict(

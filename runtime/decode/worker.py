@@ -1,5 +1,9 @@
 """Decode worker: reserves pages for incoming prompts, receives their KV from the prefill
-worker, then decodes them in one continuous batch and streams tokens to the gateway."""
+worker, then decodes them in one continuous batch and streams tokens to the gateway.
+
+Colocated (`runtime up --prefill 0`): it takes whole requests (GenerateTask), prefills them
+itself with its own radix prefix cache, and decodes them in the same batch; no KV moves.
+Everything after the first token (streaming, aborts, heartbeats) is shared by both modes."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +15,8 @@ from runtime import ipc
 from runtime.config import ClusterConfig
 from runtime.engine.request import TokenLogprob
 from runtime.messages import (
-    AbortTask, DecodeTask, KVDestination, KVDone, RequestError, Streaming, TaskDone, TokenDelta,
-    params_from_dict,
+    AbortTask, DecodeTask, GenerateTask, KVDestination, KVDone, RequestError, Streaming, TaskDone,
+    TokenDelta, params_from_dict,
 )
 from runtime.prefill.worker import logprob_to_wire
 from runtime.transfer import TransferState, make_transfer
@@ -33,22 +37,34 @@ class DecodeWorker(Worker):
     role = "decode"
 
     def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
-        # Decode never matches prefixes: prompt KV arrives from the prefill workers.
-        super().__init__(cfg, worker_id, cfg.decode_addr(worker_id), replace(cfg.engine, prefix_cache=False))
-        self.receiver = make_transfer(cfg.transfer, self.core.pool, worker_id, "decode")
+        # Disaggregated, decode never matches prefixes: prompt KV arrives from the prefill
+        # workers. Colocated, this worker's own prefix cache serves its prompts.
+        engine = cfg.engine if cfg.colocated else replace(cfg.engine, prefix_cache=False)
+        super().__init__(cfg, worker_id, cfg.decode_addr(worker_id), engine)
+        self.receiver = None if cfg.colocated else make_transfer(cfg.transfer, self.core.pool, worker_id, "decode")
         self.gateway = ipc.push(self.ctx, cfg.gateway_addr)
         self.pending: deque[DecodeTask] = deque()  # waiting for free pages
         self.incoming: dict[int, Incoming] = {}  # room -> reserved pages, waiting for KV
-        self.handlers.update({DecodeTask: self.on_task, KVDone: self.on_kv_done, AbortTask: self.on_abort})
+        self.handlers[AbortTask] = self.on_abort
+        if cfg.colocated:
+            self.handlers[GenerateTask] = self.on_generate
+        else:
+            self.handlers.update({DecodeTask: self.on_task, KVDone: self.on_kv_done})
 
     def load(self) -> tuple[int, int]:
         s = self.core.scheduler
         return len(s.running), len(s.waiting) + len(self.pending) + len(self.incoming)
 
     # ---- messages --------------------------------------------------------------------------
+    async def on_generate(self, t: GenerateTask) -> None:
+        try:
+            self.core.add_request(t.rid, t.prompt_ids, params_from_dict(t.params))
+        except ValueError as e:  # too long for the context or the KV pool
+            await self._fail(t.rid, str(e), 400)
+
     async def on_task(self, t: DecodeTask) -> None:
         if len(t.prompt_ids) >= self.core.max_model_len:
-            await self._fail(t, f"prompt has {len(t.prompt_ids)} tokens; the context holds {self.core.max_model_len}", 400)
+            await self._fail(t.rid, f"prompt has {len(t.prompt_ids)} tokens; the context holds {self.core.max_model_len}", 400)
             return
         self.pending.append(t)
         await self._admit()
@@ -99,7 +115,6 @@ class DecodeWorker(Worker):
         out = self.core.add_prefilled(
             t.rid, t.prompt_ids, params_from_dict(t.params), inc.pages, d.first_token, lp, d.cached_tokens
         )
-        await self.controller.send(Streaming(t.rid, self.id))
         await self._emit(out)
 
     async def on_abort(self, a: AbortTask) -> None:
@@ -118,6 +133,10 @@ class DecodeWorker(Worker):
 
     async def _emit(self, out) -> None:
         req = out.req
+        if out.new_token_ids and len(req.output_ids) == len(out.new_token_ids):
+            # The first token is about to reach the client: from now on the request can no
+            # longer be retried transparently, so the controller must know before the client.
+            await self.controller.send(Streaming(req.rid, self.id))
         await self.gateway.send(TokenDelta(
             req.rid, out.new_token_ids,
             [logprob_to_wire(lp) for lp in out.new_logprobs] if req.params.logprobs is not None else None,
@@ -142,22 +161,24 @@ class DecodeWorker(Worker):
     async def _drop_incoming(self, inc: Incoming, error: str, code: int) -> None:
         log.warning("decode %d: request %s failed: %s", self.id, inc.task.rid, error)
         self._free_incoming(inc)
-        await self._fail(inc.task, error, code)
+        await self._fail(inc.task.rid, error, code)
 
     def _free_incoming(self, inc: Incoming) -> None:
         self.incoming.pop(inc.task.room, None)
         self.receiver.release(inc.task.room)
         self.core.pool.free(inc.pages)
 
-    async def _fail(self, t: DecodeTask, error: str, code: int) -> None:
-        await self.gateway.send(RequestError(t.rid, error, code))
-        await self.controller.send(TaskDone(t.rid, self.role, self.id, False, False))
+    async def _fail(self, rid: str, error: str, code: int) -> None:
+        await self.gateway.send(RequestError(rid, error, code))
+        await self.controller.send(TaskDone(rid, self.role, self.id, False, False))
 
     def idle_wait(self) -> float:
         # Poll transfers often while KV is landing; otherwise wake for heartbeats only.
         return 0.002 if self.incoming else self.cfg.heartbeat_s
 
     def heartbeat_extra(self) -> dict[str, int]:
+        if self.receiver is None:
+            return super().heartbeat_extra()
         return {"transfer_bytes": self.receiver.bytes_received, "transfer_failures": self.receiver.failures}
 
     def close(self) -> None:

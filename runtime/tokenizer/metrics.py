@@ -41,7 +41,7 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("runtime_prompt_tokens", "Prompt tokens submitted", registry=r)
         self.generation_tokens = Counter("runtime_generation_tokens", "Tokens generated", registry=r)
         self.running = Gauge("runtime_requests_running", "Generations in flight at the gateway", registry=r)
-        self.hit_rate = Gauge("runtime_prefix_cache_hit_rate", "Prefix-cache hit rate of the prefill workers", registry=r)
+        self.hit_rate = Gauge("runtime_prefix_cache_hit_rate", "Prefix-cache hit rate of the workers that prefill (prefill workers, or colocated decode workers)", registry=r)
         self.kv_usage = Gauge("runtime_kv_usage_ratio", "Used / total KV pages over live workers", registry=r)
         self.kv_used = Gauge("runtime_kv_used_pages", "Used KV pages over live workers", registry=r)
         self.kv_total = Gauge("runtime_kv_total_pages", "KV pages over live workers", registry=r)

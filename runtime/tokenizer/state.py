@@ -19,8 +19,6 @@ from runtime.tokenizer.metrics import GatewayMetrics
 
 log = logging.getLogger("runtime.gateway")
 
-ROLES = ("prefill", "decode")
-
 
 class GatewayState(ipc.Actor):
     """Everything the HTTP handlers share. `start()`/`stop()` run inside the server's event
@@ -122,7 +120,7 @@ class GatewayState(ipc.Actor):
         workers = list(self.status.workers) if self.status is not None else []
         if self.status is None or not self.controller_alive():
             return False, f"no cluster status from the controller for {self.status_timeout_s:g} s", workers
-        dead = [r for r in ROLES if not any(w.get("role") == r and w.get("alive") for w in workers)]
+        dead = [r for r in self.cfg.roles if not any(w.get("role") == r and w.get("alive") for w in workers)]
         if dead:
             return False, f"no live {' or '.join(dead)} worker", workers
         return True, "", workers

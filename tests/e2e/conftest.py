@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from runtime import Engine
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -86,3 +88,11 @@ def start_server() -> Iterator:
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: str) -> Iterator[Engine]:
+    """The single engine every cluster configuration must match (tiny model, fp32, CPU)."""
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
+    yield engine
+    engine.shutdown()

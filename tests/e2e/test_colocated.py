@@ -1,0 +1,113 @@
+"""`runtime up --prefill 0 --decode 2`: colocated engines, each worker prefilling and
+decoding its own requests with no KV transfer (the baseline of the disaggregation
+benchmarks). Same behaviour as the disaggregated cluster: outputs equal the single engine,
+streaming and n, prefix-cache hits, no KV leaked by cancelled streams, a killed worker's
+streamed request fails instead of being repeated, and the service survives the kill."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from runtime import Engine
+from tests.e2e.test_cluster import (
+    MODEL, assert_cancelled_streams_free_pages, assert_chat_stream_and_n, assert_greedy_equals_engine,
+    assert_shared_prefix_cached, assert_survives_decode_worker_kill,
+)
+from tests.unit.test_engine import PROMPTS
+
+
+@pytest.fixture(scope="module")
+def coloc(start_server, tiny_model_dir: str):
+    return start_server("--model", tiny_model_dir, "--prefill", "0", "--decode", "2",
+                        "--served-model-name", MODEL, "--page-size", "4", "--kv-cache-tokens", "4096",
+                        "--max-model-len", "1024")
+
+
+def test_greedy_equals_single_engine(coloc, reference: Engine) -> None:
+    assert_greedy_equals_engine(coloc, reference)
+    h = coloc.health()
+    assert [(w["role"], w["id"]) for w in h["workers"]] == [("decode", 0), ("decode", 1)]
+    assert all(w["alive"] and w["device"] == "cpu" for w in h["workers"])
+    # Both engines served some of the concurrent requests (least-loaded routing).
+    coloc.wait_for(lambda h: all(w["served"] > 0 for w in h["workers"]), timeout=5, what="both workers served")
+
+
+def test_chat_stream_and_n(coloc, reference: Engine) -> None:
+    assert_chat_stream_and_n(coloc, reference)
+
+
+def test_repeated_prefix_hits_the_workers_cache(coloc) -> None:
+    assert_shared_prefix_cached(coloc)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        rate = next(float(line.split()[-1]) for line in httpx.get(coloc.url + "/metrics", timeout=5).text.splitlines()
+                    if line.startswith("runtime_prefix_cache_hit_rate "))
+        if rate > 0:
+            break
+        time.sleep(0.3)
+    assert rate > 0, "the colocated workers' prefix-cache hits are missing from /metrics"
+
+
+def test_cancelled_streams_free_every_page(coloc) -> None:
+    assert_cancelled_streams_free_pages(coloc)
+
+
+def test_streamed_requests_fail_rather_than_repeat_when_their_worker_dies(coloc) -> None:
+    """Tokens already reached the client: the controller must not retry such a request on
+    another worker (its text would start over inside the same stream); its stream ends with
+    an error instead. Streams on the surviving worker complete."""
+    streams, max_tokens = 8, 200
+    started = asyncio.Semaphore(0)
+
+    async def one(h: httpx.AsyncClient, i: int) -> list[dict]:
+        body = {"model": MODEL, "prompt": f"{i} " + PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        async with h.stream("POST", coloc.url + "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 1:
+                        started.release()
+        return events
+
+    async def run() -> list[list[dict]]:
+        async with httpx.AsyncClient(timeout=120) as h:
+            tasks = [asyncio.create_task(one(h, i)) for i in range(streams)]
+            for _ in range(streams):  # every request has sent a token to its client
+                await started.acquire()
+            os.kill(victim["pid"], signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    victim = next(w for w in coloc.health()["workers"] if w["id"] == 0)
+    results = asyncio.run(run())
+    failed = 0
+    for events in results:
+        if "error" in events[-1]:
+            assert "died" in events[-1]["error"]["message"], events[-1]
+            failed += 1
+        else:  # a retry would have appended a second run of tokens to this one
+            assert events[-1]["usage"]["completion_tokens"] == max_tokens
+    assert 0 < failed < streams
+    coloc.wait_for(lambda h: all(w["alive"] for w in h["workers"]) and h["workers"][0]["pid"] != victim["pid"],
+                   timeout=60, what="the killed worker restarted")
+
+
+def test_kill_worker_under_load_later_requests_succeed(coloc) -> None:
+    assert_survives_decode_worker_kill(coloc, 1, requests=12, min_ok=4)
+    coloc.wait_for(lambda h: all(w["alive"] for w in h["workers"]), timeout=60, what="both workers alive again")
+
+
+def test_no_worker_at_all_is_a_cli_error() -> None:
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "up", "--prefill", "0", "--decode", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "--decode must be at least 1" in r.stderr and "ready:" not in r.stdout
