@@ -34,7 +34,7 @@ def tiny(tiny_model_dir: str) -> LoadedModel:
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
 
 
-def _random_head(lm: LoadedModel, seed: int = 0) -> EagleHead:
+def random_head(lm: LoadedModel, seed: int = 0) -> EagleHead:
     torch.manual_seed(seed)
     head = EagleHead.for_target(lm.model)
     with torch.no_grad():
@@ -44,7 +44,7 @@ def _random_head(lm: LoadedModel, seed: int = 0) -> EagleHead:
 
 
 def test_save_load_round_trip(tiny: LoadedModel, tmp_path) -> None:
-    head = _random_head(tiny)
+    head = random_head(tiny)
     save_head(str(tmp_path / "h"), head, {"target_model": "tiny", "metrics": {"val_top1": 0.5}})
     assert sorted(os.listdir(tmp_path / "h")) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     back = load_head(str(tmp_path / "h"), tiny.config, "cpu", torch.float32)
@@ -63,7 +63,7 @@ def test_save_load_round_trip(tiny: LoadedModel, tmp_path) -> None:
 def test_paged_head_matches_dense(tiny: LoadedModel) -> None:
     """Serving (paged KV, catch-up of several pairs then one pair per step) computes what
     training (dense causal attention) computes."""
-    head = _random_head(tiny, seed=1)
+    head = random_head(tiny, seed=1)
     n, ps = 11, 4
     emb, feat = torch.randn(n, 64), torch.randn(n, 64)
     pos = torch.arange(n) + 5
@@ -81,18 +81,19 @@ def test_paged_head_matches_dense(tiny: LoadedModel) -> None:
     torch.testing.assert_close(torch.cat(rows), dense, rtol=1e-5, atol=1e-5)
 
 
-def _feed_and_compare(drafter: EagleDrafter, tiny: LoadedModel, tree: tuple[int, int] | None,
-                      prompt_chunks: tuple[int, ...], gen_chunks: tuple[int, ...], k: int, seed: int) -> None:
+def feed_and_compare(drafter: EagleDrafter, tree: tuple[int, int] | None, prompt_chunks: tuple[int, ...],
+                     gen_chunks: tuple[int, ...], k: int, seed: int) -> None:
     """Deliver a sequence's pairs as the engine does (prompt chunks through observe_prompt,
     then accepted runs through observe), proposing after each run; every proposal must equal
-    simulate.draft_trees at that pair."""
+    simulate.draft_trees at that pair. Runs on the drafter's device."""
     gen = torch.Generator().manual_seed(seed)
     prompt_len, n_gen = sum(prompt_chunks), sum(gen_chunks)
     seq = torch.randint(3, 512, (prompt_len + n_gen,), generator=gen)
-    feats = torch.randn(prompt_len + n_gen, 64, generator=gen)  # f_0 .. f_{n-1}
+    feats = torch.randn(prompt_len + n_gen, 64, generator=gen).to(drafter.device, drafter.dtype)  # f_0 .. f_{n-1}
     sample = train_draft.Sample(seq[1:], feats, prompt_len)
-    want_tok, want_par = simulate.draft_trees(drafter.head, tiny.model, train_draft.collate([sample], torch.device("cpu")),
-                                              k, *(tree or (1, 0)))
+    with torch.no_grad():
+        want_tok, want_par = simulate.draft_trees(drafter.head, drafter.target, train_draft.collate([sample], drafter.device),
+                                                  k, *(tree or (1, 0)))
     req = Req(rid="r", prompt_ids=seq[:prompt_len].tolist(), params=SamplingParams(), seed=0, arrival=0)
     start = 0
     for q in prompt_chunks:
@@ -126,19 +127,19 @@ def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedMo
     validation accept lengths are computed from, with the prompt in the head's context;
     catch-ups in decode shape (one row per pair) or as a prefill."""
     monkeypatch.setattr(eagle, "DECODE_CATCHUP", 8 if catchup == "decode" else 0)
-    save_head(str(tmp_path / "h"), _random_head(tiny, seed=2), {"target_model": "tiny"})
+    save_head(str(tmp_path / "h"), random_head(tiny, seed=2), {"target_model": "tiny"})
     spec = f"{tree[0]}x{tree[1]}" if tree else "chain"
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"),
                     speculative_tree=spec, num_draft_tokens=4, page_size=4)
     drafter = engine.core.drafter
     assert isinstance(drafter, EagleDrafter) and drafter.wants_prompt_hidden
-    _feed_and_compare(drafter, tiny, tree, (4, 3), (1, 3, 2, 1), k=4, seed=0)
+    feed_and_compare(drafter, tree, (4, 3), (1, 3, 2, 1), k=4, seed=0)
 
 
 def test_long_prompt_is_cached_in_chunks(tiny_model_dir: str, tiny: LoadedModel, tmp_path, monkeypatch) -> None:
     """A prompt longer than MAX_PENDING stays in the head's context (prompt pairs are never
     dropped for it); the catch-up caches it over several forwards of CATCHUP_CHUNK pairs."""
-    save_head(str(tmp_path / "h"), _random_head(tiny, seed=3), {"target_model": "tiny"})
+    save_head(str(tmp_path / "h"), random_head(tiny, seed=3), {"target_model": "tiny"})
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"),
                     page_size=4)
     drafter = engine.core.drafter
@@ -148,7 +149,7 @@ def test_long_prompt_is_cached_in_chunks(tiny_model_dir: str, tiny: LoadedModel,
     rows: list[int] = []
     cache_pairs = drafter._cache_pairs
     monkeypatch.setattr(drafter, "_cache_pairs", lambda states, counts: (rows.append(sum(counts)), cache_pairs(states, counts))[1])
-    _feed_and_compare(drafter, tiny, None, (9, 8, 6), (1, 4, 2), k=3, seed=1)
+    feed_and_compare(drafter, None, (9, 8, 6), (1, 4, 2), k=3, seed=1)
     # The first propose cached 22 prompt pairs + 1 generated one: 5 + 5 + 5 + 5, then 3.
     assert rows[:5] == [5, 5, 5, 5, 3]
 
@@ -156,7 +157,7 @@ def test_long_prompt_is_cached_in_chunks(tiny_model_dir: str, tiny: LoadedModel,
 def test_engine_hidden_is_hf_last_hidden_state(tiny_model_dir: str, tiny: LoadedModel, tmp_path) -> None:
     """The features the drafter observes are transformers' last_hidden_state (post final
     norm) at the rows that produced the accepted tokens: what train-draft trains on."""
-    save_head(str(tmp_path / "h"), _random_head(tiny), {"target_model": "tiny"})
+    save_head(str(tmp_path / "h"), random_head(tiny), {"target_model": "tiny"})
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle",
                     draft_model=str(tmp_path / "h"), speculative_policy="fixed", page_size=4)
     seen: dict[str, list[tuple[int, list[int], torch.Tensor]]] = {}
