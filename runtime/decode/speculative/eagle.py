@@ -407,23 +407,29 @@ class EagleDrafter(Drafter):
             table = table.to(dev).repeat_interleave(kb, dim=0)  # int32 [n, max_pages]
             ones, cu = torch.ones(n, dtype=torch.int32, device=dev), torch.arange(n + 1, dtype=torch.int32, device=dev)
             kv_host = [st.committed for st in states for _ in range(kb)]
+            # Every step's row inputs at once, [k-1, n]: the depth-d frontier (d = 1..k-1)
+            # writes tree slot (d-1)*kb + node, at position root + d, seeing d*kb tree slots.
+            depth = torch.arange(1, k, device=dev)[:, None]
+            own = (depth - 1) * kb + node  # tree slot
+            slot = c_rows + own
+            out_slots = table.long().gather(1, (slot // ps).T).T * ps + slot % ps
+            kv_lens = (c_rows + depth * kb).int()
+            positions = root_pos + depth
+            one_hot = torch.ones_like(own) << own  # each row's own bit
+            tree_start = c_rows.int() if kb > 1 else None  # a chain sees all its earlier slots: no tree rule
             feats = root[:, None, :]  # [B, 1, H]: the root's output is every depth-1 node's feature
             bits = torch.zeros(b, 1, dtype=torch.int64, device=dev)
             for d in range(1, k):  # run the depth-d frontier, giving depth d+1's candidates
-                own = (d - 1) * kb + node  # the node's tree slot
-                bits = bits.gather(1, front.parent) | (torch.ones_like(own) << own).view(b, kb)
-                slot = c_rows + own
-                out_slots = table.gather(1, (slot // ps)[:, None])[:, 0].long() * ps + slot % ps
+                bits = bits.gather(1, front.parent) | one_hot[d - 1].view(b, kb)
                 meta = AttentionMetadata(
-                    q_lens=ones, kv_lens=(c_rows + d * kb).int(), cu_q_lens=cu, page_table=table,
+                    q_lens=ones, kv_lens=kv_lens[d - 1], cu_q_lens=cu, page_table=table,
                     q_lens_cpu=[1] * n, kv_lens_cpu=[c + d * kb for c in kv_host], page_size=ps,
-                    # A chain sees all its earlier slots: no tree rule needed.
-                    tree_start=c_rows.int() if kb > 1 else None, tree_bits=bits.view(n) if kb > 1 else None,
+                    tree_start=tree_start, tree_bits=bits.view(n) if kb > 1 else None,
                 )
                 self.attn.prepare(meta)
                 feat_in = feats.gather(1, front.parent[..., None].expand(b, kb, h)).view(n, h)
-                out = self.head(self.target.model.embed_tokens(front.tokens.reshape(n)), feat_in, root_pos + d,
-                                ForwardContext(self.pool, self.attn, out_slots))
+                out = self.head(self.target.model.embed_tokens(front.tokens.reshape(n)), feat_in, positions[d - 1],
+                                ForwardContext(self.pool, self.attn, out_slots[d - 1]))
                 feats = out.view(b, kb, h)
                 front = tree.grow(*top_logprobs(feats, w, kb))
         return tree.select(self.max_nodes if kb > 1 else k)
