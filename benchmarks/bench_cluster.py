@@ -90,11 +90,16 @@ def speculative_flags(a: argparse.Namespace) -> list[str]:
     return flags + (["--draft-model", a.draft_model] if a.draft_model else [])
 
 
-def placement(url: str) -> list[str]:
-    """'role id: device' of every worker, as the running cluster reports it."""
-    with urllib.request.urlopen(url + "/health", timeout=10) as r:
-        workers = json.load(r)["workers"]
-    return [f"{w['role']} {w['id']}: {w.get('device') or '?'}" for w in workers]
+def placement(url: str, wait_s: float = 10.0) -> list[str]:
+    """'role id: device' of every worker, as the running cluster reports it (the gateway's
+    view can trail the controller's by a status update: ask again until all are known)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            workers = json.load(r)["workers"]
+        if all(w.get("device") for w in workers) or time.monotonic() > deadline:
+            return [f"{w['role']} {w['id']}: {w.get('device') or '?'}" for w in workers]
+        time.sleep(0.5)
 
 
 def transfer_totals(url: str) -> tuple[float, float, float]:
