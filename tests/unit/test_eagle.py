@@ -82,20 +82,21 @@ def test_paged_head_matches_dense(tiny: LoadedModel) -> None:
 
 
 def feed_and_compare(drafter: EagleDrafter, tree: tuple[int, int] | None, prompt_chunks: tuple[int, ...],
-                     gen_chunks: tuple[int, ...], k: int, seed: int) -> None:
+                     gen_chunks: tuple[int, ...], k: int, seed: int, cached: int = 0) -> None:
     """Deliver a sequence's pairs as the engine does (prompt chunks through observe_prompt,
-    then accepted runs through observe), proposing after each run; every proposal must equal
-    simulate.draft_trees at that pair. Runs on the drafter's device."""
+    the first `cached` prompt positions skipped as a prefix-cache hit skips them, then
+    accepted runs through observe), proposing after each run; every proposal must equal
+    simulate.draft_trees at that pair (with the same context). Runs on the drafter's device."""
     gen = torch.Generator().manual_seed(seed)
-    prompt_len, n_gen = sum(prompt_chunks), sum(gen_chunks)
+    prompt_len, n_gen = cached + sum(prompt_chunks), sum(gen_chunks)
     seq = torch.randint(3, 512, (prompt_len + n_gen,), generator=gen)
     feats = torch.randn(prompt_len + n_gen, 64, generator=gen).to(drafter.device, drafter.dtype)  # f_0 .. f_{n-1}
     sample = train_draft.Sample(seq[1:], feats, prompt_len)
     with torch.no_grad():
-        want_tok, want_par = simulate.draft_trees(drafter.head, drafter.target, train_draft.collate([sample], drafter.device),
-                                                  k, *(tree or (1, 0)))
+        batch = train_draft.collate([sample], drafter.device, [cached])
+        want_tok, want_par = simulate.draft_trees(drafter.head, drafter.target, batch, k, *(tree or (1, 0)))
     req = Req(rid="r", prompt_ids=seq[:prompt_len].tolist(), params=SamplingParams(), seed=0, arrival=0)
-    start = 0
+    start = cached
     for q in prompt_chunks:
         drafter.observe_prompt(req, start, feats[start : start + q])
         start += q
@@ -106,7 +107,7 @@ def feed_and_compare(drafter: EagleDrafter, tree: tuple[int, int] | None, prompt
         req.output_ids += seq[pos : pos + chunk].tolist()
         fed += chunk
         got = drafter.propose([req], k)["r"]
-        t = prompt_len + fed - 2  # the pair index of the newest token
+        t = prompt_len + fed - 2 - cached  # the pair index of the newest token
         if tree is None:
             assert got == want_tok[0, t].tolist()
         else:
@@ -134,6 +135,7 @@ def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedMo
     drafter = engine.core.drafter
     assert isinstance(drafter, EagleDrafter) and drafter.wants_prompt_hidden
     feed_and_compare(drafter, tree, (4, 3), (1, 3, 2, 1), k=4, seed=0)
+    feed_and_compare(drafter, tree, (2, 3), (2, 1), k=4, seed=1, cached=4)  # a prefix-cache hit
 
 
 def test_long_prompt_is_cached_in_chunks(tiny_model_dir: str, tiny: LoadedModel, tmp_path, monkeypatch) -> None:

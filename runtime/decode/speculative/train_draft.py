@@ -14,14 +14,16 @@ self-distillation, with no labelled data.
    the prompt too). The loss counts the pairs of generated tokens only (p >= L): those are
    where the drafter drafts; prompt pairs are context. This is EAGLE's choice too (loss on
    the assistant's tokens), and keeps the one-layer head's capacity on the text it has to
-   predict rather than on guessing the user's next word. Step 0 is teacher-forced; steps
-   j = 1 .. train_depth-1 unroll the drafter's own later steps (the real next token with
-   the head's own predicted feature, attending real pairs up to p and its own earlier
-   steps: EAGLE-3's "training-time test"), so that the head learns to continue from its
-   own features, which is what drafting at depth >= 2 does. Per step the loss is
-   feature_weight * SmoothL1(f^, f) + token_weight * CE(lm_head(f^), softmax(lm_head(f))),
-   with weight 0.8^j (later steps only matter once earlier drafts were accepted). AdamW,
-   linear warmup and cosine decay, bf16 autocast on GPU.
+   predict rather than on guessing the user's next word. A `--prefix-drop` fraction of the
+   sequences start their context at a random prompt position instead: after a prefix-cache
+   hit (a shared system prompt) the served context starts there too. Step 0 is
+   teacher-forced; steps j = 1 .. train_depth-1 unroll the drafter's own later steps (the
+   real next token with the head's own predicted feature, attending real pairs up to p and
+   its own earlier steps: EAGLE-3's "training-time test"), so that the head learns to
+   continue from its own features, which is what drafting at depth >= 2 does. Per step the
+   loss is feature_weight * SmoothL1(f^, f) + token_weight * CE(lm_head(f^),
+   softmax(lm_head(f))), with weight 0.8^j (later steps only matter once earlier drafts
+   were accepted). AdamW, linear warmup and cosine decay, bf16 autocast on GPU.
 5. Validation on the greedy held-out sequences, from every generated position: top-1 (the
    head's argmax == the target's next token), and the accept length of a chain of
    `--eval-k` drafts and of the `--eval-tree` tree, built with simulate.py, which drafts
@@ -74,22 +76,29 @@ class Sample:
     prompt_len: int  # L
 
 
-def collate(samples: list[Sample], device: torch.device) -> Batch:
-    """Pair t of a row is (x_{t+1}, f_t) at position t + 1; right-padded."""
-    b, t = len(samples), max(len(s.tokens) for s in samples)
+def collate(samples: list[Sample], device: torch.device, skips: list[int] | None = None) -> Batch:
+    """Pair t of a row is (x_{t+1+m}, f_{t+m}) at position t + 1 + m, where m = skips[i]
+    leading pairs are left out of the context (default none); right-padded."""
+    skips = skips or [0] * len(samples)
+    b, t = len(samples), max(len(s.tokens) - m for s, m in zip(samples, skips))
     tokens = torch.zeros(b, t, dtype=torch.int64)
-    for i, s in enumerate(samples):
-        tokens[i, : len(s.tokens)] = s.tokens
-    feats = torch.nn.utils.rnn.pad_sequence([s.feats.to(device) for s in samples], batch_first=True)  # [B, T+1, H]
-    lens = torch.tensor([len(s.tokens) for s in samples], device=device)
-    first = torch.tensor([s.prompt_len - 1 for s in samples], device=device)  # the pair of x_L
-    positions = torch.arange(1, t + 1, device=device).expand(b, t)
+    for i, (s, m) in enumerate(zip(samples, skips)):
+        tokens[i, : len(s.tokens) - m] = s.tokens[m:]
+    feats = torch.nn.utils.rnn.pad_sequence([s.feats[m:].to(device) for s, m in zip(samples, skips)],
+                                            batch_first=True)  # [B, T+1, H]
+    lens = torch.tensor([len(s.tokens) - m for s, m in zip(samples, skips)], device=device)
+    first = torch.tensor([s.prompt_len - 1 - m for s, m in zip(samples, skips)], device=device)  # the pair of x_L
+    skip = torch.tensor(skips, device=device)
+    positions = skip[:, None] + torch.arange(1, t + 1, device=device)[None, :]
     return Batch(tokens.to(device), feats[:, :-1], feats[:, 1:], positions, lens, first)
 
 
-def batches(samples: list[Sample], size: int, device: torch.device, rng: random.Random | None) -> Iterator[Batch]:
+def batches(samples: list[Sample], size: int, device: torch.device, rng: random.Random | None,
+            prefix_drop: float = 0.0) -> Iterator[Batch]:
     """Batches of `size` sequences. Shuffled with `rng`: sequences of similar length go
-    together (sorted within windows of 16 batches), batches in random order."""
+    together (sorted within windows of 16 batches), batches in random order, and with
+    probability `prefix_drop` a sequence's context starts at a random prompt position
+    (serving's context starts after a prefix-cache hit, e.g. a shared system prompt)."""
     order = list(range(len(samples)))
     if rng is not None:
         rng.shuffle(order)
@@ -100,7 +109,9 @@ def batches(samples: list[Sample], size: int, device: torch.device, rng: random.
     if rng is not None:
         rng.shuffle(groups)
     for g in groups:
-        yield collate([samples[j] for j in g], device)
+        skips = [rng.randrange(samples[j].prompt_len) if rng is not None and rng.random() < prefix_drop else 0
+                 for j in g]
+        yield collate([samples[j] for j in g], device, skips)
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -237,7 +248,7 @@ def train(head: EagleHead, target: LlamaForCausalLM, train_set: list[Sample],
     stats: dict[str, float] = {}
     with tqdm(total=total, desc="train", unit="step") as bar:
         for epoch in range(a.epochs):
-            for b in batches(train_set, a.batch_size, device, rng):
+            for b in batches(train_set, a.batch_size, device, rng, a.prefix_drop):
                 with _autocast(device, target.lm_head.weight.dtype):
                     loss, top1 = train_loss(head, target, b, a.train_depth, a.feature_weight, a.token_weight)
                 opt.zero_grad(set_to_none=True)
@@ -275,6 +286,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--greedy-fraction", type=float, default=0.5, help="training prompts decoded greedily")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.05, help="prompts held out (decoded greedily)")
+    p.add_argument("--prefix-drop", type=float, default=0.3,
+                   help="fraction of training sequences whose context starts at a random prompt position")
     p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the SmoothL1 feature loss")
     p.add_argument("--token-weight", type=float, default=0.5, help="weight of the cross-entropy token loss")
     p.add_argument("--eval-k", type=int, default=5, help="draft depth of the simulated accept lengths")
@@ -287,8 +300,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if a.max_new_tokens < 2 or a.epochs < 1 or a.batch_size < 1 or a.lr <= 0 or a.train_depth < 1 or a.eval_k < 1:
         p.error("--max-new-tokens >= 2, --epochs >= 1, --batch-size >= 1, --lr > 0, --train-depth >= 1 "
                 "and --eval-k >= 1 are required")
-    if not 0.0 < a.val_fraction < 1.0 or not 0.0 <= a.greedy_fraction <= 1.0 or not 0.0 <= a.warmup < 1.0:
-        p.error("--val-fraction must be in (0, 1), --greedy-fraction in [0, 1], --warmup in [0, 1)")
+    if (not 0.0 < a.val_fraction < 1.0 or not 0.0 <= a.greedy_fraction <= 1.0 or not 0.0 <= a.warmup < 1.0
+            or not 0.0 <= a.prefix_drop <= 1.0):
+        p.error("--val-fraction must be in (0, 1), --greedy-fraction and --prefix-drop in [0, 1], --warmup in [0, 1)")
     try:  # the serving config's own check of a tree's shape
         a.tree = EngineConfig(speculative="eagle", speculative_tree=a.eval_tree, num_draft_tokens=a.eval_k).draft_tree
     except ValueError as e:
