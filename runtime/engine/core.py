@@ -215,7 +215,9 @@ class EngineCore:
                 req.num_steps += 1
                 if self.drafter is not None:
                     self.accept_samples.append(len(tokens))
-                    self.policy.record(len(seq_trees[req.rid]) if req.rid in seq_trees else 0, len(tokens) - 1)
+                    # Per depth: a tree offers at most one accepted token per level.
+                    depth = max(seq_trees[req.rid].depths()) if req.rid in seq_trees else 0
+                    self.policy.record(depth, len(tokens) - 1)
             if self.drafter is not None:
                 self.drafter.observe(req, tokens, rows)
             kept, reason, stop_reason = self._append(req, tokens)

@@ -258,6 +258,10 @@ class EagleDrafter(Drafter):
         self.attn = make_attention_backend(backend, self.device, num_q_heads=hc.num_heads,
                                            num_kv_heads=hc.num_kv_heads, head_dim=hc.head_dim, dtype=self.dtype)
         self.states: dict[str, _State] = {}
+        self.graphs: _GrowGraphs | None = None
+        if core.runner.graphs is not None and self.attn.name == "triton":
+            self.graphs = _GrowGraphs(self, core.cfg.num_draft_tokens, core.max_model_len,
+                                      min(core.cfg.max_running, core.cfg.speculative_max_batch, 64))
 
     def _num_pages(self, core: "EngineCore") -> int:
         # As many tokens as the target pool: a request's head context is never longer than
@@ -388,25 +392,41 @@ class EagleDrafter(Drafter):
         return out[last.to(dev)]
 
     def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft steps 2..k over the tree's frontier, all on the device. Returns TreeBuilder's
-        selection: tokens and parents int64 [B, n]."""
+        """Draft steps 2..k over the tree's frontier, all on the device (replayed from a
+        CUDA graph when one fits). Returns TreeBuilder's selection: tokens and parents int64
+        [B, n]."""
+        if self.graphs is not None:
+            out = self.graphs.run(states, root, k)
+            if out is not None:
+                return out
+        dev = self.device
+        width = max(len(st.pages) for st in states)
+        table = torch.tensor([st.pages + [0] * (width - len(st.pages)) for st in states], dtype=torch.int32)
+        committed = torch.tensor([st.committed for st in states], dtype=torch.int64)
+        start = torch.tensor([st.start for st in states], dtype=torch.int64)
+        kv_hint = [st.committed + (k - 1) * self.branch for st in states]
+        return self._grow_device(root, committed.to(dev), start.to(dev), table.to(dev), k, self.attn, kv_hint)
+
+    def _grow_device(
+        self, root: torch.Tensor, committed: torch.Tensor, start: torch.Tensor, table: torch.Tensor, k: int,
+        attn: Any, kv_hint: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """_grow's body on device tensors only (root [B, H]; committed, start int64 [B];
+        table int32 [B, W]), so it can be captured. kv_hint: host key counts per request,
+        which only size the attention's split count."""
         w = self.target.lm_head.weight
-        b, kb, h = len(states), self.branch, root.shape[-1]
+        b, kb, h = root.shape[0], self.branch, root.shape[-1]
         tree = TreeBuilder(kb)
         front = tree.start(*top_logprobs(root, w, kb))
         if k > 1:
             dev, ps, n = self.device, self.pool.page_size, b * kb
             # Per-propose constants, one row per frontier node (request-major).
-            committed = torch.tensor([st.committed for st in states], dtype=torch.int64).to(dev)
             c_rows = committed.repeat_interleave(kb)  # [n]
-            root_pos = (torch.tensor([st.start for st in states], dtype=torch.int64).to(dev) + committed - 1
-                        ).repeat_interleave(kb)
+            root_pos = (start + committed - 1).repeat_interleave(kb)
             node = torch.arange(kb, device=dev).repeat(b)  # frontier row of each row
-            width = max(len(st.pages) for st in states)
-            table = torch.tensor([st.pages + [0] * (width - len(st.pages)) for st in states], dtype=torch.int32)
-            table = table.to(dev).repeat_interleave(kb, dim=0)  # int32 [n, max_pages]
+            table = table.repeat_interleave(kb, dim=0)  # int32 [n, W]
             ones, cu = torch.ones(n, dtype=torch.int32, device=dev), torch.arange(n + 1, dtype=torch.int32, device=dev)
-            kv_host = [st.committed for st in states for _ in range(kb)]
+            kv_host = [c for c in kv_hint for _ in range(kb)]
             # Every step's row inputs at once, [k-1, n]: the depth-d frontier (d = 1..k-1)
             # writes tree slot (d-1)*kb + node, at position root + d, seeing d*kb tree slots.
             depth = torch.arange(1, k, device=dev)[:, None]
@@ -423,13 +443,13 @@ class EagleDrafter(Drafter):
                 bits = bits.gather(1, front.parent) | one_hot[d - 1].view(b, kb)
                 meta = AttentionMetadata(
                     q_lens=ones, kv_lens=kv_lens[d - 1], cu_q_lens=cu, page_table=table,
-                    q_lens_cpu=[1] * n, kv_lens_cpu=[c + d * kb for c in kv_host], page_size=ps,
+                    q_lens_cpu=[1] * n, kv_lens_cpu=kv_host, page_size=ps,
                     tree_start=tree_start, tree_bits=bits.view(n) if kb > 1 else None,
                 )
-                self.attn.prepare(meta)
+                attn.prepare(meta)
                 feat_in = feats.gather(1, front.parent[..., None].expand(b, kb, h)).view(n, h)
                 out = self.head(self.target.model.embed_tokens(front.tokens.reshape(n)), feat_in, positions[d - 1],
-                                ForwardContext(self.pool, self.attn, out_slots[d - 1]))
+                                ForwardContext(self.pool, attn, out_slots[d - 1]))
                 feats = out.view(b, kb, h)
                 front = tree.grow(*top_logprobs(feats, w, kb))
         return tree.select(self.max_nodes if kb > 1 else k)
@@ -438,3 +458,68 @@ class EagleDrafter(Drafter):
         st = self.states.pop(rid, None)
         if st is not None and st.pages:
             self.pool.free(st.pages)
+
+
+class _GrowGraphs:
+    """CUDA graphs of EagleDrafter._grow_device (draft steps 2..k and the tree selection),
+    one per batch-size bucket. Each draft step is one small decoder layer plus an lm_head
+    top-k: launched one kernel at a time they cost more than the target's whole graph-
+    replayed step. Padded rows have no pages (table row of zeros) and write into the head
+    pool's reserved page 0."""
+
+    def __init__(self, drafter: EagleDrafter, k: int, max_model_len: int, max_batch: int) -> None:
+        from runtime.engine.attention.triton_backend import TritonAttention
+        from runtime.engine.cuda_graph import buckets_up_to
+        from kernels.paged_decode import default_num_splits
+
+        self.d, self.k = drafter, k
+        dev, pool = drafter.device, drafter.pool
+        tree_slots = (k - 1) * drafter.branch
+        self.max_pages = pool.pages_for(max_model_len + tree_slots)
+        self.max_batch = max_batch
+        h = drafter.head.cfg.hidden_size
+        self.root = torch.zeros(max_batch, h, dtype=drafter.dtype, device=dev)
+        self.i64 = torch.zeros(2, max_batch, dtype=torch.int64, device=dev)  # committed, start
+        self.table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32, device=dev)
+        self.host_i64 = torch.zeros(2, max_batch, dtype=torch.int64).pin_memory()
+        self.host_table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32).pin_memory()
+        self.buckets = buckets_up_to(max_batch)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        hkv = drafter.head.cfg.num_kv_heads
+        mempool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for b in reversed(self.buckets):
+                rows = b * drafter.branch
+                attn = TritonAttention(num_splits=default_num_splits(rows, hkv, dev, max_model_len + tree_slots))
+                args = (self.root[:b], self.i64[0, :b], self.i64[1, :b], self.table[:b], k, attn, [1] * b)
+                drafter._grow_device(*args)  # warm-up: Triton compiles outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=mempool, stream=stream):
+                    self.outputs[b] = drafter._grow_device(*args)
+                self.graphs[b] = graph
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        torch.cuda.synchronize(dev)
+        log.info("captured EAGLE draft-step graphs (k=%d, branch %d) for batch sizes %s", k, drafter.branch, self.buckets)
+
+    def run(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Replay for these states, or None (eager) when they do not fit the graphs."""
+        n = len(states)
+        if k != self.k or n > self.max_batch or max(len(st.pages) for st in states) > self.max_pages:
+            return None
+        b = next(x for x in self.buckets if x >= n)
+        h64, table = self.host_i64.numpy(), self.host_table.numpy()
+        h64[:, :b] = 0
+        table[n:b] = 0  # padded rows: every draft slot maps to the reserved page 0
+        for i, st in enumerate(states):
+            h64[0, i], h64[1, i] = st.committed, st.start
+            table[i, : len(st.pages)] = st.pages
+        self.i64.copy_(self.host_i64, non_blocking=True)
+        self.table[:b].copy_(self.host_table[:b], non_blocking=True)
+        self.root[:n].copy_(root)
+        self.root[n:b].zero_()
+        self.graphs[b].replay()
+        tokens, parents = self.outputs[b]
+        return tokens[:n], parents[:n]
