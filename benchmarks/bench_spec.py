@@ -55,7 +55,9 @@ def make_draft(target: str, out: str, layers: int) -> None:
 
 def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0.0))  # warm-up
+    # Warm-up on the same prompts and lengths: Triton compiles a kernel variant the first
+    # time a shape class appears (e.g. one split vs several), which must not be timed.
+    engine.generate(prompts, params)
     if engine.core.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -84,6 +86,7 @@ def main() -> None:
     ap.add_argument("--eagle-trees", default="chain", help="eagle runs, comma-separated --speculative-tree values (chain, BxN)")
     ap.add_argument("--methods", default="none,ngram,draft,eagle", help="subset to run (draft/eagle need their paths)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
     a = ap.parse_args()
     if a.command == "make-draft":
@@ -100,7 +103,7 @@ def main() -> None:
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     for method, draft, tree in methods:
         k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method) or a.num_draft_tokens
-        engine = Engine(a.model, device=a.device, speculative=method, draft_model=draft,
+        engine = Engine(a.model, device=a.device, dtype=a.dtype, speculative=method, draft_model=draft,
                         num_draft_tokens=k, speculative_policy="fixed", speculative_tree=tree)
         if tree != "chain":
             method = f"eagle-{tree}"

@@ -62,6 +62,7 @@ from runtime.engine.request import Req
 
 if TYPE_CHECKING:
     from runtime.engine.core import EngineCore
+    from runtime.engine.cuda_graph import CudaGraphDecoder
 
 log = logging.getLogger("runtime.speculative")
 
@@ -259,9 +260,15 @@ class EagleDrafter(Drafter):
                                            num_kv_heads=hc.num_kv_heads, head_dim=hc.head_dim, dtype=self.dtype)
         self.states: dict[str, _State] = {}
         self.graphs: _GrowGraphs | None = None
+        self.catchup: CudaGraphDecoder | None = None  # steady-state catch-ups, replayed
         if core.runner.graphs is not None and self.attn.name == "triton":
-            self.graphs = _GrowGraphs(self, core.cfg.num_draft_tokens, core.max_model_len,
-                                      min(core.cfg.max_running, core.cfg.speculative_max_batch, 64))
+            from runtime.engine.cuda_graph import CudaGraphDecoder
+
+            max_batch = min(core.cfg.max_running, core.cfg.speculative_max_batch, 64)
+            self.graphs = _GrowGraphs(self, core.cfg.num_draft_tokens, core.max_model_len, max_batch)
+            rows = max_batch * DECODE_CATCHUP
+            self.catchup_model = _HeadStep(self.head, self.target, rows)
+            self.catchup = CudaGraphDecoder(self.catchup_model, self.pool, rows, core.max_model_len)
 
     def _num_pages(self, core: "EngineCore") -> int:
         # As many tokens as the target pool: a request's head context is never longer than
@@ -380,6 +387,11 @@ class EagleDrafter(Drafter):
                 kv_lens.append(c + n)
             st.committed += n
             st.prompt_pending = max(0, st.prompt_pending - n)
+        last = torch.tensor(counts, dtype=torch.int64).cumsum(0) - 1  # each state's last row
+        if decode and self.catchup is not None and self.catchup.can_run(len(tokens), max(len(p) for p in pages)):
+            self.catchup_model.feats[: len(tokens)].copy_(torch.cat(feats))
+            out, _ = self.catchup.run(tokens, positions, slots, pages, kv_lens)
+            return out[last.to(dev)]
         if decode:
             meta = AttentionMetadata.build([1] * len(tokens), kv_lens, pages, ps, dev)
         else:
@@ -388,7 +400,6 @@ class EagleDrafter(Drafter):
         ctx = ForwardContext(self.pool, self.attn, torch.tensor(slots, dtype=torch.int64, device=dev))
         emb = self.target.model.embed_tokens(torch.tensor(tokens, dtype=torch.int64, device=dev))
         out = self.head(emb, torch.cat(feats), torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
-        last = torch.tensor(counts, dtype=torch.int64).cumsum(0) - 1  # each state's last row
         return out[last.to(dev)]
 
     def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,6 +469,25 @@ class EagleDrafter(Drafter):
         st = self.states.pop(rid, None)
         if st is not None and st.pages:
             self.pool.free(st.pages)
+
+
+class _HeadStep(nn.Module):
+    """The head shaped like a target model for CudaGraphDecoder: token ids in, predicted
+    features out. The features paired with the tokens are read from `feats` (filled before
+    each replay); `compute_logits` passes the features through (the drafter scores them)."""
+
+    def __init__(self, head: EagleHead, target: LlamaForCausalLM, max_rows: int) -> None:
+        super().__init__()
+        self.head = head
+        self.embed = target.model.embed_tokens
+        w = target.lm_head.weight
+        self.feats = torch.zeros(max_rows, head.cfg.hidden_size, dtype=w.dtype, device=w.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.head(self.embed(input_ids), self.feats[: input_ids.shape[0]], positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 class _GrowGraphs:
