@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.engine.draft_tree import MAX_TREE_NODES  # one bit per node in the tree rule
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE = ("none", "ngram", "eagle", "draft")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
-MAX_TREE_NODES = 63  # draft tree nodes: one bit each in the attention tree rule (attention/base.py)
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_TREE_NODES = 63  # verification masks a node's ancestors with one int64 per row
+
 
 @dataclass
 class DraftTree:
@@ -17,6 +19,8 @@ class DraftTree:
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents):
             raise ValueError("DraftTree: tokens and parents differ in length")
+        if len(self.tokens) > MAX_TREE_NODES:
+            raise ValueError(f"DraftTree: {len(self.tokens)} nodes, at most {MAX_TREE_NODES} (one bit each in a row mask)")
         for i, p in enumerate(self.parents):
             if not -1 <= p < i:
                 raise ValueError(f"DraftTree: node {i} has parent {p}; parents must come first")
