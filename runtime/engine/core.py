@@ -43,7 +43,7 @@ def graph_rows(cfg: EngineConfig) -> int:
     the batches that draft (each request's last token plus its drafts)."""
     rows = min(cfg.cuda_graph_max_batch, cfg.max_running)
     if cfg.speculative != "none":
-        per_req = 1 + max(cfg.num_draft_tokens, getattr(cfg, "draft_tree_nodes", 0))
+        per_req = 1 + max(cfg.num_draft_tokens, cfg.draft_tree_nodes)
         rows = max(rows, min(cfg.max_running, cfg.speculative_max_batch) * per_req)
     return min(rows, 512)
 
