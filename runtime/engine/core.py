@@ -48,6 +48,18 @@ def graph_rows(cfg: EngineConfig) -> int:
     return min(rows, 512)
 
 
+def cap_verify_rows(drafts: dict[str, list[int] | DraftTree], num_reqs: int, max_rows: int) -> dict[str, list[int] | DraftTree]:
+    """Drafts cut so that one verify step of num_reqs decoding requests (each one row plus
+    its drafts) has at most max_rows rows when it can: every request keeps the same number
+    of draft tokens, at least one. Trees keep their first nodes (parents come first,
+    siblings best first), chains their first tokens."""
+    rows = num_reqs + sum(len(d) for d in drafts.values())
+    if rows <= max_rows:
+        return drafts
+    per_req = max(1, max_rows // max(num_reqs, 1) - 1)
+    return {rid: d.truncated(per_req) if isinstance(d, DraftTree) else d[:per_req] for rid, d in drafts.items()}
+
+
 def _plain_greedy(p: SamplingParams) -> bool:
     return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty)
@@ -248,7 +260,7 @@ class EngineCore:
         if src:
             self.pool.copy_slots(src, dst)
 
-    def _propose(self) -> dict[str, list[int]]:
+    def _propose(self) -> dict[str, list[int] | DraftTree]:
         reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE]
         k = self.policy.num_draft_tokens(len(reqs))
         if not k or not reqs:
@@ -260,6 +272,11 @@ class EngineCore:
                 # Never verify past max_tokens or the context: those rows would be wasted.
                 room = max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, self.max_model_len - r.seq_len - 1))
                 drafts[r.rid] = d.within_depth(room) if isinstance(d, DraftTree) else d[:room]
+        graphs = self.runner.graphs
+        if graphs is not None and self.policy.mode == "adaptive":
+            # Keep the verify step inside the captured graphs: an eager step of many rows
+            # costs more than the extra draft nodes can gain.
+            drafts = cap_verify_rows(drafts, len(reqs), graphs.max_batch)
         return drafts
 
     def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:

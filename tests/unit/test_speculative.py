@@ -114,6 +114,18 @@ def test_draft_tree_helpers() -> None:
         DraftTree([1, 2], [1, -1])
 
 
+def test_verify_rows_capped_to_graph_capacity() -> None:
+    from runtime.engine.core import cap_verify_rows
+
+    tree = DraftTree(list(range(10)), [-1, -1, 0, 0, 1, 2, 2, 4, 6, 7])
+    drafts = {"a": tree, "b": [5, 6, 7, 8]}
+    assert cap_verify_rows(drafts, 2, 64) == drafts  # 2 + 14 rows fit
+    capped = cap_verify_rows(drafts, 2, 8)  # 8 rows for 2 requests: 3 drafts each
+    assert capped["a"] == DraftTree([0, 1, 2], [-1, -1, 0]) and capped["b"] == [5, 6, 7]
+    assert sum(1 + len(d) for d in capped.values()) <= 8
+    assert cap_verify_rows(drafts, 6, 4)["b"] == [5]  # never below one draft token
+
+
 def test_ngram_lookup() -> None:
     d = NgramDrafter(max_n=3)
     assert d.lookup([1, 2, 3, 4, 9, 1, 2, 3], 3) == [4, 9, 1]
