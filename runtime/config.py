@@ -45,6 +45,9 @@ class EngineConfig:
     # eagle only: "chain", or "BxN": a draft tree that expands the B most likely tokens of
     # every node and keeps the N best nodes (N <= 63), depth up to num_draft_tokens.
     speculative_tree: str = "chain"
+    # Keep each request's prompt hidden states (a prefill worker whose decode workers draft
+    # with EAGLE sends them along with the KV).
+    export_prompt_hidden: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

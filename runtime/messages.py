@@ -87,6 +87,12 @@ class KVDone:
     first_logprob: list[Any] | None  # [logprob, [[id, logprob], ...]] when asked
     cached_tokens: int
     payload: bytes  # inline KV (the zmq transfer backend); b"" when written by NIXL
+    # What an EAGLE drafter on the decode side needs of the prompt: the target's final hidden
+    # states of prompt positions hidden_start .. L-1 (row-major [n, H], dtype `hidden_dtype`);
+    # b"" when the decode side does not draft with EAGLE.
+    hidden: bytes = b""
+    hidden_start: int = 0
+    hidden_dtype: str = ""
 
 
 # ---- decode worker -> gateway ------------------------------------------------------------

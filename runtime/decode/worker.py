@@ -11,6 +11,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
+import torch
+
 from runtime import ipc
 from runtime.config import ClusterConfig
 from runtime.engine.request import TokenLogprob
@@ -112,9 +114,19 @@ class DecodeWorker(Worker):
         lp = None
         if d.first_logprob is not None:
             lp = TokenLogprob(d.first_token, d.first_logprob[0], [tuple(x) for x in d.first_logprob[1]])
-        out = self.core.add_prefilled(
-            t.rid, t.prompt_ids, params_from_dict(t.params), inc.pages, d.first_token, lp, d.cached_tokens
-        )
+        hidden = None
+        if d.hidden:  # the prompt's hidden states, for an EAGLE drafter here
+            h = torch.frombuffer(bytearray(d.hidden), dtype=getattr(torch, d.hidden_dtype))
+            hidden = h.view(-1, self.core.model_config.hidden_size).to(self.core.device, self.core.loaded.dtype)
+        try:
+            out = self.core.add_prefilled(
+                t.rid, t.prompt_ids, params_from_dict(t.params), inc.pages, d.first_token, lp, d.cached_tokens,
+                prompt_hidden=hidden, hidden_start=d.hidden_start,
+            )
+        except ValueError as e:  # inconsistent hidden states: fail this request only
+            self.core.pool.free(inc.pages)
+            await self._fail(t.rid, str(e), 500)
+            return
         await self._emit(out)
 
     async def on_abort(self, a: AbortTask) -> None:

@@ -153,17 +153,27 @@ class EngineCore:
     def add_prefilled(
         self, rid: str, prompt_ids: list[int], params: SamplingParams, pages: list[int],
         first_token: int, first_logprob: TokenLogprob | None, cached_tokens: int,
+        prompt_hidden: torch.Tensor | None = None, hidden_start: int = 0,
     ) -> StepOutput:
         """Start decoding a request whose prompt KV is already in `pages` (sent by a prefill
-        worker, which also sampled the first token). Returns the first token's output."""
+        worker, which also sampled the first token). `prompt_hidden` [n, H]: the target's
+        final hidden states of prompt positions hidden_start .. L-1, handed to a drafter that
+        reads them (as if this engine had prefilled). Returns the first token's output."""
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        if prompt_hidden is not None and hidden_start + len(prompt_hidden) != len(prompt_ids):
+            raise ValueError(f"{rid}: hidden states for positions {hidden_start}..{hidden_start + len(prompt_hidden) - 1}"
+                             f" do not end at the prompt's last position {len(prompt_ids) - 1}")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Req(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed, arrival=self._arrivals,
                   cached_tokens=cached_tokens)
         self._arrivals += 1
         self.requests[rid] = req
         self.scheduler.add_prefilled(req, pages)
+        if prompt_hidden is not None and len(prompt_hidden) and self.drafter is not None \
+                and self.drafter.wants_prompt_hidden:
+            self.drafter.observe_prompt(req, hidden_start, prompt_hidden)
+            self.drafter.observe(req, [first_token], prompt_hidden[-1:])
         kept, reason, stop_reason = self._append(req, [first_token])
         req.num_computed = len(req.prompt_ids)
         if reason is not None:
@@ -201,7 +211,8 @@ class EngineCore:
             return outputs
         seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
                      for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
-        want_prompt = (self.drafter is not None and self.drafter.wants_prompt_hidden
+        drafter_wants = self.drafter is not None and self.drafter.wants_prompt_hidden
+        want_prompt = ((drafter_wants or self.cfg.export_prompt_hidden)
                        and any(s.req.phase is Phase.PREFILL for s in batch.seqs))
         logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
         sampled = [s for s in batch.seqs if s.num_logits]
@@ -215,7 +226,11 @@ class EngineCore:
         for s in batch.seqs:
             req = s.req
             if all_hidden is not None and req.phase is Phase.PREFILL:
-                self.drafter.observe_prompt(req, s.start, all_hidden[token_row : token_row + s.q_len])
+                chunk = all_hidden[token_row : token_row + s.q_len]
+                if drafter_wants:
+                    self.drafter.observe_prompt(req, s.start, chunk)
+                if self.cfg.export_prompt_hidden:
+                    req.keep_prompt_hidden(s.start, chunk.clone())
             token_row += s.q_len
             if not s.num_logits:
                 self.scheduler.advance(s, s.start + s.q_len)

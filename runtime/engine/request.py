@@ -46,6 +46,17 @@ class Req:
     num_retractions: int = 0
     # Prefill workers keep a finished request's pages until its KV has been sent.
     hold_kv: bool = False
+    # With EngineConfig.export_prompt_hidden: the final hidden states of the prompt positions
+    # computed here (chunks, consecutive from prompt_hidden_start), for a decode worker's drafter.
+    prompt_hidden: list[Any] = field(default_factory=list)
+    prompt_hidden_start: int = 0
+
+    def keep_prompt_hidden(self, start: int, chunk: Any) -> None:
+        """Add the hidden states of positions start..start+len(chunk)-1; a chunk that does
+        not continue the kept ones (a recompute after retraction) starts over."""
+        if not self.prompt_hidden or self.prompt_hidden_start + sum(len(c) for c in self.prompt_hidden) != start:
+            self.prompt_hidden, self.prompt_hidden_start = [], start
+        self.prompt_hidden.append(chunk)
 
     @property
     def all_ids(self) -> list[int]:

@@ -13,6 +13,8 @@ import random
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from runtime.config import ClusterConfig
 from runtime.engine.request import Req, TokenLogprob
 from runtime.messages import (
@@ -45,7 +47,9 @@ class PrefillWorker(Worker):
 
     def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
         # Prefill samples one token per request: drafting would only load a draft model.
-        super().__init__(cfg, worker_id, cfg.prefill_addr(worker_id), replace(cfg.engine, speculative="none"))
+        # An EAGLE drafter on the decode side reads the prompt's hidden states: keep them.
+        engine = replace(cfg.engine, speculative="none", export_prompt_hidden=cfg.engine.speculative == "eagle")
+        super().__init__(cfg, worker_id, cfg.prefill_addr(worker_id), engine)
         self.sender = make_transfer(cfg.transfer, self.core.pool, worker_id, "prefill")
         self.jobs: dict[int, Job] = {}  # room -> job
         self.rooms: dict[str, int] = {}  # rid -> room
@@ -137,9 +141,14 @@ class PrefillWorker(Worker):
 
     async def _finish(self, job: Job, ok: bool, error: str = "") -> None:
         t = job.task
+        hidden, hidden_start, hidden_dtype = b"", 0, ""
+        if ok and job.req.prompt_hidden:
+            h = torch.cat(job.req.prompt_hidden).contiguous().cpu()
+            hidden, hidden_start, hidden_dtype = h.view(torch.uint8).numpy().tobytes(), job.req.prompt_hidden_start, \
+                str(h.dtype).removeprefix("torch.")
         await self.peer(t.decode_addr).send(KVDone(
             t.room, t.rid, ok, error, job.first_token if job.first_token is not None else -1,
-            job.first_logprob, job.req.cached_tokens, job.payload if ok else b"",
+            job.first_logprob, job.req.cached_tokens, job.payload if ok else b"", hidden, hidden_start, hidden_dtype,
         ))
         await self.controller.send(TaskDone(t.rid, self.role, self.id, ok, False))
         if ok:

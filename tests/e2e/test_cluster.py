@@ -217,3 +217,23 @@ def test_speculative_cluster_same_output_and_metrics(start_server, tiny_model_di
     assert "runtime_time_to_first_token_seconds_count" in text
     latency = [line for line in text.splitlines() if line.startswith("runtime_kv_transfer_latency_seconds_count")]
     assert latency and float(latency[0].split()[-1]) >= 1
+
+
+def test_eagle_cluster_same_output(start_server, tiny_model_dir: str, reference: Engine, tmp_path) -> None:
+    """EAGLE on the decode side of a disaggregated pair: the prefill worker sends the prompt's
+    hidden states with the KV (what the head reads), outputs stay the target's own."""
+    from runtime.decode.speculative import train_draft
+    from tests.unit.test_eagle import TRAIN_ARGS
+
+    head = str(tmp_path / "head")
+    assert train_draft.main(["--model", tiny_model_dir, "--out", head, *TRAIN_ARGS]) == 0
+    server = start_server("--model", tiny_model_dir, "--prefill", "1", "--decode", "1", "--served-model-name", MODEL,
+                          "--speculative", "eagle", "--draft-model", head, "--speculative-policy", "fixed",
+                          "--page-size", "4", "--kv-cache-tokens", "1024", "--transfer", "zmq")
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    for prompt in PROMPTS[:3]:
+        expected = reference.generate([prompt], params)[0].text
+        r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 16,
+                                                              "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected

@@ -229,3 +229,34 @@ def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_mod
     spec.core.pool.check_no_leak(0)
     spec.core.drafter.pool.check_no_leak(0)
     assert not spec.core.drafter.states
+
+
+def test_prefilled_request_drafts_like_a_local_prefill(trained_head: str, tiny_model_dir: str) -> None:
+    """Disaggregated: a prefill engine keeps the prompt's hidden states (what the prefill
+    worker sends with the KV); a decode engine given them by add_prefilled drafts exactly
+    what an engine that prefilled the prompt itself drafts. Inconsistent ones are refused
+    before any state changes."""
+    kw = dict(device="cpu", dtype="float32", page_size=4)
+    eagle = dict(speculative="eagle", draft_model=trained_head, speculative_policy="fixed")
+    prefill = Engine(tiny_model_dir, export_prompt_hidden=True, **kw).core
+    ids = train_draft.prompt_ids(Engine(tiny_model_dir, **kw), train_draft.make_prompts(5, 0))[1]
+    req = prefill.add_request("p", ids, SamplingParams(max_tokens=1, temperature=0.0))
+    while not req.finished:
+        prefill.step()
+    hidden = torch.cat(req.prompt_hidden)
+    assert req.prompt_hidden_start == 0 and hidden.shape == (len(ids), 64)
+
+    local = Engine(tiny_model_dir, **kw, **eagle).core
+    lreq = local.add_request("x", ids, SamplingParams(max_tokens=8, temperature=0.0))
+    local.step()  # prefill + first token
+    assert lreq.output_ids == req.output_ids
+    decode = Engine(tiny_model_dir, **kw, **eagle).core
+    pages = decode.pool.alloc(decode.pool.pages_for(len(ids) + 1))
+    with pytest.raises(ValueError, match="do not end at the prompt's last position"):
+        decode.add_prefilled("x", ids, lreq.params, pages, req.output_ids[0], None, 0,
+                             prompt_hidden=hidden[:-1], hidden_start=0)
+    assert "x" not in decode.requests
+    decode.add_prefilled("x", ids, lreq.params, pages, req.output_ids[0], None, 0, prompt_hidden=hidden, hidden_start=0)
+    dreq = decode.requests["x"]
+    assert dreq.all_ids == lreq.all_ids
+    assert decode.drafter.propose([dreq], 4) == local.drafter.propose([lreq], 4)
