@@ -7,20 +7,13 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.eagle import EagleDrafter, save_head
+from runtime.decode.speculative.eagle import EagleDrafter
+from runtime.decode.speculative.eagle_head import save_head
 from runtime.engine.weights import load_model
 from tests.unit.test_eagle import feed_and_compare, random_head
 from tests.unit.test_engine import PROMPTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def _has(mod: str) -> bool:
-    try:
-        __import__(mod)
-        return True
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +26,8 @@ def head_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> s
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("tree", [None, (3, 10)], ids=["chain", "tree3x10"])
 def test_drafter_matches_simulation_cuda(tiny_model_dir: str, head_dir: str, backend: str, tree) -> None:
-    if backend == "triton" and not _has("triton"):
-        pytest.skip("triton not installed")
+    if backend == "triton":
+        pytest.importorskip("triton")
     spec = f"{tree[0]}x{tree[1]}" if tree else "chain"
     engine = Engine(tiny_model_dir, device="cuda", dtype="float32", attention_backend=backend, page_size=4,
                     speculative="eagle", draft_model=head_dir, speculative_tree=spec, num_draft_tokens=4)
@@ -46,8 +39,7 @@ def test_drafter_matches_simulation_cuda(tiny_model_dir: str, head_dir: str, bac
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("tree", ["chain", "4x12"])
 def test_eagle_greedy_identical_cuda(tiny_model_dir: str, head_dir: str, graphs: bool, tree: str) -> None:
-    if not _has("triton"):
-        pytest.skip("triton not installed")
+    pytest.importorskip("triton")
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     kw = dict(device="cuda", dtype="float32", attention_backend="triton", page_size=4, cuda_graph=graphs)
     base = Engine(tiny_model_dir, **kw)

@@ -15,7 +15,8 @@ import torch
 from runtime import Engine, SamplingParams
 from runtime.decode.speculative import eagle, simulate, train_draft
 from runtime.decode.speculative.base import DraftTree
-from runtime.decode.speculative.eagle import CONFIG_FILE, WEIGHTS_FILE, EagleDrafter, EagleHead, load_head, save_head
+from runtime.decode.speculative.eagle import EagleDrafter
+from runtime.decode.speculative.eagle_head import CONFIG_FILE, WEIGHTS_FILE, EagleHead, load_head, save_head
 from runtime.engine.attention.base import AttentionMetadata
 from runtime.engine.attention.torch_ref import TorchAttention
 from runtime.engine.kv_pool import KVPool

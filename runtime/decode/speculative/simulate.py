@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.decode.speculative.eagle import EagleHead
+from runtime.decode.speculative.eagle_head import EagleHead
 from runtime.decode.speculative.tree import TreeBuilder, top_logprobs
 from runtime.engine.model import LlamaForCausalLM
 

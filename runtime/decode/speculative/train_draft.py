@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime.config import EngineConfig
-from runtime.decode.speculative.eagle import EagleHead, save_head
+from runtime.decode.speculative.eagle_head import EagleHead, save_head
 from runtime.decode.speculative.simulate import Batch, DraftKV, accept_lengths, context, draft_step, draft_trees
 from runtime.decode.speculative.train_prompts import make_prompts
 from runtime.engine.model import LlamaForCausalLM
