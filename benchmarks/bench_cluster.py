@@ -102,8 +102,10 @@ def placement(url: str, wait_s: float = 10.0) -> list[str]:
         time.sleep(0.5)
 
 
-def transfer_totals(url: str) -> tuple[float, float, float]:
-    """(bytes, seconds, count) of KV transfers so far, from the gateway's /metrics."""
+def transfer_totals(url: str) -> tuple[float, float, float, float, float]:
+    """From the gateway's /metrics, totals so far: KV bytes sent, seconds and count of KV
+    writes (prefill side: posted -> complete), seconds and count of KV waits (decode side:
+    pages reserved -> KV landed, the prefill queue and compute included)."""
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     def value(name: str) -> float:
@@ -112,7 +114,8 @@ def transfer_totals(url: str) -> tuple[float, float, float]:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
     return (value("runtime_kv_transfer_bytes_total"), value("runtime_kv_transfer_latency_seconds_sum"),
-            value("runtime_kv_transfer_latency_seconds_count"))
+            value("runtime_kv_transfer_latency_seconds_count"), value("runtime_kv_wait_seconds_sum"),
+            value("runtime_kv_wait_seconds_count"))
 
 
 def main() -> None:
@@ -160,11 +163,12 @@ def main() -> None:
                     with open(out) as f:
                         res = json.load(f)
                     s = res["summary"]
-                    nbytes, secs, count = (x - y for x, y in zip(transfer_totals(url), before))
+                    nbytes, secs, count, wait_s, waits = (x - y for x, y in zip(transfer_totals(url), before))
                     gpus = max(1, sum(1 for x in devices if x.startswith("cuda")))
                     rows.append(dict(config=conf, dataset=ds, concurrency=c, devices=sorted(devices), gpus=gpus,
                                      out_tok_s_per_gpu=(s.get("output_token_throughput") or 0) / gpus,
                                      transfer_ms=1e3 * secs / count if count else None,
+                                     kv_wait_ms=1e3 * wait_s / waits if waits else None,
                                      transfer_gib_s=nbytes / secs / 2**30 if secs else None, **{
                         k: s.get(k) for k in ("completed", "failed", "output_token_throughput", "request_throughput",
                                               "p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "cache_hit_ratio")}))
@@ -177,14 +181,15 @@ def main() -> None:
     for conf, where in placements.items():
         print(f"{conf:>6}: " + ", ".join(where))
     print(f"\n{'config':>6} {'dataset':>13} {'conc':>4} {'ok':>4} {'out tok/s':>10} {'per GPU':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'ITL p50':>8} {'ITL p99':>8} {'cache':>6} {'xfer ms':>8} {'xfer GiB/s':>10}")
+          f"{'ITL p50':>8} {'ITL p99':>8} {'cache':>6} {'xfer ms':>8} {'xfer GiB/s':>10} {'wait ms':>8}")
     def f(x: float | None, w: int, d: int = 1) -> str:
         return f"{x:{w}.{d}f}" if x is not None else f"{'-':>{w}}"
 
     for r in rows:
         print(f"{r['config']:>6} {r['dataset']:>13} {r['concurrency']:>4} {r['completed']:>4} {f(r['output_token_throughput'], 10)} "
               f"{f(r['out_tok_s_per_gpu'], 8)} {f(r['p50_ttft_ms'], 9)} {f(r['p99_ttft_ms'], 9)} {f(r['p50_itl_ms'], 8)} "
-              f"{f(r['p99_itl_ms'], 8)} {f(r['cache_hit_ratio'], 6, 2)} {f(r['transfer_ms'], 8)} {f(r['transfer_gib_s'], 10, 2)}")
+              f"{f(r['p99_itl_ms'], 8)} {f(r['cache_hit_ratio'], 6, 2)} {f(r['transfer_ms'], 8)} {f(r['transfer_gib_s'], 10, 2)} "
+              f"{f(r['kv_wait_ms'], 8)}")
 
 
 if __name__ == "__main__":

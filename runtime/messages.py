@@ -138,9 +138,12 @@ class Heartbeat:
     cache_hit_rate: float
     transfer_bytes: int
     transfer_failures: int
-    # Samples since the previous heartbeat: KV transfer latencies (s, decode side) and
-    # tokens gained per speculative decode step (bonus token included), by drafter.
+    # Samples since the previous heartbeat: KV transfer latencies (s, prefill side: write
+    # posted -> completed), KV waits (s, decode side: pages reserved -> KV landed, so the
+    # prefill queue and compute included) and tokens gained per speculative decode step
+    # (bonus token included), by drafter.
     transfer_latency: list[float]
+    kv_wait: list[float]
     drafter: str
     accept_lengths: list[int]
 

@@ -53,7 +53,9 @@ class Worker(ipc.Actor):
         self._peers: dict[str, ipc.Queue] = {}
         self.core = EngineCore(engine_cfg)
         self.served = 0
-        self.transfer_latency: deque[float] = deque()  # seconds, drained by heartbeats
+        # seconds, drained by heartbeats: prefill write posted -> done; decode reserve -> landed
+        self.transfer_latency: deque[float] = deque()
+        self.kv_wait: deque[float] = deque()
         self.running = True
         self.handlers[Shutdown] = self.on_shutdown
 
@@ -94,7 +96,7 @@ class Worker(ipc.Actor):
             self.role, self.id, os.getpid(), running, queued, self.served,
             pool.num_free + self.core.cache.evictable_pages, pool.total_pages,
             self.core.cache.stats().hit_rate, **self.heartbeat_extra(),
-            transfer_latency=latency, drafter=drafter, accept_lengths=accepts,
+            transfer_latency=latency, kv_wait=_drain(self.kv_wait), drafter=drafter, accept_lengths=accepts,
         )
 
     def _beat_forever(self, stop: threading.Event) -> None:

@@ -71,6 +71,7 @@ class Controller(ipc.Actor):
         self._seeds = random.Random()
         # Samples gathered from heartbeats since the last ClusterStatus (sent once each).
         self.transfer_latency: list[float] = []
+        self.kv_wait: list[float] = []
         self.accept_lengths: dict[str, list[int]] = {}
         self.running = True
         self.handlers.update({
@@ -205,6 +206,7 @@ class Controller(ipc.Actor):
             return  # a late beat from a process we already declared dead
         w.last_beat, w.beat = time.monotonic(), h
         self.transfer_latency += h.transfer_latency
+        self.kv_wait += h.kv_wait
         if h.accept_lengths:
             self.accept_lengths.setdefault(h.drafter, []).extend(h.accept_lengths)
         w.load.running, w.load.queued = h.running, h.queued
@@ -276,7 +278,8 @@ class Controller(ipc.Actor):
             prefix_cache_hit_rate=sum(hit_rates) / len(hit_rates) if hit_rates else 0.0,
             kv_used_pages=used, kv_total_pages=total,
             kv_transfer_bytes_total=tbytes, kv_transfer_failures_total=tfail,
-            kv_transfer_latency_seconds=self.transfer_latency, spec_accept_length=self.accept_lengths,
+            kv_transfer_latency_seconds=self.transfer_latency, kv_wait_seconds=self.kv_wait,
+            spec_accept_length=self.accept_lengths,
         )
-        self.transfer_latency, self.accept_lengths = [], {}
+        self.transfer_latency, self.kv_wait, self.accept_lengths = [], [], {}
         return ClusterStatus(workers, metrics)

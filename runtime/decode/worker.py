@@ -109,7 +109,7 @@ class DecodeWorker(Worker):
     async def _start(self, inc: Incoming) -> None:
         t, d = inc.task, inc.done
         del self.incoming[t.room]
-        self.transfer_latency.append(time.monotonic() - inc.since)
+        self.kv_wait.append(time.monotonic() - inc.since)
         self.receiver.release(t.room)
         lp = None
         if d.first_logprob is not None:

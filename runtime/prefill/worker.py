@@ -133,6 +133,7 @@ class PrefillWorker(Worker):
     async def _poll(self, job: Job) -> None:
         state = self.sender.poll(job.task.room)
         if state is TransferState.DONE:
+            self.transfer_latency.append(time.monotonic() - job.transfer_started)
             await self._finish(job, ok=True)
         elif state is TransferState.FAILED:
             await self._finish(job, ok=False, error="KV transfer failed")

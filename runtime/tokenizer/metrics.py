@@ -46,7 +46,15 @@ class GatewayMetrics:
         self.kv_used = Gauge("runtime_kv_used_pages", "Used KV pages over live workers", registry=r)
         self.kv_total = Gauge("runtime_kv_total_pages", "KV pages over live workers", registry=r)
         self.workers_alive = Gauge("runtime_workers_alive", "Live workers per role", ["role"], registry=r)
-        self.transfer_latency = Histogram("runtime_kv_transfer_latency_seconds", "Latency of one KV transfer", buckets=TRANSFER_BUCKETS, registry=r)
+        self.transfer_latency = Histogram(
+            "runtime_kv_transfer_latency_seconds", "Prefill side: from posting a request's KV write to its completion",
+            buckets=TRANSFER_BUCKETS, registry=r,
+        )
+        self.kv_wait = Histogram(
+            "runtime_kv_wait_seconds",
+            "Decode side: from reserving a request's pages to its KV landing (prefill queue, prefill and transfer)",
+            buckets=TRANSFER_BUCKETS, registry=r,
+        )
         self.accept_length = Histogram(
             "runtime_spec_accept_length", "Tokens gained per speculative decode step (counts the bonus token)",
             ["drafter"], buckets=ACCEPT_BUCKETS, registry=r,
@@ -72,6 +80,8 @@ class GatewayMetrics:
             self.totals.transfer_failures = float(m["kv_transfer_failures_total"])
         for s in m.get("kv_transfer_latency_seconds") or ():
             self.transfer_latency.observe(float(s))
+        for s in m.get("kv_wait_seconds") or ():
+            self.kv_wait.observe(float(s))
         for drafter, samples in (m.get("spec_accept_length") or {}).items():
             h = self.accept_length.labels(str(drafter))
             for s in samples:

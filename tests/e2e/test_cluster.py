@@ -215,8 +215,9 @@ def test_speculative_cluster_same_output_and_metrics(start_server, tiny_model_di
         raise AssertionError("no speculative accept-length samples in /metrics")
     assert 'drafter="ngram"' in counts[0]
     assert "runtime_time_to_first_token_seconds_count" in text
-    latency = [line for line in text.splitlines() if line.startswith("runtime_kv_transfer_latency_seconds_count")]
-    assert latency and float(latency[0].split()[-1]) >= 1
+    for name in ("runtime_kv_transfer_latency_seconds", "runtime_kv_wait_seconds"):  # prefill and decode side
+        count = [line for line in text.splitlines() if line.startswith(name + "_count")]
+        assert count and float(count[0].split()[-1]) >= 1, name
 
 
 def test_eagle_cluster_same_output(start_server, tiny_model_dir: str, reference: Engine, tmp_path) -> None:

@@ -690,8 +690,10 @@ def test_metrics(gw: Gateway) -> None:
     before = gw.http.get("/metrics").text
     ttft_before = _metric(before, "runtime_time_to_first_token_seconds_count")
     lat_before = _metric(before, "runtime_kv_transfer_latency_seconds_count")
+    wait_before = _metric(before, "runtime_kv_wait_seconds_count")
     assert gw.complete(prompt="hi", max_tokens=4, temperature=0).status_code == 200
-    gw.fake.samples = {"kv_transfer_latency_seconds": [0.002, 0.004], "spec_accept_length": {"ngram": [1, 3, 2]}}
+    gw.fake.samples = {"kv_transfer_latency_seconds": [0.002, 0.004], "kv_wait_seconds": [0.03],
+                       "spec_accept_length": {"ngram": [1, 3, 2]}}
     wait_for(lambda: gw.fake.samples is None, 3, "the samples to be sent")
     time.sleep(0.35)  # several more statuses (without samples) arrive
     r = gw.http.get("/metrics")
@@ -701,6 +703,8 @@ def test_metrics(gw: Gateway) -> None:
     assert _metric(text, "runtime_e2e_request_latency_seconds_count") >= 1
     assert "runtime_inter_token_latency_seconds_bucket" in text
     assert _metric(text, "runtime_kv_transfer_latency_seconds_count") == lat_before + 2  # each sample once
+    assert _metric(text, "runtime_kv_wait_seconds_count") == wait_before + 1
+    assert _metric(text, "runtime_kv_wait_seconds_sum") == pytest.approx(0.03)
     assert 'runtime_spec_accept_length_count{drafter="ngram"} 3.0' in text
     assert 'runtime_spec_accept_length_sum{drafter="ngram"} 6.0' in text
     assert _metric(text, "runtime_prefix_cache_hit_rate") == 0.25
