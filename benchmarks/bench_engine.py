@@ -29,6 +29,13 @@ PRESETS = {
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
     ),
+    # SmolLM2-135M's shape.
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
+    ),
 }
 
 

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from runtime import Engine, SamplingParams  # noqa: E402
+from runtime.decode.speculative.train_prompts import make_prompts  # noqa: E402
 
 CHAT = [
     "Explain how a refrigerator works.", "Write a short poem about the sea.", "What are the benefits of exercise?",
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--eagle-draft-tokens", type=int, default=None, help="k (tree depth) for eagle (default: --num-draft-tokens)")
     ap.add_argument("--eagle-trees", default="chain", help="eagle runs, comma-separated --speculative-tree values (chain, BxN)")
     ap.add_argument("--methods", default="none,ngram,draft,eagle", help="subset to run (draft/eagle need their paths)")
+    ap.add_argument("--workloads", default="chat,copy", help="chat, copy, and train: prompts of the train-draft "
+                    "templates (in-distribution, may repeat training prompts): tells a serving gap from a prompt shift")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -108,8 +111,9 @@ def main() -> None:
         if tree != "chain":
             method = f"eagle-{tree}"
         tok = engine.tokenizer
-        workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in ps]
-                     for name, ps in (("chat", CHAT), ("copy", COPY))}
+        sources = {"chat": CHAT, "copy": COPY, "train": make_prompts(16, seed=987_654)}
+        workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in sources[name]]
+                     for name in a.workloads.split(",")}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
                 r, toks = run(engine, prompts[:bs], a.max_tokens)

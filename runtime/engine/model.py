@@ -25,25 +25,27 @@ class ForwardContext:
     out_slots: torch.Tensor  # int64 [T] device: page * page_size + offset for each new token
 
 
-_FUSED: object | None = None  # flashinfer's norm/activation modules, or False
+_KERNELS: bool | None = None  # whether kernels/ (Triton) imports on this machine
 
 
-def fused_ops(x: torch.Tensor) -> object | None:
-    """flashinfer's fused kernels for CUDA half-precision tensors (one kernel instead of
-    about seven for an RMSNorm), else None: the torch path, which is the reference."""
-    global _FUSED
-    # No autograd through these kernels: training (train-draft) stays on torch ops.
+def fused_kernels(x: torch.Tensor) -> bool:
+    """Whether to run this tensor's RMSNorm, rotary + KV store and SiLU-mul as our fused
+    Triton kernels (one launch each instead of five to fourteen torch ops: a small model's
+    decode step is bound by kernel launches). CUDA half precision only, and never under
+    autograd (train-draft stays on torch ops); the torch path is the reference."""
+    global _KERNELS
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.requires_grad:
-        return None
-    if _FUSED is None:
+        return False
+    if _KERNELS is None:
         try:
-            import flashinfer.activation
-            import flashinfer.norm
+            import kernels.rmsnorm  # noqa: F401
+            import kernels.rope_kv  # noqa: F401
+            import kernels.silu_mul  # noqa: F401
 
-            _FUSED = flashinfer
-        except Exception:  # not installed or unusable: stay on torch
-            _FUSED = False
-    return _FUSED or None
+            _KERNELS = True
+        except Exception:  # no Triton: stay on torch
+            _KERNELS = False
+    return _KERNELS
 
 
 class RMSNorm(nn.Module):
@@ -54,12 +56,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        fi = fused_ops(x)
-        if fi is not None:
-            if residual is None:
-                return fi.norm.rmsnorm(x, self.weight, self.eps)
-            fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place
-            return x, residual
+        if fused_kernels(x):
+            from kernels.rmsnorm import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual)  # with residual: in place
         if residual is not None:
             residual = x + residual
             return self._norm(residual), residual
@@ -142,18 +142,28 @@ class Attention(nn.Module):
         self.qkv_proj = _fuse_linears([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., hidden] -> q [..., q_size], k, v [..., kv_size], fused or not."""
+        cfg = self.cfg
+        if hasattr(self, "qkv_proj"):
+            return self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
-        if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
+        if hasattr(self, "qkv_proj") and fused_kernels(x):
+            from kernels.rope_kv import rope_store_kv
+
+            q = rope_store_kv(self.qkv_proj(x), *rope, k_cache, v_cache, ctx.out_slots,
+                              cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            return self.o_proj(ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size))
+        q, k, v = self.project(x)
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
         # Pages are strided in the page-major pool: index (page, slot), not a flat slot.
         page, slot = ctx.out_slots // k_cache.shape[1], ctx.out_slots % k_cache.shape[1]
         k_cache[page, slot] = k
@@ -179,9 +189,10 @@ class MLP(nn.Module):
         if not hasattr(self, "gate_up_proj"):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
-        fi = fused_ops(gate_up)
-        if fi is not None:
-            return self.down_proj(fi.activation.silu_and_mul(gate_up))
+        if fused_kernels(gate_up):
+            from kernels.silu_mul import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

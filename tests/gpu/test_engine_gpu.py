@@ -97,8 +97,9 @@ def assert_bf16_close(model_dir: str, n: int, **engine_kwargs) -> None:
 # dim 16 it failed on the H200 (2026-11-22), so auto no longer picks it for that size.
 @pytest.mark.parametrize("backend,graphs", [("triton", True), ("torch", False)])
 def test_tiny_bf16_fused_kernels_close_to_transformers(tiny_model_dir: str, backend: str, graphs: bool) -> None:
-    """bf16 on CUDA runs flashinfer's fused RMSNorm / SiLU-and-mul (when importable) and the
-    fused q|k|v and gate|up GEMMs; greedy tokens must still follow transformers bf16."""
+    """bf16 on CUDA runs our fused Triton kernels (RMSNorm with the residual add, rotary with
+    the KV store, SiLU-and-mul) and the fused q|k|v and gate|up GEMMs; greedy tokens must
+    still follow transformers bf16."""
     if backend != "torch" and not _has(backend):
         pytest.skip(f"{backend} not installed")
     assert_bf16_close(tiny_model_dir, 12, attention_backend=backend, cuda_graph=graphs, page_size=4)

@@ -93,6 +93,9 @@ class EagleDrafter(Drafter):
         self.target = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.head = load_head(core.cfg.draft_model, core.model_config, self.device, self.dtype)
+        # Serve with one q|k|v and one gate|up GEMM, like the target (and its fused kernels).
+        self.head.layer.self_attn.fuse()
+        self.head.layer.mlp.fuse()
         trained_for = self.head.meta.get("target_model")
         if trained_for and trained_for != loaded.name:
             log.warning("EAGLE head %s was trained for %s, serving %s: drafts may be poor (outputs stay exact)",

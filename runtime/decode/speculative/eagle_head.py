@@ -80,9 +80,10 @@ class EagleHead(nn.Module):
         h = self.layer.input_layernorm(x)
         cos, sin = self.rotary(positions.reshape(-1), x.dtype)
         cos, sin = cos.view(b, t, 1, -1), sin.view(b, t, 1, -1)
-        q = apply_rotary(attn.q_proj(h).view(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rotary(attn.k_proj(h).view(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = attn.v_proj(h).view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = attn.project(h)
+        q = apply_rotary(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:

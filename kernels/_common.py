@@ -1,0 +1,54 @@
+"""What the fused elementwise kernels (rmsnorm, rope_kv, silu_mul) share: input checks and
+rounding to the output dtype."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """fp32 x rounded to nearest-even in `dtype`. Triton's interpreter truncates fp32 -> bf16
+    casts, so under it (MANUAL_BF16) bf16 is rounded with integer ops; NaN payloads with
+    only low mantissa bits set are not preserved there."""
+    if MANUAL_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16)
+        out = r.to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
+INTERPRETED = not isinstance(round_to, triton.runtime.JITFunction)
+
+
+def manual_bf16(dtype: torch.dtype) -> bool:
+    """The MANUAL_BF16 argument of `round_to` for outputs of `dtype`."""
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+def check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """t's dtype is `dtype`, or with None one of DTYPES."""
+    if dtype is None and t.dtype not in DTYPES:
+        raise ValueError(f"{name} dtype {t.dtype} not supported; use one of {DTYPES}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+
+
+def check_placement(op: str, tensors: dict[str, torch.Tensor]) -> None:
+    """All tensors on one device, CUDA unless Triton's interpreter runs; last dims contiguous."""
+    devices = {t.device for t in tensors.values()}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got "
+                         f"{({n: str(t.device) for n, t in tensors.items()})}")
+    for name, t in tensors.items():
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
+    device = devices.pop()
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{op} needs CUDA tensors (got {device}); on CPU it runs only under "
+                         "TRITON_INTERPRET=1, set before triton is imported")

@@ -1,0 +1,248 @@
+"""The fused Triton kernels (rmsnorm, rope_store_kv, silu_and_mul), run by Triton's
+interpreter on CPU, against the model's torch path (runtime.engine.model).
+
+TRITON_INTERPRET=1 must be set before triton is imported and would change every later
+Triton kernel in the process, so the kernels run in a child process per kernel (this file
+run as a script: `python tests/unit/test_fused_kernels_interp.py rope`); the pytest process
+only checks the wrappers' input validation.
+
+Rounding points match torch's, so rotary and the KV store must be bit-identical in half
+precision. RMSNorm sums squares in another order and the interpreter's exp is numpy's, so
+there a half-precision element may be one ulp off, but only rarely; fp32 within 1e-5.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+EPS = 1e-5
+
+
+def _compare(name: str, got: torch.Tensor, ref: torch.Tensor, exact: bool) -> str | None:
+    """None when got matches ref: fp32 within 1e-5; half precision bit-identical when
+    `exact`, else every element within one ulp and at most 1 + numel/200 of them off."""
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return f"{name}: got {got.dtype} {tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}"
+    diff = (got.float() - ref.float()).abs()
+    if ref.dtype == torch.float32:
+        if not torch.allclose(got, ref, rtol=1e-5, atol=1e-5):
+            return f"{name}: max abs error {diff.max().item():.3g} (fp32, tolerance 1e-5)"
+        return None
+    off = int((diff > 0).sum())
+    if exact and off:
+        return f"{name}: {off} of {ref.numel()} elements differ (max {diff.max().item():.3g}), expected bit-identical"
+    finfo = torch.finfo(ref.dtype)
+    _, exp = torch.frexp(torch.maximum(got.float().abs(), ref.float().abs()))
+    ulp = (finfo.eps * torch.exp2(exp.float() - 1)).clamp_min(finfo.smallest_normal * finfo.eps)
+    beyond = int((diff > ulp).sum())
+    if beyond or off > 1 + ref.numel() // 200:
+        return f"{name}: {off} of {ref.numel()} elements differ, {beyond} by more than one ulp"
+    return None
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+def _rmsnorm_case(name: str, dtype: torch.dtype, t: int, h: int, seed: int, device: str = "cpu") -> str | None:
+    from kernels.rmsnorm import rmsnorm
+    from runtime.engine.model import RMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(h, EPS).to(dtype)
+    norm.weight.data = (_randn(gen, h, dtype=dtype, scale=0.5) + 1).to(device)
+    # x as the first H columns of a wider buffer: a row stride that is not H.
+    x = _randn(gen, t, h + 8, dtype=dtype, scale=3.0).to(device)[:, :h]
+    residual = _randn(gen, t, h, dtype=dtype).to(device)
+    with torch.no_grad():
+        ref_plain = norm(x)
+        ref_y, ref_s = norm(x, residual)
+    got = rmsnorm(x, norm.weight.data, EPS)
+    fails = [_compare(f"{name} plain", got, ref_plain, exact=False)]
+    x_in, res_in = x.clone(), residual.clone()
+    got_y, got_s = rmsnorm(x_in, norm.weight.data, EPS, res_in)
+    if got_y.data_ptr() != x_in.data_ptr() or got_s.data_ptr() != res_in.data_ptr():
+        fails.append(f"{name}: with a residual, the results must be x and residual, updated in place")
+    fails += [_compare(f"{name} residual sum", res_in, ref_s, exact=True),
+              _compare(f"{name} residual norm", x_in, ref_y, exact=False)]
+    return "; ".join(f for f in fails if f) or None
+
+
+def _rope_case(
+    name: str, dtype: torch.dtype, t: int, hq: int, hkv: int, d: int, cos_3d: bool, seed: int, device: str = "cpu"
+) -> str | None:
+    from kernels.rope_kv import rope_store_kv
+    from runtime.engine.kv_pool import KVPool
+    from runtime.engine.model import apply_rotary
+
+    gen = torch.Generator().manual_seed(seed)
+    page_size, layer = 16, 1
+    pool = KVPool(2, 6, page_size, hkv, d, dtype, device)
+    pool.kv.copy_(_randn(gen, *pool.kv.shape, dtype=dtype))
+    # Distinct slots scattered over pages 1..5 (page 0 is the padding page).
+    slots = (torch.randperm(5 * page_size, generator=gen)[:t] + page_size).to(device, torch.int64)
+    qkv = _randn(gen, t, (hq + 2 * hkv) * d, dtype=dtype, scale=2.0).to(device)
+    positions = torch.randint(0, 4096, (t,), generator=gen)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    emb = (positions.float()[:, None] * inv_freq[None, :]).repeat(1, 2)  # cat(freqs, freqs)
+    cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+    if cos_3d:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    before = pool.kv.clone()
+
+    q = rope_store_kv(qkv, cos, sin, pool.k_cache(layer), pool.v_cache(layer), slots, hq, hkv, d)
+
+    q_ref, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    cos3, sin3 = cos.reshape(t, 1, d), sin.reshape(t, 1, d)
+    q_ref = apply_rotary(q_ref.reshape(t, hq, d), cos3, sin3)
+    k_ref = apply_rotary(k.reshape(t, hkv, d), cos3, sin3)
+    page, pos = slots // page_size, slots % page_size
+    expected = before.clone()
+    expected[page, layer, 0, pos] = k_ref
+    expected[page, layer, 1, pos] = v.reshape(t, hkv, d)
+    fails = [_compare(f"{name} q", q, q_ref, exact=True), _compare(f"{name} kv pool", pool.kv, expected, exact=True)]
+    if not q.is_contiguous():
+        fails.append(f"{name}: q must be contiguous, strides {q.stride()}")
+    written = torch.zeros(pool.kv.shape[:4], dtype=torch.bool, device=device)
+    written[page, layer, :, pos] = True
+    if not torch.equal(pool.kv[~written], before[~written]):
+        fails.append(f"{name}: a cache entry outside the tokens' slots changed")
+    return "; ".join(f for f in fails if f) or None
+
+
+def _silu_case(name: str, dtype: torch.dtype, t: int, inter: int, seed: int, device: str = "cpu") -> str | None:
+    import torch.nn.functional as F
+
+    from kernels.silu_mul import silu_and_mul
+
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = _randn(gen, t, 2 * inter, dtype=dtype, scale=4.0)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -20.0]).to(dtype)  # saturated ends, zero
+    gate_up = gate_up.to(device)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return _compare(name, silu_and_mul(gate_up), F.silu(gate) * up, exact=False)
+
+
+# Per kernel: the case function and its cases (name first, then its arguments).
+CASES = {
+    # name, dtype, T, H, seed. H 576 (SmolLM2) is not a power of two.
+    "rmsnorm": (_rmsnorm_case, [
+        ("rms_bf16_576", torch.bfloat16, 7, 576, 0),
+        ("rms_bf16_64", torch.bfloat16, 1, 64, 1),
+        ("rms_fp16_4096", torch.float16, 3, 4096, 2),
+        ("rms_fp32_576", torch.float32, 3, 576, 3),
+        ("rms_fp32_100", torch.float32, 1, 100, 4),
+    ]),
+    # name, dtype, T, Hq, Hkv, D, cos as [T, 1, D], seed. 9 + 3 heads: one program holds both
+    # a query head and KV heads.
+    "rope": (_rope_case, [
+        ("rope_bf16_gqa3_d64", torch.bfloat16, 7, 9, 3, 64, True, 10),
+        ("rope_fp16_gqa3_d64", torch.float16, 3, 9, 3, 64, False, 11),
+        ("rope_fp32_gqa3_d64", torch.float32, 7, 9, 3, 64, True, 12),
+        ("rope_bf16_gqa4_d128", torch.bfloat16, 1, 4, 1, 128, False, 13),
+        ("rope_fp32_mha_d96", torch.float32, 3, 2, 2, 96, True, 14),
+    ]),
+    # name, dtype, T, I, seed. I 1536 spans three blocks; 100 is a ragged one.
+    "silu": (_silu_case, [
+        ("silu_bf16_1536", torch.bfloat16, 7, 1536, 20),
+        ("silu_fp16_576", torch.float16, 3, 576, 21),
+        ("silu_fp32_100", torch.float32, 1, 100, 22),
+        ("silu_bf16_64", torch.bfloat16, 3, 64, 23),
+    ]),
+}
+
+
+def _run_cases(kernel: str) -> int:
+    fn, cases = CASES[kernel]
+    failures = []
+    for case in cases:
+        start = time.perf_counter()
+        msg = fn(*case)
+        failures += [msg] if msg else []
+        print(f"{case[0]}: {msg or 'ok'} ({time.perf_counter() - start:.2f} s)", flush=True)
+    if failures:
+        print("FAILED:\n" + "\n".join(failures), file=sys.stderr)
+    return 1 if failures else 0
+
+
+@pytest.mark.parametrize("kernel", list(CASES))
+def test_fused_kernel_matches_torch_reference_under_interpreter(kernel: str) -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, kernel], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _rmsnorm_args(**change: object) -> dict:
+    args = dict(x=torch.randn(3, 16), weight=torch.ones(16), eps=EPS, residual=torch.randn(3, 16))
+    return {**args, **change}
+
+
+def _rope_args(**change: object) -> dict:
+    t, hq, hkv, d = 3, 4, 2, 8
+    args = dict(
+        qkv=torch.randn(t, (hq + 2 * hkv) * d), cos=torch.randn(t, 1, d), sin=torch.randn(t, 1, d),
+        k_cache=torch.randn(4, 16, hkv, d), v_cache=torch.randn(4, 16, hkv, d),
+        out_slots=torch.arange(t, dtype=torch.int64), num_heads=hq, num_kv_heads=hkv, head_dim=d,
+    )
+    return {**args, **change}
+
+
+def _silu_args(**change: object) -> dict:
+    return {"gate_up": torch.randn(3, 32), **change}
+
+
+_META = torch.device("meta")
+_SHARED = torch.randn(3, 16)
+BAD_INPUTS = [
+    ("rmsnorm", _rmsnorm_args(x=torch.randn(3, 16, dtype=torch.float64), weight=torch.ones(16, dtype=torch.float64),
+                              residual=None), "x dtype torch.float64 not supported"),
+    ("rmsnorm", _rmsnorm_args(weight=torch.ones(16, dtype=torch.bfloat16)), "weight must be torch.float32"),
+    ("rmsnorm", _rmsnorm_args(weight=torch.ones(8)), "weight must be \\[H=16\\]"),
+    ("rmsnorm", _rmsnorm_args(x=torch.randn(1, 3, 16)), "x must be \\[T, H\\]"),
+    ("rmsnorm", _rmsnorm_args(x=torch.randn(3, 32)[:, ::2]), "x must be contiguous in its last dim"),
+    ("rmsnorm", _rmsnorm_args(residual=torch.randn(2, 16)), "differ in shape"),
+    ("rmsnorm", _rmsnorm_args(residual=torch.randn(3, 16, device=_META)), "all tensors must be on one device"),
+    ("rmsnorm", _rmsnorm_args(x=_SHARED, residual=_SHARED), "residual and x must be different tensors"),
+    ("rmsnorm", {**_rmsnorm_args(), "residual": None}, "needs CUDA tensors"),
+    ("rope", _rope_args(qkv=torch.randn(3, 60)), "qkv must be \\[T, \\(Hq \\+ 2 \\* Hkv\\) \\* D = 64\\]"),
+    ("rope", _rope_args(qkv=torch.randn(3, 64, dtype=torch.float64)), "qkv dtype torch.float64 not supported"),
+    ("rope", _rope_args(cos=torch.randn(3, 4)), "cos must be \\[T=3, D=8\\]"),
+    ("rope", _rope_args(sin=torch.randn(3, 8, dtype=torch.bfloat16)), "sin must be torch.float32"),
+    ("rope", _rope_args(k_cache=torch.randn(4, 16, 1, 8)), "k_cache must be \\[num_pages, page_size, Hkv=2, D=8\\]"),
+    ("rope", _rope_args(v_cache=torch.randn(4, 8, 2, 8)), "differ in shape"),
+    ("rope", _rope_args(v_cache=torch.randn(4, 16, 2, 16)[..., ::2]), "v_cache must be contiguous in its last dim"),
+    ("rope", _rope_args(out_slots=torch.arange(3, dtype=torch.int32)), "out_slots must be torch.int64"),
+    ("rope", _rope_args(out_slots=torch.arange(2)), "out_slots must be \\[T=3\\]"),
+    ("rope", _rope_args(k_cache=torch.randn(4, 16, 2, 8, device=_META)), "all tensors must be on one device"),
+    ("rope", _rope_args(head_dim=7, qkv=torch.randn(3, 56)), "even head_dim"),
+    ("rope", _rope_args(), "needs CUDA tensors"),
+    ("silu", _silu_args(gate_up=torch.randn(3, 31)), "gate_up must be \\[T, 2 \\* I\\]"),
+    ("silu", _silu_args(gate_up=torch.ones(3, 32, dtype=torch.int32)), "gate_up dtype torch.int32 not supported"),
+    ("silu", _silu_args(gate_up=torch.randn(3, 64)[:, ::2]), "gate_up must be contiguous in its last dim"),
+    ("silu", _silu_args(), "needs CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("op, args, message", BAD_INPUTS)
+def test_fused_kernels_reject_bad_input(op: str, args: dict, message: str) -> None:
+    pytest.importorskip("triton")
+    from kernels.rmsnorm import rmsnorm
+    from kernels.rope_kv import rope_store_kv
+    from kernels.silu_mul import silu_and_mul
+
+    fn = {"rmsnorm": rmsnorm, "rope": rope_store_kv, "silu": silu_and_mul}[op]
+    with pytest.raises(ValueError, match=message):
+        fn(**args)
+
+
+if __name__ == "__main__":
+    sys.exit(_run_cases(sys.argv[1]))
