@@ -39,14 +39,15 @@ def check_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) ->
         raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
 
 
-def check_placement(op: str, tensors: dict[str, torch.Tensor]) -> None:
-    """All tensors on one device, CUDA unless Triton's interpreter runs; last dims contiguous."""
+def check_placement(op: str, tensors: dict[str, torch.Tensor], any_stride: tuple[str, ...] = ()) -> None:
+    """All tensors on one device, CUDA unless Triton's interpreter runs; last dims contiguous
+    (but for those named in any_stride)."""
     devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"{op}: all tensors must be on one device, got "
                          f"{({n: str(t.device) for n, t in tensors.items()})}")
     for name, t in tensors.items():
-        if t.numel() and t.stride(-1) != 1:
+        if t.numel() and t.stride(-1) != 1 and name not in any_stride:
             raise ValueError(f"{op}: {name} must be contiguous in its last dim (stride {t.stride(-1)})")
     device = devices.pop()
     if device.type != "cuda" and not INTERPRETED:

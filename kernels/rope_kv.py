@@ -30,6 +30,7 @@ from kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf
 def _rope_store_kv_kernel(
     QKV, Cos, Sin, KCache, VCache, Slots, Q,
     stride_qkv, stride_cos, stride_sin,  # row strides; the last dims are contiguous
+    stride_slot,  # out_slots may be a strided view (e.g. one row of a [steps, T] table)
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
     stride_qt, stride_qh,
@@ -75,7 +76,7 @@ def _rope_store_kv_kernel(
     tl.store(Q + t * stride_qt + heads[:, None] * stride_qh + offs[None, :], out, mask=mask & is_q)
     kv_mask = mask & ~is_q
     kvh = (heads - NUM_HEADS)[:, None]  # negative on query rows, which kv_mask leaves out
-    slot = tl.load(Slots + t)  # int64: page * PAGE_SIZE + offset
+    slot = tl.load(Slots + t * stride_slot)  # int64: page * PAGE_SIZE + offset
     page = slot // PAGE_SIZE
     pos = slot % PAGE_SIZE
     tl.store(KCache + page * stride_kp + pos * stride_ks + kvh * stride_kh + offs[None, :], out, mask=kv_mask)
@@ -123,7 +124,7 @@ def _check(
         raise ValueError(f"rope_store_kv: out_slots must be [T={t}], got shape {tuple(out_slots.shape)}")
     check_dtype("out_slots", out_slots, torch.int64)
     check_placement("rope_store_kv", {"qkv": qkv, "cos": cos, "sin": sin, "k_cache": k_cache,
-                                      "v_cache": v_cache, "out_slots": out_slots})
+                                      "v_cache": v_cache, "out_slots": out_slots}, any_stride=("out_slots",))
 
 
 def rope_store_kv(
@@ -132,7 +133,7 @@ def rope_store_kv(
     sin: torch.Tensor,  # [T, D] or [T, 1, D], qkv's dtype
     k_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D], any page/slot/head strides
     v_cache: torch.Tensor,  # [num_pages, page_size, Hkv, D]
-    out_slots: torch.Tensor,  # int64 [T]: page * page_size + offset of each token
+    out_slots: torch.Tensor,  # int64 [T], any stride: page * page_size + offset of each token
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -150,7 +151,7 @@ def rope_store_kv(
     block_h, num_warps = _launch_config(block_d)
     _rope_store_kv_kernel[(t, triton.cdiv(num_heads + num_kv_heads, block_h))](
         qkv, cos, sin, k_cache, v_cache, out_slots, q,
-        qkv.stride(0), cos.stride(0), sin.stride(0),
+        qkv.stride(0), cos.stride(0), sin.stride(0), out_slots.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         q.stride(0), q.stride(1),
