@@ -5,6 +5,9 @@ or host-bound, and the kernels that cost the most. Shapes are what matter: dummy
 and a random EAGLE head are enough.
 
     python benchmarks/trace_step.py --preset smollm2-135m --batch 1 --specs none,eagle:chain,eagle:8x48
+
+A spec is METHOD[:TREE][@POLICY]: e.g. `eagle:8x48@adaptive` (the policy defaults to fixed,
+so every step drafts; adaptive shows what the measured policy makes of the same drafter).
 """
 from __future__ import annotations
 
@@ -108,10 +111,11 @@ def main() -> None:
     head = None
     results = {}
     for spec in a.specs.split(","):
-        method, _, tree = spec.partition(":")
+        name, _, policy = spec.partition("@")
+        method, _, tree = name.partition(":")
         kw = dict(base)
         if method != "none":
-            kw.update(speculative=method, num_draft_tokens=a.num_draft_tokens, speculative_policy="fixed")
+            kw.update(speculative=method, num_draft_tokens=a.num_draft_tokens, speculative_policy=policy or "fixed")
         if method == "eagle":
             if head is None:
                 probe = Engine(**base)

@@ -26,7 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default="none", choices=SPECULATIVE)
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--draft-model", default=None)
-    p.add_argument("--speculative-policy", default="adaptive", choices=("fixed", "adaptive"))
+    p.add_argument("--speculative-policy", default="adaptive", choices=("fixed", "adaptive"),
+                   help="adaptive: draft only at batch sizes where measured speculative steps give more "
+                        "tokens/s than plain ones (re-checked as the text and load change); fixed: always")
     p.add_argument("--speculative-tree", default="chain",
                    help="eagle: 'chain', or BxN: a draft tree expanding the B best tokens per node, "
                         "keeping the N best nodes (N <= 63; depth up to --num-draft-tokens)")

@@ -40,7 +40,8 @@ class EngineConfig:
     speculative: str = "none"
     num_draft_tokens: int = 4
     draft_model: str | None = None
-    speculative_policy: str = "adaptive"  # fixed: always k drafts; adaptive: fewer (or none) at large batches
+    # fixed: always k drafts; adaptive: draft where measured steps say it pays (policy.py)
+    speculative_policy: str = "adaptive"
     speculative_max_batch: int = 32  # adaptive: no drafting above this many decoding requests
     # eagle only: "chain", or "BxN": a draft tree that expands the B most likely tokens of
     # every node and keeps the N best nodes (N <= 63), depth up to num_draft_tokens.

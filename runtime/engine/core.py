@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -197,8 +198,9 @@ class EngineCore:
         """One forward. `drafts` (rid -> proposed next tokens, a chain or a DraftTree) makes
         a decoding request verify them in this forward (the speculative path); accepted
         tokens are exact."""
+        started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
-            drafts = self._propose()
+            drafts, drafted = self._propose()
         trees = {rid: d if isinstance(d, DraftTree) else DraftTree.chain(d) for rid, d in (drafts or {}).items() if d}
         batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
         outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
@@ -209,6 +211,7 @@ class EngineCore:
         self.scheduler.ended.clear()
         if not batch.seqs:
             return outputs
+        pure_decode = all(s.req.phase is Phase.DECODE and s.num_logits for s in batch.seqs)
         seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
                      for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
         drafter_wants = self.drafter is not None and self.drafter.wants_prompt_hidden
@@ -242,9 +245,6 @@ class EngineCore:
                 req.num_steps += 1
                 if self.drafter is not None:
                     self.accept_samples.append(len(tokens))
-                    # Per depth: a tree offers at most one accepted token per level.
-                    depth = max(seq_trees[req.rid].depths()) if req.rid in seq_trees else 0
-                    self.policy.record(depth, len(tokens) - 1)
             if self.drafter is not None:
                 self.drafter.observe(req, tokens, rows)
             kept, reason, stop_reason = self._append(req, tokens)
@@ -256,6 +256,11 @@ class EngineCore:
             if logprobs:
                 req.output_logprobs += logprobs[: len(kept)]
             outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
+        if drafted is not None and pure_decode:
+            # What the policy weighs drafting by: the step's wall time (taken after the host
+            # read of the sampled tokens, so the device work is in it) and tokens gained.
+            gained = sum(len(accepted[s.req.rid][0]) for s in batch.seqs) / len(batch.seqs)
+            self.policy.record_step(len(batch.seqs), drafted, time.perf_counter() - started, gained)
         return outputs
 
     def _compact_tree_kv(self, seqs: list, trees: dict[str, DraftTree], accepted: dict) -> None:
@@ -275,11 +280,12 @@ class EngineCore:
         if src:
             self.pool.copy_slots(src, dst)
 
-    def _propose(self) -> dict[str, list[int] | DraftTree]:
+    def _propose(self) -> tuple[dict[str, list[int] | DraftTree], int]:
+        """Drafts for this step's decoding requests, and the policy's k (0: no drafting)."""
         reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE]
         k = self.policy.num_draft_tokens(len(reqs))
         if not k or not reqs:
-            return {}
+            return {}, 0
         drafts = self.drafter.propose(reqs, k)
         for r in reqs:
             d = drafts.get(r.rid)
@@ -292,7 +298,7 @@ class EngineCore:
             # Keep the verify step inside the captured graphs: an eager step of many rows
             # costs more than the extra draft nodes can gain.
             drafts = cap_verify_rows(drafts, len(reqs), graphs.max_batch)
-        return drafts
+        return drafts, k
 
     def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:
         self.scheduler.finish(req, reason, stop_reason)

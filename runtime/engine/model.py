@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        if fused_kernels(x):
+        if x.dim() == 2 and fused_kernels(x):  # packed rows (serving); dense batches stay on torch
             from kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual)  # with residual: in place
@@ -153,7 +153,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         t = x.shape[0]
         k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
-        if hasattr(self, "qkv_proj") and fused_kernels(x):
+        if hasattr(self, "qkv_proj") and x.dim() == 2 and fused_kernels(x):
             from kernels.rope_kv import rope_store_kv
 
             q = rope_store_kv(self.qkv_proj(x), *rope, k_cache, v_cache, ctx.out_slots,
@@ -189,7 +189,7 @@ class MLP(nn.Module):
         if not hasattr(self, "gate_up_proj"):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up_proj(x)  # [T, 2 * I]
-        if fused_kernels(gate_up):
+        if gate_up.dim() == 2 and fused_kernels(gate_up):
             from kernels.silu_mul import silu_and_mul
 
             return self.down_proj(silu_and_mul(gate_up))

@@ -32,7 +32,7 @@ def test_fused_kernels_capture_in_a_cuda_graph() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got_norm, got_act = rmsnorm(x, w, 1e-5), silu_and_mul(gate_up)
-    x.mul_(2.0)  # new inputs, replayed
+    x.add_(1.0)  # new inputs, replayed (not a scaling: RMSNorm is scale-invariant)
     gate_up.mul_(-1.0)
     graph.replay()
     torch.cuda.synchronize()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from runtime.decode.speculative.base import Drafter, SpeculationPolicy
+from runtime.decode.speculative.base import Drafter
+from runtime.decode.speculative.policy import SpeculationPolicy
 
 if TYPE_CHECKING:
     from runtime.engine.core import EngineCore

@@ -1,4 +1,4 @@
-"""The drafter seam and the policy that decides how many tokens to draft."""
+"""The drafter seam (the policy that decides how many tokens to draft is policy.py)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -8,7 +8,7 @@ import torch
 from runtime.engine.draft_tree import DraftTree
 from runtime.engine.request import Req
 
-__all__ = ["Drafter", "DraftTree", "SpeculationPolicy"]
+__all__ = ["Drafter", "DraftTree"]
 
 
 class Drafter(ABC):
@@ -36,32 +36,3 @@ class Drafter(ABC):
         """After a prefill chunk: hidden [q_len, H] holds the target's final hidden states
         f_p for prompt positions start .. start+q_len-1 (f_p scores token p+1). Called
         before observe() sees the first generated token."""
-
-
-class SpeculationPolicy:
-    """How many tokens to draft this step. Verification costs a forward over k+1 rows per
-    request; at large batches the step is compute-bound and the extra rows cost more than
-    the accepted tokens save, so drafting shrinks and then stops. `adaptive` also lowers k
-    when recent acceptance is poor."""
-
-    def __init__(self, k: int, mode: str = "adaptive", max_batch: int = 32) -> None:
-        if mode not in ("fixed", "adaptive"):
-            raise ValueError(f"speculative policy must be fixed or adaptive (got {mode!r})")
-        self.k = k
-        self.mode = mode
-        self.max_batch = max_batch
-        self.accept_rate = 1.0  # EMA of accepted drafts / proposed drafts
-
-    def num_draft_tokens(self, batch_size: int) -> int:
-        if self.mode == "fixed":
-            return self.k
-        if batch_size > self.max_batch:
-            return 0
-        k = self.k if batch_size <= self.max_batch // 2 else max(1, self.k // 2)
-        if self.accept_rate < 0.2:
-            k = min(k, 1)
-        return k
-
-    def record(self, proposed: int, accepted: int) -> None:
-        if proposed:
-            self.accept_rate = 0.9 * self.accept_rate + 0.1 * (accepted / proposed)

@@ -1,0 +1,92 @@
+"""When to speculate, and how deep: measured, not guessed.
+
+A speculative step costs more than a plain one (the drafter's work, a verify forward over
+k+1 rows per request, acceptance) and gains `accept length` tokens per request instead of
+one. Whether that pays depends on the model, the device, the batch size and the text
+(copy-heavy text accepts long runs, open chat few), so `adaptive` measures it: per batch-
+size bucket it keeps a running estimate of the wall time of pure-decode steps with and
+without drafting and of the tokens each gains per request, and drafts only where that
+yields more tokens per second. Every PROBE_EVERY steps a bucket runs the other option for
+two steps, so a shift in the text or the load is noticed. The first drafting step after
+plain ones is not measured: stateful drafters (EAGLE, a draft model) catch up there on the
+tokens they skipped, a cost that steady drafting does not pay. Above `max_batch` decoding requests it never
+drafts (the verify rows would not fit the captured graphs). `fixed` always drafts k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROBE_EVERY = 16  # steps per bucket between two tries of the option not in use
+SMOOTHING = 0.2  # weight of the newest step in the running estimates
+
+
+@dataclass
+class _Estimate:
+    seconds: float  # running estimate of one step's wall time
+    tokens: float  # running estimate of the tokens one step gains per request
+
+    @property
+    def rate(self) -> float:
+        """Tokens per request per second."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def update(self, seconds: float, tokens: float) -> None:
+        self.seconds += SMOOTHING * (seconds - self.seconds)
+        self.tokens += SMOOTHING * (tokens - self.tokens)
+
+
+class SpeculationPolicy:
+    def __init__(self, k: int, mode: str = "adaptive", max_batch: int = 32) -> None:
+        if mode not in ("fixed", "adaptive"):
+            raise ValueError(f"speculative policy must be fixed or adaptive (got {mode!r})")
+        self.k = k
+        self.mode = mode
+        self.max_batch = max_batch
+        self._estimates: dict[tuple[int, int], _Estimate] = {}  # (bucket, k) -> estimate
+        self._steps: dict[int, int] = {}  # decisions taken per bucket
+        self._last: dict[int, int] = {}  # per bucket: k of the last recorded step
+
+    @staticmethod
+    def bucket(batch_size: int) -> int:
+        """Batch sizes measured together: 1, 2, 3-4, 5-8, ... (the next power of two)."""
+        return 1 << max(0, batch_size - 1).bit_length()
+
+    def num_draft_tokens(self, batch_size: int) -> int:
+        if self.mode == "fixed":
+            return self.k
+        if batch_size > self.max_batch or batch_size < 1:
+            return 0
+        b = self.bucket(batch_size)
+        n = self._steps[b] = self._steps.get(b, 0) + 1
+        spec, plain = self._estimates.get((b, self.k)), self._estimates.get((b, 0))
+        if spec is None:
+            return self.k  # measure speculation first
+        if plain is None:
+            return 0
+        best = self.k if spec.rate >= plain.rate else 0
+        if n % PROBE_EVERY < 2:
+            return self.k - best  # the other option, for two steps
+        return best
+
+    def record_step(self, batch_size: int, k: int, seconds: float, tokens_per_request: float) -> None:
+        """A pure-decode step of batch_size requests drafted with k (0: none) took `seconds`
+        and gained `tokens_per_request` tokens per request on average."""
+        if self.mode == "fixed" or batch_size < 1:
+            return
+        b = self.bucket(batch_size)
+        after_plain, self._last[b] = not self._last.get(b, 0), k
+        if k and after_plain:
+            return  # the drafter's catch-up step
+        key = (b, k)
+        est = self._estimates.get(key)
+        if est is None:
+            self._estimates[key] = _Estimate(seconds, tokens_per_request)
+        else:
+            est.update(seconds, tokens_per_request)
+
+    def speedup(self, batch_size: int) -> float | None:
+        """The measured tokens/s of drafting over not drafting at this batch size (None until
+        both were measured)."""
+        b = self.bucket(batch_size)
+        spec, plain = self._estimates.get((b, self.k)), self._estimates.get((b, 0))
+        return spec.rate / plain.rate if spec and plain else None

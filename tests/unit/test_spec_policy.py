@@ -1,0 +1,96 @@
+"""The adaptive speculation policy drafts where measured speculative steps yield more
+tokens per second than plain ones, per batch-size bucket, and notices when that changes."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from runtime import Engine, SamplingParams
+from runtime.decode.speculative.policy import PROBE_EVERY, SpeculationPolicy
+from tests.unit.test_speculative import COPY
+
+
+def drive(policy: SpeculationPolicy, batch: int, steps: int, cost: Callable[[int], tuple[float, float]]) -> list[int]:
+    """Run `steps` decisions at this batch size; cost(k) -> (step seconds, tokens per request)."""
+    chosen = []
+    for _ in range(steps):
+        k = policy.num_draft_tokens(batch)
+        chosen.append(k)
+        policy.record_step(batch, k, *cost(k))
+    return chosen
+
+
+def spec_wins(k: int) -> tuple[float, float]:
+    return (1.5e-3, 2.5) if k else (1.0e-3, 1.0)  # 1667 vs 1000 tokens/s
+
+
+def spec_loses(k: int) -> tuple[float, float]:
+    return (2.5e-3, 1.3) if k else (1.0e-3, 1.0)  # 520 vs 1000 tokens/s
+
+
+def test_fixed_always_drafts_k() -> None:
+    policy = SpeculationPolicy(4, "fixed", max_batch=2)
+    assert drive(policy, 64, 40, spec_loses) == [4] * 40
+
+
+def test_keeps_drafting_where_it_pays() -> None:
+    chosen = drive(SpeculationPolicy(4), 1, 160, spec_wins)
+    assert chosen[:3] == [4, 4, 0]  # each option measured (the first drafting step is not)
+    assert chosen.count(0) <= 1 + 2 * (160 // PROBE_EVERY)  # then plain only to re-check
+
+
+def test_the_drafters_catch_up_step_is_not_held_against_it() -> None:
+    """EAGLE's first drafting step after plain ones also caches the skipped tokens."""
+    policy = SpeculationPolicy(4)
+    last = [0]
+
+    def cost(k: int) -> tuple[float, float]:
+        catch_up = k and not last[0]
+        last[0] = k
+        return (20e-3, 2.5) if catch_up else spec_wins(k)
+
+    chosen = drive(policy, 1, 160, cost)
+    assert chosen[-PROBE_EVERY:].count(4) >= PROBE_EVERY - 2
+
+
+def test_stops_drafting_where_it_loses() -> None:
+    policy = SpeculationPolicy(4)
+    chosen = drive(policy, 1, 160, spec_loses)
+    assert chosen.count(4) <= 2 + 2 * (160 // PROBE_EVERY)
+    assert 4 in chosen[-PROBE_EVERY:]  # still probed now and then
+    assert policy.speedup(1) == pytest.approx(520 / 1000, rel=1e-6)
+
+
+def test_buckets_decide_separately() -> None:
+    policy = SpeculationPolicy(4, max_batch=64)
+    drive(policy, 1, 40, spec_wins)
+    drive(policy, 16, 40, spec_loses)
+    assert drive(policy, 1, PROBE_EVERY, spec_wins).count(4) == PROBE_EVERY - 2
+    assert drive(policy, 13, PROBE_EVERY, spec_loses).count(0) == PROBE_EVERY - 2  # 13 shares 16's bucket
+
+
+def test_notices_a_change_in_the_text() -> None:
+    policy = SpeculationPolicy(4)
+    drive(policy, 1, 100, spec_loses)  # open chat: drafting off
+    chosen = drive(policy, 1, 6 * PROBE_EVERY, spec_wins)  # then copy-heavy text: it pays
+    assert chosen[-PROBE_EVERY:].count(4) == PROBE_EVERY - 2
+
+
+def test_never_drafts_above_max_batch() -> None:
+    assert set(drive(SpeculationPolicy(4, max_batch=8), 9, 40, spec_wins)) == {0}
+
+
+def test_adaptive_engine_measures_both_and_stays_exact(tiny_model_dir: str) -> None:
+    """In the engine the policy sees real step times; whatever it decides, greedy output is
+    the plain engine's."""
+    params = SamplingParams(max_tokens=3 * PROBE_EVERY, temperature=0.0, ignore_eos=True)
+    base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
+    ref = base.generate([COPY], params)[0].token_ids
+    spec = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="ngram",
+                  num_draft_tokens=4, speculative_policy="adaptive")
+    got = spec.generate([COPY], params)[0]
+    assert got.token_ids == ref
+    assert spec.core.policy.speedup(1) is not None  # both options were timed at batch 1
+    spec.shutdown()
+    spec.core.pool.check_no_leak(0)
