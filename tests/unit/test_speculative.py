@@ -133,6 +133,35 @@ def test_ngram_lookup() -> None:
     assert d.lookup([1, 2, 1, 2, 1], 2) == [2, 1]  # the latest earlier match
 
 
+def _scan_lookup(ids: list[int], k: int, max_n: int, min_n: int, window: int) -> list[int]:
+    """The definition: scan the window backwards for the latest earlier match of the tail."""
+    ids = ids[-window:]
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        for start in range(len(ids) - n - 1, -1, -1):
+            if ids[start : start + n] == ids[-n:]:
+                return ids[start + n : start + n + k]
+    return []
+
+
+@pytest.mark.parametrize("max_n,min_n,window", [(4, 1, 4096), (3, 2, 24), (2, 1, 7)])
+def test_ngram_index_equals_the_scan(max_n: int, min_n: int, window: int) -> None:
+    """The incremental index proposes what a scan of the window proposes, step after step,
+    as accepted runs of various lengths are appended (a small vocabulary: many matches)."""
+    from runtime.engine.request import Req
+
+    gen = torch.Generator().manual_seed(max_n * 100 + window)
+    drafter = NgramDrafter(max_n=max_n, min_n=min_n, window=window)
+    reqs = [Req(rid=f"r{i}", prompt_ids=torch.randint(0, 5, (int(n),), generator=gen).tolist(),
+                params=SamplingParams(), seed=0, arrival=i) for i, n in enumerate((1, 9, 40))]
+    for _ in range(30):
+        got = drafter.propose(reqs, 3)
+        for r in reqs:
+            assert got.get(r.rid, []) == _scan_lookup(r.all_ids, 3, max_n, min_n, window)
+            r.output_ids += torch.randint(0, 5, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
+    drafter.release(reqs[0])
+    assert reqs[0].rid not in drafter._index
+
+
 # ---- sampling keeps the target's distribution ------------------------------------------------
 V = 8
 CHI2_CRIT_DF7_P001 = 24.32  # chi-square critical value, 7 degrees of freedom, p = 0.001
