@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--methods", default="none,ngram,draft,eagle", help="subset to run (draft/eagle need their paths)")
     ap.add_argument("--workloads", default="chat,copy", help="chat, copy, and train: prompts of the train-draft "
                     "templates (in-distribution, may repeat training prompts): tells a serving gap from a prompt shift")
+    ap.add_argument("--policies", default="fixed", help="speculative policies to run each drafter under "
+                    "(fixed, adaptive; comma-separated)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -102,14 +104,18 @@ def main() -> None:
         methods += [("eagle", a.eagle, tree) for tree in a.eagle_trees.split(",")]
     if methods[0][0] != "none":
         ap.error("--methods must include none (the baseline)")
+    policies = a.policies.split(",")
+    runs = [(m, d, t, p) for m, d, t in methods for p in (["fixed"] if m == "none" else policies)]
     rows = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
-    for method, draft, tree in methods:
+    for method, draft, tree, policy in runs:
         k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method) or a.num_draft_tokens
         engine = Engine(a.model, device=a.device, dtype=a.dtype, speculative=method, draft_model=draft,
-                        num_draft_tokens=k, speculative_policy="fixed", speculative_tree=tree)
+                        num_draft_tokens=k, speculative_policy=policy, speculative_tree=tree)
         if tree != "chain":
             method = f"eagle-{tree}"
+        if policy != "fixed":
+            method = f"{method}@{policy}"
         tok = engine.tokenizer
         sources = {"chat": CHAT, "copy": COPY, "train": make_prompts(16, seed=987_654)}
         workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in sources[name]]
@@ -138,9 +144,9 @@ def main() -> None:
         r["speedup"] = r["tok_s"] / base[(r["workload"], r["batch"])]
     with open(a.out, "w") as f:
         json.dump(dict(args=vars(a), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", rows=rows), f, indent=2)
-    print(f"\n{'method':>11} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}")
+    print(f"\n{'method':>16} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}")
     for r in rows:
-        print(f"{r['method']:>11} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
+        print(f"{r['method']:>16} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
               f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {r['same_as_none']:5.2f}")
 
 
