@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.policy import PROBE_EVERY, SpeculationPolicy
+from runtime.decode.speculative.policy import MAX_PROBE_EVERY, PROBE_EVERY, PROBE_STEPS, SpeculationPolicy
 from tests.unit.test_speculative import COPY
 
 
@@ -37,7 +37,7 @@ def test_fixed_always_drafts_k() -> None:
 def test_keeps_drafting_where_it_pays() -> None:
     chosen = drive(SpeculationPolicy(4), 1, 160, spec_wins)
     assert chosen[:3] == [4, 4, 0]  # each option measured (the first drafting step is not)
-    assert chosen.count(0) <= 1 + 2 * (160 // PROBE_EVERY)  # then plain only to re-check
+    assert chosen.count(0) <= 1 + PROBE_STEPS * (160 // PROBE_EVERY)  # then plain only to re-check
 
 
 def test_the_drafters_catch_up_step_is_not_held_against_it() -> None:
@@ -51,14 +51,14 @@ def test_the_drafters_catch_up_step_is_not_held_against_it() -> None:
         return (20e-3, 2.5) if catch_up else spec_wins(k)
 
     chosen = drive(policy, 1, 160, cost)
-    assert chosen[-PROBE_EVERY:].count(4) >= PROBE_EVERY - 2
+    assert chosen[-PROBE_EVERY:].count(4) >= PROBE_EVERY - PROBE_STEPS
 
 
 def test_stops_drafting_where_it_loses() -> None:
     policy = SpeculationPolicy(4)
     chosen = drive(policy, 1, 160, spec_loses)
-    assert chosen.count(4) <= 2 + 2 * (160 // PROBE_EVERY)
-    assert 4 in chosen[-PROBE_EVERY:]  # still probed now and then
+    assert chosen.count(4) <= 2 + PROBE_STEPS * (160 // PROBE_EVERY)
+    assert 4 in chosen[PROBE_EVERY:]  # still probed now and then
     assert policy.speedup(1) == pytest.approx(520 / 1000, rel=1e-6)
 
 
@@ -66,15 +66,27 @@ def test_buckets_decide_separately() -> None:
     policy = SpeculationPolicy(4, max_batch=64)
     drive(policy, 1, 40, spec_wins)
     drive(policy, 16, 40, spec_loses)
-    assert drive(policy, 1, PROBE_EVERY, spec_wins).count(4) == PROBE_EVERY - 2
-    assert drive(policy, 13, PROBE_EVERY, spec_loses).count(0) == PROBE_EVERY - 2  # 13 shares 16's bucket
+    assert drive(policy, 1, PROBE_EVERY, spec_wins).count(4) >= PROBE_EVERY - PROBE_STEPS
+    assert drive(policy, 13, PROBE_EVERY, spec_loses).count(0) >= PROBE_EVERY - PROBE_STEPS  # 13 shares 16's bucket
 
 
 def test_notices_a_change_in_the_text() -> None:
     policy = SpeculationPolicy(4)
     drive(policy, 1, 100, spec_loses)  # open chat: drafting off
-    chosen = drive(policy, 1, 6 * PROBE_EVERY, spec_wins)  # then copy-heavy text: it pays
-    assert chosen[-PROBE_EVERY:].count(4) == PROBE_EVERY - 2
+    chosen = drive(policy, 1, MAX_PROBE_EVERY + PROBE_EVERY, spec_wins)  # then copy-heavy text: it pays
+    switched = next(i for i in range(len(chosen)) if chosen[i:i + PROBE_EVERY].count(4) >= PROBE_EVERY - PROBE_STEPS)
+    assert switched < MAX_PROBE_EVERY  # at the next probe, not after many
+
+
+def test_probes_back_off_while_the_choice_holds() -> None:
+    """A drafter that never pays costs ever fewer probe steps: at most two per
+    MAX_PROBE_EVERY once the interval has grown."""
+    policy = SpeculationPolicy(4)
+    early = drive(policy, 1, 4 * PROBE_EVERY, spec_loses)
+    drive(policy, 1, 4 * MAX_PROBE_EVERY, spec_loses)
+    late = drive(policy, 1, 4 * MAX_PROBE_EVERY, spec_loses)
+    assert early.count(4) >= 4  # probed often at first
+    assert late.count(4) <= PROBE_STEPS * 4 + PROBE_STEPS
 
 
 def test_never_drafts_above_max_batch() -> None:

@@ -6,8 +6,11 @@ one. Whether that pays depends on the model, the device, the batch size and the 
 (copy-heavy text accepts long runs, open chat few), so `adaptive` measures it: per batch-
 size bucket it keeps a running estimate of the wall time of pure-decode steps with and
 without drafting and of the tokens each gains per request, and drafts only where that
-yields more tokens per second. Every PROBE_EVERY steps a bucket runs the other option for
-two steps, so a shift in the text or the load is noticed. The first drafting step after
+yields more tokens per second. Now and then a bucket runs the other option for PROBE_STEPS
+steps, weighted more than routine steps, so a shift in the text or the load is noticed
+within a probe: PROBE_EVERY steps after a change of mind, twice as long after each probe
+that confirms the choice, up to MAX_PROBE_EVERY (a drafter that never pays then costs
+PROBE_STEPS steps in MAX_PROBE_EVERY). The first drafting step after
 plain ones is not measured: stateful drafters (EAGLE, a draft model) catch up there on the
 tokens they skipped, a cost that steady drafting does not pay. Above `max_batch` decoding requests it never
 drafts (the verify rows would not fit the captured graphs). `fixed` always drafts k.
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROBE_EVERY = 16  # steps per bucket between two tries of the option not in use
+PROBE_EVERY = 16  # steps per bucket between two tries of the option not in use, at first
+MAX_PROBE_EVERY = 256  # ... and at most, after probes that kept confirming the choice
+PROBE_STEPS = 3  # a try's length (a drafter's first step, its catch-up, is not counted)
 SMOOTHING = 0.2  # weight of the newest step in the running estimates
+PROBE_SMOOTHING = 0.5  # ... and of a step of the option not in use
 
 
 @dataclass
@@ -30,9 +36,17 @@ class _Estimate:
         """Tokens per request per second."""
         return self.tokens / max(self.seconds, 1e-9)
 
-    def update(self, seconds: float, tokens: float) -> None:
-        self.seconds += SMOOTHING * (seconds - self.seconds)
-        self.tokens += SMOOTHING * (tokens - self.tokens)
+    def update(self, seconds: float, tokens: float, weight: float) -> None:
+        self.seconds += weight * (seconds - self.seconds)
+        self.tokens += weight * (tokens - self.tokens)
+
+
+@dataclass
+class _Bucket:
+    steps: int = 0  # decisions taken
+    choice: int = -1  # the option last judged best (-1: none yet)
+    interval: int = PROBE_EVERY
+    probe_at: int = PROBE_EVERY  # the step at which the next probe starts
 
 
 class SpeculationPolicy:
@@ -43,7 +57,7 @@ class SpeculationPolicy:
         self.mode = mode
         self.max_batch = max_batch
         self._estimates: dict[tuple[int, int], _Estimate] = {}  # (bucket, k) -> estimate
-        self._steps: dict[int, int] = {}  # decisions taken per bucket
+        self._buckets: dict[int, _Bucket] = {}
         self._last: dict[int, int] = {}  # per bucket: k of the last recorded step
 
     @staticmethod
@@ -57,15 +71,22 @@ class SpeculationPolicy:
         if batch_size > self.max_batch or batch_size < 1:
             return 0
         b = self.bucket(batch_size)
-        n = self._steps[b] = self._steps.get(b, 0) + 1
+        st = self._buckets.setdefault(b, _Bucket())
+        st.steps += 1
         spec, plain = self._estimates.get((b, self.k)), self._estimates.get((b, 0))
         if spec is None:
             return self.k  # measure speculation first
         if plain is None:
             return 0
         best = self.k if spec.rate >= plain.rate else 0
-        if n % PROBE_EVERY < 2:
-            return self.k - best  # the other option, for two steps
+        if best != st.choice:  # a change of mind (or the first judgement): re-check soon
+            st.choice, st.interval = best, PROBE_EVERY
+            st.probe_at = st.steps + PROBE_EVERY
+        if st.steps >= st.probe_at:
+            if st.steps == st.probe_at + PROBE_STEPS - 1:  # the probe's last step: the next further off
+                st.interval = min(2 * st.interval, MAX_PROBE_EVERY)
+                st.probe_at = st.steps + st.interval
+            return self.k - best  # the other option
         return best
 
     def record_step(self, batch_size: int, k: int, seconds: float, tokens_per_request: float) -> None:
@@ -82,7 +103,8 @@ class SpeculationPolicy:
         if est is None:
             self._estimates[key] = _Estimate(seconds, tokens_per_request)
         else:
-            est.update(seconds, tokens_per_request)
+            choice = self._buckets[b].choice if b in self._buckets else -1
+            est.update(seconds, tokens_per_request, PROBE_SMOOTHING if choice not in (-1, k) else SMOOTHING)
 
     def speedup(self, batch_size: int) -> float | None:
         """The measured tokens/s of drafting over not drafting at this batch size (None until
