@@ -204,20 +204,23 @@ def test_speculative_cluster_same_output_and_metrics(start_server, tiny_model_di
     r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 24,
                                                           "temperature": 0, "ignore_eos": True}, timeout=60)
     assert r.json()["choices"][0]["text"] == expected
+    # Samples reach /metrics with each worker's heartbeat: the decode side's (accept lengths,
+    # KV wait) and the prefill side's (KV write latency) come separately.
+    def count(text: str, name: str) -> float:
+        lines = [line for line in text.splitlines() if line.startswith(name + "_count")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    names = ("runtime_spec_accept_length", "runtime_kv_transfer_latency_seconds", "runtime_kv_wait_seconds")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         text = httpx.get(server.url + "/metrics", timeout=5).text
-        counts = [line for line in text.splitlines() if line.startswith("runtime_spec_accept_length_count")]
-        if counts and float(counts[0].split()[-1]) > 0:
+        if all(count(text, name) >= 1 for name in names):
             break
         time.sleep(0.3)
     else:
-        raise AssertionError("no speculative accept-length samples in /metrics")
-    assert 'drafter="ngram"' in counts[0]
+        raise AssertionError(f"missing samples in /metrics: {[(n, count(text, n)) for n in names]}")
+    assert 'runtime_spec_accept_length_count{drafter="ngram"}' in text
     assert "runtime_time_to_first_token_seconds_count" in text
-    for name in ("runtime_kv_transfer_latency_seconds", "runtime_kv_wait_seconds"):  # prefill and decode side
-        count = [line for line in text.splitlines() if line.startswith(name + "_count")]
-        assert count and float(count[0].split()[-1]) >= 1, name
 
 
 def test_eagle_cluster_same_output(start_server, tiny_model_dir: str, reference: Engine, tmp_path) -> None:
