@@ -1,4 +1,4 @@
-"""When to speculate, and how deep: measured, not guessed.
+"""When to speculate: measured, not guessed.
 
 A speculative step costs more than a plain one (the drafter's work, a verify forward over
 k+1 rows per request, acceptance) and gains `accept length` tokens per request instead of
@@ -6,14 +6,16 @@ one. Whether that pays depends on the model, the device, the batch size and the 
 (copy-heavy text accepts long runs, open chat few), so `adaptive` measures it: per batch-
 size bucket it keeps a running estimate of the wall time of pure-decode steps with and
 without drafting and of the tokens each gains per request, and drafts only where that
-yields more tokens per second. Now and then a bucket runs the other option for PROBE_STEPS
-steps, weighted more than routine steps, so a shift in the text or the load is noticed
-within a probe: PROBE_EVERY steps after a change of mind, twice as long after each probe
-that confirms the choice, up to MAX_PROBE_EVERY (a drafter that never pays then costs
-PROBE_STEPS steps in MAX_PROBE_EVERY). The first drafting step after
-plain ones is not measured: stateful drafters (EAGLE, a draft model) catch up there on the
-tokens they skipped, a cost that steady drafting does not pay. Above `max_batch` decoding requests it never
-drafts (the verify rows would not fit the captured graphs). `fixed` always drafts k.
+yields more tokens per second.
+
+Now and then a bucket runs the other option for PROBE_STEPS steps, weighted more than
+routine steps, so a shift in the text or the load is noticed within one probe: PROBE_EVERY
+steps after a change of mind, twice as long after each probe that confirms the choice, up
+to MAX_PROBE_EVERY (a drafter that never pays then costs PROBE_STEPS steps in
+MAX_PROBE_EVERY). The first drafting step after plain ones is not measured: stateful
+drafters (EAGLE, a draft model) catch up there on the tokens they skipped, a cost steady
+drafting does not pay. Above `max_batch` decoding requests it never drafts (the verify rows
+would not fit the captured graphs). `fixed` always drafts k.
 """
 from __future__ import annotations
 
