@@ -261,3 +261,50 @@ def test_prefilled_request_drafts_like_a_local_prefill(trained_head: str, tiny_m
     dreq = decode.requests["x"]
     assert dreq.all_ids == lreq.all_ids
     assert decode.drafter.propose([dreq], 4) == local.drafter.propose([lreq], 4)
+
+
+class _Intermittent:
+    """A stand-in policy that drafts one step in `every`: what the adaptive policy does to a
+    drafter it judges not worth it (pending pairs pile up between drafting steps)."""
+
+    mode = "fixed"
+
+    def __init__(self, k: int, every: int) -> None:
+        self.k, self.every, self.n = k, every, 0
+
+    def num_draft_tokens(self, batch_size: int) -> int:
+        self.n += 1
+        return self.k if self.n % self.every == 0 else 0
+
+    def record_step(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tree,every", [("chain", 11), ("4x12", 23)])
+def test_eagle_drafting_on_and_off_stays_exact(trained_head: str, tiny_model_dir: str, tree: str, every: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafting now and then (catch-ups of more pairs than the decode-shape path takes, and,
+    past MAX_PENDING, a restarted head context) keeps greedy outputs exact and leaks no page
+    of either pool."""
+    from runtime.decode.speculative import eagle
+
+    monkeypatch.setattr(eagle, "MAX_PENDING", 16)  # 23 plain steps in a row overflow it
+    base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
+    spec = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="eagle",
+                  draft_model=trained_head, speculative_tree=tree, num_draft_tokens=4)
+    spec.core.policy = _Intermittent(4, every)
+    drafted, propose = [], spec.core.drafter.propose
+
+    def counting(reqs: list[Req], k: int) -> dict:
+        out = propose(reqs, k)
+        drafted.append(sum(len(d) for d in out.values()))
+        return out
+
+    spec.core.drafter.propose = counting
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in spec.generate(PROMPTS, params)] == [r.token_ids for r in base.generate(PROMPTS, params)]
+    assert len(drafted) >= 60 // every and all(drafted)  # every drafting step drafted, after the catch-ups
+    spec.shutdown()
+    spec.core.pool.check_no_leak(0)
+    spec.core.drafter.pool.check_no_leak(0)
+    assert not spec.core.drafter.states
