@@ -16,6 +16,7 @@ from runtime import Engine, SamplingParams
 from runtime.decode.speculative.draft_model import DraftModelDrafter
 from runtime.engine.request import Req
 from tests.unit.test_engine import PROMPTS
+from tests.unit.test_spec_policy import Intermittent
 from tests.unit.test_speculative import COPY
 
 K = 4
@@ -159,3 +160,15 @@ def test_vocab_mismatch_is_a_clear_error(tiny_model_dir: str, tmp_path: Path) ->
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "vocab_size": 256}))
     with pytest.raises(ValueError, match="vocabulary of 256 tokens.*512"):
         _spec(tiny_model_dir, str(tmp_path), load_format="dummy")
+
+
+def test_drafting_on_and_off_stays_exact(tiny_model_dir: str, reference: list[list[int]]) -> None:
+    """Drafting one step in five (what the adaptive policy does to a drafter it doubts): the
+    draft model catches up on the tokens it skipped, outputs stay exact, an identical draft
+    still accepts whole runs when it drafts, and no page leaks."""
+    spec = _spec(tiny_model_dir, tiny_model_dir)
+    spec.core.policy = Intermittent(K, 5)
+    got = spec.generate(PROMPTS + [COPY], GREEDY)
+    assert [r.token_ids for r in got] == reference
+    assert max(spec.core.accept_samples) == K + 1
+    _check_no_leak(spec)

@@ -24,6 +24,7 @@ from runtime.engine.model import ForwardContext
 from runtime.engine.request import Req
 from runtime.engine.weights import LoadedModel, load_model, reference_hf_model
 from tests.unit.test_engine import PROMPTS
+from tests.unit.test_spec_policy import Intermittent
 
 # Overfit a head on the tiny model's own greedy continuations of 4 prompts (1 held out).
 TRAIN_ARGS = ["--num-prompts", "5", "--max-new-tokens", "24", "--temperature", "0", "--epochs", "60",
@@ -263,23 +264,6 @@ def test_prefilled_request_drafts_like_a_local_prefill(trained_head: str, tiny_m
     assert decode.drafter.propose([dreq], 4) == local.drafter.propose([lreq], 4)
 
 
-class _Intermittent:
-    """A stand-in policy that drafts one step in `every`: what the adaptive policy does to a
-    drafter it judges not worth it (pending pairs pile up between drafting steps)."""
-
-    mode = "fixed"
-
-    def __init__(self, k: int, every: int) -> None:
-        self.k, self.every, self.n = k, every, 0
-
-    def num_draft_tokens(self, batch_size: int) -> int:
-        self.n += 1
-        return self.k if self.n % self.every == 0 else 0
-
-    def record_step(self, *args: object) -> None:
-        pass
-
-
 @pytest.mark.parametrize("tree,every", [("chain", 11), ("4x12", 23)])
 def test_eagle_drafting_on_and_off_stays_exact(trained_head: str, tiny_model_dir: str, tree: str, every: int,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,7 +276,7 @@ def test_eagle_drafting_on_and_off_stays_exact(trained_head: str, tiny_model_dir
     base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
     spec = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="eagle",
                   draft_model=trained_head, speculative_tree=tree, num_draft_tokens=4)
-    spec.core.policy = _Intermittent(4, every)
+    spec.core.policy = Intermittent(4, every)
     drafted, propose = [], spec.core.drafter.propose
 
     def counting(reqs: list[Req], k: int) -> dict:

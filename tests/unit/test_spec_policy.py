@@ -21,6 +21,23 @@ def drive(policy: SpeculationPolicy, batch: int, steps: int, cost: Callable[[int
     return chosen
 
 
+class Intermittent:
+    """A stand-in policy that drafts one step in `every`: what the adaptive policy does to a
+    drafter it judges not worth it (pending pairs pile up between drafting steps)."""
+
+    mode = "fixed"
+
+    def __init__(self, k: int, every: int) -> None:
+        self.k, self.every, self.n = k, every, 0
+
+    def num_draft_tokens(self, batch_size: int) -> int:
+        self.n += 1
+        return self.k if self.n % self.every == 0 else 0
+
+    def record_step(self, *args: object) -> None:
+        pass
+
+
 def spec_wins(k: int) -> tuple[float, float]:
     return (1.5e-3, 2.5) if k else (1.0e-3, 1.0)  # 1667 vs 1000 tokens/s
 
