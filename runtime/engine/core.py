@@ -211,7 +211,8 @@ class EngineCore:
         self.scheduler.ended.clear()
         if not batch.seqs:
             return outputs
-        pure_decode = all(s.req.phase is Phase.DECODE and s.num_logits for s in batch.seqs)
+        # Only pure-decode steps are timed for the policy (phases change below).
+        timed = drafted is not None and all(s.req.phase is Phase.DECODE and s.num_logits for s in batch.seqs)
         seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
                      for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
         drafter_wants = self.drafter is not None and self.drafter.wants_prompt_hidden
@@ -256,7 +257,7 @@ class EngineCore:
             if logprobs:
                 req.output_logprobs += logprobs[: len(kept)]
             outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
-        if drafted is not None and pure_decode:
+        if timed:
             # What the policy weighs drafting by: the step's wall time (taken after the host
             # read of the sampled tokens, so the device work is in it) and tokens gained.
             gained = sum(len(accepted[s.req.rid][0]) for s in batch.seqs) / len(batch.seqs)

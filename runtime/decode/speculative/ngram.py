@@ -35,18 +35,23 @@ class NgramDrafter(Drafter):
     def propose(self, reqs: list[Req], k: int) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for req in reqs:
-            idx = self._index.get(req.rid)
-            if idx is None or len(idx.tokens) > req.seq_len:  # a new request under a reused id
-                idx = self._index[req.rid] = _Index(latest=[{} for _ in range(self.max_n - self.min_n + 1)])
-            known = len(idx.tokens)
-            if known < len(req.prompt_ids):
-                self._extend(idx, req.prompt_ids[known:])
-                known = len(idx.tokens)
-            self._extend(idx, req.output_ids[known - len(req.prompt_ids):])
-            d = self._lookup(idx, k)
+            d = self._lookup(self._index_for(req), k)
             if d:
                 out[req.rid] = d
         return out
+
+    def _index_for(self, req: Req) -> _Index:
+        """req's index, extended by the tokens it gained since the last proposal."""
+        idx = self._index.get(req.rid)
+        if idx is None or len(idx.tokens) > req.seq_len:  # a new request under a reused id
+            idx = self._index[req.rid] = self._new_index()
+        known, n_prompt = len(idx.tokens), len(req.prompt_ids)
+        self._extend(idx, req.prompt_ids[known:])
+        self._extend(idx, req.output_ids[max(0, known - n_prompt):])
+        return idx
+
+    def _new_index(self) -> _Index:
+        return _Index(latest=[{} for _ in range(self.max_n - self.min_n + 1)])
 
     def release(self, req: Req) -> None:
         self._index.pop(req.rid, None)
@@ -71,6 +76,6 @@ class NgramDrafter(Drafter):
 
     def lookup(self, ids: list[int], k: int) -> list[int]:
         """The proposal for a bare token sequence (a fresh index over it)."""
-        idx = _Index(latest=[{} for _ in range(self.max_n - self.min_n + 1)])
+        idx = self._new_index()
         self._extend(idx, ids)
         return self._lookup(idx, k)

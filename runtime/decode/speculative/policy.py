@@ -49,6 +49,7 @@ class _Bucket:
     choice: int = -1  # the option last judged best (-1: none yet)
     interval: int = PROBE_EVERY
     probe_at: int = PROBE_EVERY  # the step at which the next probe starts
+    last_recorded: int = 0  # k of the last measured step (0: plain)
 
 
 class SpeculationPolicy:
@@ -60,7 +61,6 @@ class SpeculationPolicy:
         self.max_batch = max_batch
         self._estimates: dict[tuple[int, int], _Estimate] = {}  # (bucket, k) -> estimate
         self._buckets: dict[int, _Bucket] = {}
-        self._last: dict[int, int] = {}  # per bucket: k of the last recorded step
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -97,16 +97,15 @@ class SpeculationPolicy:
         if self.mode == "fixed" or batch_size < 1:
             return
         b = self.bucket(batch_size)
-        after_plain, self._last[b] = not self._last.get(b, 0), k
+        st = self._buckets.setdefault(b, _Bucket())
+        after_plain, st.last_recorded = not st.last_recorded, k
         if k and after_plain:
             return  # the drafter's catch-up step
-        key = (b, k)
-        est = self._estimates.get(key)
+        est = self._estimates.get((b, k))
         if est is None:
-            self._estimates[key] = _Estimate(seconds, tokens_per_request)
+            self._estimates[(b, k)] = _Estimate(seconds, tokens_per_request)
         else:
-            choice = self._buckets[b].choice if b in self._buckets else -1
-            est.update(seconds, tokens_per_request, PROBE_SMOOTHING if choice not in (-1, k) else SMOOTHING)
+            est.update(seconds, tokens_per_request, PROBE_SMOOTHING if st.choice not in (-1, k) else SMOOTHING)
 
     def speedup(self, batch_size: int) -> float | None:
         """The measured tokens/s of drafting over not drafting at this batch size (None until
