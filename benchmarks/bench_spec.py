@@ -5,6 +5,9 @@ size, against no speculation in the same run.
 
 Workloads: `chat` (open-ended instructions through the chat template) and `copy` (rewrite a
 given passage with one word changed: long verbatim runs, where n-gram lookup shines).
+Batch size B runs all 16 prompts of a workload, in groups of B one after another (B=1:
+each prompt alone). Generation stops at EOS, as a chat user sees it, unless --ignore-eos;
+tokens/s counts the tokens generated.
 `make-draft` writes a smaller same-tokenizer draft model: the target's first N layers."""
 from __future__ import annotations
 
@@ -54,20 +57,33 @@ def make_draft(target: str, out: str, layers: int) -> None:
     save_file(keep, os.path.join(out, "model.safetensors"))
 
 
-def run(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    # Warm-up on the same prompts and lengths: Triton compiles a kernel variant the first
-    # time a shape class appears (e.g. one split vs several), which must not be timed.
-    engine.generate(prompts, params)
-    if engine.core.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    res = engine.generate(prompts, params)
-    if engine.core.device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    n = sum(len(r.token_ids) for r in res)
-    stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt)
+def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
+        ignore_eos: bool) -> tuple[dict, list[list[int]]]:
+    """Every prompt, in groups of `batch` run one after another (a group finishes before the
+    next starts): tokens and wall time summed over the groups, accept length the mean over
+    all requests."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    cuda = engine.core.device.type == "cuda"
+    warmed: set[tuple[int, ...]] = set()
+    dt, res = 0.0, []
+    for group in groups:
+        # Warm-up on the same prompt lengths: Triton compiles a kernel variant the first
+        # time a shape class appears (e.g. one split vs several), which must not be timed.
+        shape = tuple(len(p) for p in group)
+        if shape not in warmed:
+            engine.generate(group, params)
+            warmed.add(shape)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res += engine.generate(group, params)
+        if cuda:
+            torch.cuda.synchronize()
+        dt += time.perf_counter() - t0
+    n = sum(len(r.token_ids) for r in res)  # what was generated: fewer than max_tokens at EOS
+    stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt,
+                 tokens=n, requests=len(res))
     return stats, [r.token_ids for r in res]
 
 
@@ -81,6 +97,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens tokens (default: stop "
+                    "at EOS, as a chat user sees)")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--ngram-draft-tokens", type=int, default=None, help="k for ngram (default: --num-draft-tokens)")
     ap.add_argument("--eagle-draft-tokens", type=int, default=None, help="k (tree depth) for eagle (default: --num-draft-tokens)")
@@ -122,16 +140,16 @@ def main() -> None:
                      for name in a.workloads.split(",")}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
-                r, toks = run(engine, prompts[:bs], a.max_tokens)
+                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos)
                 # Greedy speculation is exact; in bf16 a row batched differently can round
                 # differently, so report how many outputs equal no-speculation's.
                 ref = outputs.setdefault((wl, bs), toks)
                 same = sum(x == y for x, y in zip(toks, ref)) / len(ref)
                 rows.append(dict(method=method, workload=wl, batch=bs, k=k, same_as_none=same, **r))
                 if method == "none" and bs > 1:
-                    # Control: the same prompts in a batch of half the size, no speculation;
+                    # Control: the same prompts in groups of half the size, no speculation;
                     # the match rate bf16 rounding alone gives.
-                    _, half = run(engine, prompts[: bs // 2], a.max_tokens)
+                    _, half = run(engine, prompts, bs // 2, a.max_tokens, a.ignore_eos)
                     rows[-1]["same_half_batch"] = sum(x == y for x, y in zip(half, toks)) / len(half)
                 print(json.dumps(rows[-1]), flush=True)
         del tok
@@ -144,7 +162,8 @@ def main() -> None:
         r["speedup"] = r["tok_s"] / base[(r["workload"], r["batch"])]
     with open(a.out, "w") as f:
         json.dump(dict(args=vars(a), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", rows=rows), f, indent=2)
-    print(f"\n{'method':>16} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}")
+    print(f"\n{'method':>16} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}"
+          f"   (ignore_eos={a.ignore_eos}, max_tokens={a.max_tokens})")
     for r in rows:
         print(f"{r['method']:>16} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
               f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {r['same_as_none']:5.2f}")

@@ -13,7 +13,8 @@ import torch
 
 from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
-from runtime.engine.draft_tree import DraftTree
+from runtime.engine.draft_tree import DraftTree, PendingDraft
+from runtime.engine.h2d import to_device
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req, TokenLogprob
@@ -49,7 +50,10 @@ def graph_rows(cfg: EngineConfig) -> int:
     return min(rows, 512)
 
 
-def cap_verify_rows(drafts: dict[str, list[int] | DraftTree], num_reqs: int, max_rows: int) -> dict[str, list[int] | DraftTree]:
+Drafts = dict[str, list[int] | DraftTree | PendingDraft]
+
+
+def cap_verify_rows(drafts: Drafts, num_reqs: int, max_rows: int) -> Drafts:
     """Drafts cut so that one verify step of num_reqs decoding requests (each one row plus
     its drafts) has at most max_rows rows when it can: every request keeps the same number
     of draft tokens, at least one. Trees keep their first nodes (parents come first,
@@ -58,7 +62,7 @@ def cap_verify_rows(drafts: dict[str, list[int] | DraftTree], num_reqs: int, max
     if rows <= max_rows:
         return drafts
     per_req = max(1, max_rows // max(num_reqs, 1) - 1)
-    return {rid: d.truncated(per_req) if isinstance(d, DraftTree) else d[:per_req] for rid, d in drafts.items()}
+    return {rid: d[:per_req] if isinstance(d, list) else d.truncated(per_req) for rid, d in drafts.items()}
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
@@ -78,6 +82,8 @@ class EngineCore:
         self.model_config = mc
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         dtype = next(self.loaded.model.parameters()).dtype
+        if self.device.type == "cuda":
+            self.loaded.model.model.rotary.prepare_table(self.max_model_len, dtype)
         num_pages = self._num_pages(dtype)
         self.pool = KVPool(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype, self.device)
         self.cache = RadixCache(self.pool, cfg.page_size) if cfg.prefix_cache else NoPrefixCache(cfg.page_size)
@@ -194,14 +200,14 @@ class EngineCore:
         return self.scheduler.has_work
 
     # ---- one step ------------------------------------------------------------------------
-    def step(self, drafts: dict[str, list[int] | DraftTree] | None = None) -> list[StepOutput]:
+    def step(self, drafts: Drafts | None = None) -> list[StepOutput]:
         """One forward. `drafts` (rid -> proposed next tokens, a chain or a DraftTree) makes
         a decoding request verify them in this forward (the speculative path); accepted
         tokens are exact."""
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
             drafts, drafted = self._propose()
-        trees = {rid: d if isinstance(d, DraftTree) else DraftTree.chain(d) for rid, d in (drafts or {}).items() if d}
+        trees = {rid: DraftTree.chain(d) if isinstance(d, list) else d for rid, d in (drafts or {}).items() if d}
         batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
         outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
         for r in self.scheduler.ended:
@@ -240,7 +246,10 @@ class EngineCore:
                 self.scheduler.advance(s, s.start + s.q_len)
                 continue
             tokens, logprobs, path = accepted[req.rid]
-            rows = hidden[row + path[0] : row + path[0] + 1] if len(path) == 1 else hidden[[row + j for j in path]]
+            if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run: a view
+                rows = hidden[row + path[0] : row + path[0] + len(path)]
+            else:
+                rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
             row += s.num_logits
             if req.phase is Phase.DECODE:
                 req.num_steps += 1
@@ -281,7 +290,7 @@ class EngineCore:
         if src:
             self.pool.copy_slots(src, dst)
 
-    def _propose(self) -> tuple[dict[str, list[int] | DraftTree], int]:
+    def _propose(self) -> tuple[Drafts, int]:
         """Drafts for this step's decoding requests, and the policy's k (0: no drafting)."""
         reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE]
         k = self.policy.num_draft_tokens(len(reqs))
@@ -293,7 +302,7 @@ class EngineCore:
             if d:
                 # Never verify past max_tokens or the context: those rows would be wasted.
                 room = max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, self.max_model_len - r.seq_len - 1))
-                drafts[r.rid] = d.within_depth(room) if isinstance(d, DraftTree) else d[:room]
+                drafts[r.rid] = d[:room] if isinstance(d, list) else d.within_depth(room)
         graphs = self.runner.graphs
         if graphs is not None and self.policy.mode == "adaptive":
             # Keep the verify step inside the captured graphs: an eager step of many rows
@@ -346,7 +355,18 @@ class EngineCore:
             res.append(TokenLogprob(tok, chosen[row], top))
         return res
 
-    def _accept(self, seqs: list, trees: dict[str, DraftTree], logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
+    def _read_drafts(self, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor | None) -> list[int] | None:
+        """Read drafts still on the device (a drafter that proposes without a host sync)
+        and, when `logits` is given, their rows' argmax: one host sync for both."""
+        pending = {id(t.drafts): t.drafts for t in trees.values() if isinstance(t, PendingDraft)}
+        if len(pending) > 1:
+            raise ValueError("drafts of more than one propose in one step")
+        best = logits.argmax(dim=-1) if logits is not None else None
+        if pending:
+            return next(iter(pending.values())).fetch(best)
+        return best.tolist() if best is not None else None
+
+    def _accept(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
         """Speculative acceptance. A sequence with a draft tree has rows [root, node 0, ...];
         from the root, the children of the current row are tried in order: child c is
         accepted with probability p'(c), where p' is the row's target distribution with the
@@ -357,6 +377,9 @@ class EngineCore:
         child, so the output keeps the target's distribution exactly; under greedy it is
         exact match plus the target's own token. Returns rid -> (tokens, logprobs, the
         rows, relative to the sequence's first row, that produced the tokens)."""
+        greedy = all(_plain_greedy(s.req.params) for s in seqs)
+        best = self._read_drafts(trees, logits if greedy else None)
+        trees = {rid: t.resolve() if isinstance(t, PendingDraft) else t for rid, t in trees.items()}
         kids: list[list[int]] = []  # per row: child rows, in order
         reqs, steps = [], []
         for s in seqs:
@@ -369,7 +392,6 @@ class EngineCore:
             for j in range(s.num_logits):
                 reqs.append(s.req)
                 steps.append(len(s.req.output_ids) + depths[j])
-        greedy = all(_plain_greedy(r.params) for r in reqs)
         width = max(1, max(len(c) for c in kids))
         row_tokens: list[list[int]] = []  # per row: its children's tokens
         row0 = 0
@@ -378,13 +400,10 @@ class EngineCore:
             for j in range(s.num_logits):
                 row_tokens.append([t.tokens[c - 1] for c in kids[row0 + j]])
             row0 += s.num_logits
-        if greedy:
-            best = logits.argmax(dim=-1).tolist()
-        else:
+        if not greedy:
             sb = self._sampling_batch(reqs, steps)
             probs = self.sampler.probs(logits, sb)  # [N, V]
-            child = torch.tensor([c + [-1] * (width - len(c)) for c in row_tokens], dtype=torch.int64)
-            child = child.to(logits.device)
+            child = to_device([c + [-1] * (width - len(c)) for c in row_tokens], torch.int64, logits.device)
             valid = child >= 0
             p_child = probs.gather(1, child.clamp(min=0)) * valid  # [N, width]
             u = uniform_noise(sb.seed, sb.step, width, stream=1)  # [N, width]

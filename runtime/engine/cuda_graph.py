@@ -15,6 +15,7 @@ import torch
 
 from runtime.engine.attention.base import AttentionMetadata
 from runtime.engine.attention.triton_backend import TritonAttention
+from runtime.engine.draft_tree import DeviceDrafts
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 
@@ -95,10 +96,12 @@ class CudaGraphDecoder:
     def run(
         self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], page_lists: list[list[int]],
         kv_lens: list[int], tree_start: list[int] | None = None, tree_bits: list[int] | None = None,
+        device_rows: tuple[DeviceDrafts, tuple[list[int], list[int]]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over N decode-shape rows; returns (logits [N, V], hidden [N, H]),
         views of the graph's static outputs (valid until the next run). input_ids may be
-        an int64 device tensor [N]."""
+        an int64 device tensor [N]; `device_rows` fills draft rows from the device
+        (DeviceDrafts.write_rows)."""
         n = len(input_ids)
         b = next(x for x in self.buckets if x >= n)
         mb = self.max_batch
@@ -125,6 +128,9 @@ class CudaGraphDecoder:
         self._i32.copy_(self._host_i32, non_blocking=True)
         if ids_on_device is not None:  # e.g. a drafter's previous step output: no host sync
             self.input_ids[:n].copy_(ids_on_device)
+        if device_rows is not None:
+            drafts, rows = device_rows
+            drafts.write_rows(rows, self.input_ids, self.positions, self.tree_bits)
         self.graphs[b].replay()
         logits, hidden = self.outputs[b]
         return logits[:n], hidden[:n]

@@ -1,7 +1,12 @@
-"""Draft tokens to verify: a chain or a tree after a request's last token."""
+"""Draft tokens to verify: a chain or a tree after a request's last token, on the host
+(DraftTree) or still on the device (DeviceDrafts, one row per request: PendingDraft)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+
+from runtime.engine.h2d import to_device
 
 MAX_TREE_NODES = 63  # verification masks a node's ancestors with one int64 per row
 
@@ -63,3 +68,91 @@ class DraftTree:
                 keep.append(i)
                 parents.append(new_index[self.parents[i]])
         return DraftTree([self.tokens[i] for i in keep], parents)
+
+
+@dataclass(eq=False)
+class DeviceDrafts:
+    """The drafts of one propose, still on the device: row i of `tokens` (int64 [B, n]) is
+    request i's chain (`parents` None) or tree (`parents` int64 [B, n], as DraftTree's).
+    For a tree the drafter also gives what a verify row needs from its shape: each node's
+    depth and DraftTree.ancestors_mask, int64 [B, n] each. A verify step is then built and
+    queued without reading the drafts; `fetch` reads them (with the verify's own result) in
+    one host sync. `max_depth` bounds every tree's depth (for a chain: n)."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor | None = None
+    depths: torch.Tensor | None = None
+    bits: torch.Tensor | None = None
+    max_depth: int = 0
+    _host: list[DraftTree] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.max_depth:
+            self.max_depth = self.tokens.shape[1]
+
+    def views(self) -> list[PendingDraft]:
+        n = self.tokens.shape[1]
+        return [PendingDraft(self, i, n) for i in range(self.tokens.shape[0])]
+
+    def write_rows(self, rows: tuple[list[int], list[int]], ids: torch.Tensor, positions: torch.Tensor,
+                   bits: torch.Tensor | None) -> None:
+        """Fill a forward's inputs from the device: verify row rows[0][j] takes flat draft
+        rows[1][j]: its token into `ids`, and for trees its depth added to `positions`
+        (which hold the tree's rope base) and its ancestor mask into `bits`."""
+        dst, src = to_device(rows, torch.int64, ids.device)
+        ids.index_copy_(0, dst, self.tokens.reshape(-1).index_select(0, src))
+        if self.depths is not None:
+            positions.index_add_(0, dst, self.depths.reshape(-1).index_select(0, src))
+            bits.index_copy_(0, dst, self.bits.reshape(-1).index_select(0, src))
+
+    def fetch(self, extra: torch.Tensor | None = None) -> list[int] | None:
+        """Read the drafts to the host (once) together with `extra` (an int64 device tensor,
+        e.g. the verify step's argmax), whose values are returned as a flat list."""
+        parts = [self.tokens.reshape(-1)] if self._host is None else []
+        if self._host is None and self.parents is not None:
+            parts.append(self.parents.reshape(-1))
+        if extra is not None:
+            parts.append(extra.reshape(-1).long())
+        if not parts:
+            return None
+        flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+        if self._host is None:
+            b, n = self.tokens.shape
+            toks, flat = flat[: b * n], flat[b * n :]
+            if self.parents is None:
+                self._host = [DraftTree.chain(toks[i * n : (i + 1) * n]) for i in range(b)]
+            else:
+                pars, flat = flat[: b * n], flat[b * n :]
+                self._host = [DraftTree(toks[i * n : (i + 1) * n], pars[i * n : (i + 1) * n]) for i in range(b)]
+        return flat if extra is not None else None
+
+
+@dataclass
+class PendingDraft:
+    """Request `row`'s draft in a DeviceDrafts, cut to its first n nodes."""
+
+    drafts: DeviceDrafts
+    row: int
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def is_chain(self) -> bool:
+        return self.drafts.parents is None
+
+    def truncated(self, n: int) -> "PendingDraft":
+        return PendingDraft(self.drafts, self.row, min(self.n, n))
+
+    def within_depth(self, depth: int) -> "PendingDraft | DraftTree":
+        if self.is_chain:
+            return self.truncated(depth)
+        if depth >= self.drafts.max_depth:
+            return self
+        return self.resolve().within_depth(depth)  # near max_tokens only: reads the drafts
+
+    def resolve(self) -> DraftTree:
+        """The host DraftTree (reads the drafts if nothing has yet)."""
+        self.drafts.fetch()
+        return self.drafts._host[self.row].truncated(self.n)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from runtime.engine.h2d import to_device
+
 
 class OutOfPages(RuntimeError):
     pass
@@ -109,8 +111,8 @@ class KVPool:
         layer (speculation moves accepted tree nodes' KV into place). Reads happen before
         writes, so the lists may overlap."""
         ps = self.page_size
-        s = torch.tensor(src, dtype=torch.int64).to(self.kv.device, non_blocking=True)
-        d = torch.tensor(dst, dtype=torch.int64).to(self.kv.device, non_blocking=True)
+        s = to_device(src, torch.int64, self.kv.device)
+        d = to_device(dst, torch.int64, self.kv.device)
         # kv[page, :, :, slot] is one token's K and V in every layer: one gather, one scatter.
         self.kv[d // ps, :, :, d % ps] = self.kv[s // ps, :, :, s % ps]
 

@@ -10,13 +10,14 @@ keep one attention row block per sequence (the prefill path).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
-from runtime.engine.draft_tree import DraftTree
+from runtime.engine.draft_tree import DeviceDrafts, DraftTree, PendingDraft
+from runtime.engine.h2d import to_device
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 from runtime.engine.scheduler import Batch
@@ -49,17 +50,23 @@ class _Rows:
     tree_bits: list[int]
     logit_rows: list[int]
     has_tree: bool = False
+    # Rows whose token (and for trees rope offset and tree bits) are still on the device:
+    # the drafts of one propose, and per such row (verify row, flat index into the drafts).
+    device_drafts: DeviceDrafts | None = None
+    device_rows: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
 
     @property
     def decode_shape(self) -> bool:
         return all(q == 1 for q in self.q_lens)
 
 
-def build_rows(batch: Batch, drafts: dict[str, DraftTree], page_size: int) -> _Rows:
+def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_size: int) -> _Rows:
     """Token and attention rows of a batch. `drafts` (rid -> DraftTree) extends a decoding
     sequence past its last sampled token: node i of the tree is written at slot position
     start + 1 + i, sits at rope position start + depth(i), and sees the sequence before the
-    tree plus its ancestors and itself."""
+    tree plus its ancestors and itself. A PendingDraft's tokens (and a tree's depths and
+    bits) stay on the device: its rows hold placeholders (rope position start, no bits)
+    that the forward fills in from the device."""
     ps = page_size
     r = _Rows([], [], [], [], [], [], [], [], [])
     for s in batch.seqs:
@@ -71,13 +78,29 @@ def build_rows(batch: Batch, drafts: dict[str, DraftTree], page_size: int) -> _R
                 raise ValueError(f"{s.req.rid}: {s.q_len} rows scheduled for a tree of {len(tree)} nodes")
             base = s.start + 1  # the tree starts after the last sampled token
             r.has_tree = r.has_tree or not tree.is_chain
-            r.tokens += [s.req.token_at(s.start), *tree.tokens]
-            r.positions += [s.start] + [s.start + d for d in tree.depths()]
+            n = len(tree)
+            if isinstance(tree, PendingDraft):
+                if r.device_drafts is not None and r.device_drafts is not tree.drafts:
+                    raise ValueError("drafts of more than one propose in one batch")
+                r.device_drafts = tree.drafts
+                width = tree.drafts.tokens.shape[1]
+                r.device_rows[0].extend(range(first + 1, first + 1 + n))
+                r.device_rows[1].extend(range(tree.row * width, tree.row * width + n))
+                r.tokens += [s.req.token_at(s.start)] + [0] * n
+                if tree.is_chain:
+                    r.positions += range(s.start, s.start + n + 1)
+                    r.tree_bits += [0] + [(2 << i) - 1 for i in range(n)]
+                else:
+                    r.positions += [s.start] * (n + 1)
+                    r.tree_bits += [0] * (n + 1)
+            else:
+                r.tokens += [s.req.token_at(s.start), *tree.tokens]
+                r.positions += [s.start] + [s.start + d for d in tree.depths()]
+                r.tree_bits += [0, *tree.ancestors_mask()]
             slot_pos = range(s.start, base + len(tree))
             r.q_lens += [1] * s.q_len
             r.kv_lens += [p + 1 for p in slot_pos]
             r.tree_start += [base] * s.q_len
-            r.tree_bits += [0, *tree.ancestors_mask()]
             r.page_lists += [pages] * s.q_len
         else:
             ids = s.req.all_ids
@@ -129,11 +152,13 @@ class ModelRunner:
         rows = build_rows(batch, drafts or {}, self.pool.page_size)
         if (self.graphs is not None and rows.decode_shape and not all_hidden
                 and self.graphs.can_run(len(rows.tokens), max(len(p) for p in rows.page_lists))):
+            device_rows = (rows.device_drafts, rows.device_rows) if rows.device_drafts is not None else None
             logits, hidden = self.graphs.run(
-                rows.tokens, rows.positions, rows.slots, rows.page_lists, rows.kv_lens, rows.tree_start, rows.tree_bits
+                rows.tokens, rows.positions, rows.slots, rows.page_lists, rows.kv_lens, rows.tree_start, rows.tree_bits,
+                device_rows=device_rows,
             )
             if len(rows.logit_rows) != len(rows.tokens):
-                pick = torch.tensor(rows.logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+                pick = to_device(rows.logit_rows, torch.int64, self.device)
                 logits, hidden = logits[pick], hidden[pick]
             return ForwardOut(logits, hidden, None)
         dev = self.device
@@ -142,8 +167,11 @@ class ModelRunner:
             rows.q_lens, rows.kv_lens, rows.page_lists, self.pool.page_size, dev,
             tree_start=rows.tree_start if tree else None, tree_bits=rows.tree_bits if tree else None,
         )
-        as_dev = lambda xs: torch.tensor(xs, dtype=torch.int64).to(dev, non_blocking=True)  # noqa: E731
+        as_dev = lambda xs: to_device(xs, torch.int64, dev)  # noqa: E731
+        ids, positions = as_dev(rows.tokens), as_dev(rows.positions)
+        if rows.device_drafts is not None:
+            rows.device_drafts.write_rows(rows.device_rows, ids, positions, meta.tree_bits)
         self.attn.prepare(meta)
-        h = self.model(as_dev(rows.tokens), as_dev(rows.positions), ForwardContext(self.pool, self.attn, as_dev(rows.slots)))
+        h = self.model(ids, positions, ForwardContext(self.pool, self.attn, as_dev(rows.slots)))
         hidden = h if len(rows.logit_rows) == len(rows.tokens) else h[as_dev(rows.logit_rows)]
         return ForwardOut(self.model.compute_logits(hidden), hidden, h if all_hidden else None)

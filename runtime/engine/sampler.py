@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.h2d import to_device
 
 # vLLM's threshold: temperatures this small overflow logits / T, so they mean greedy.
 GREEDY_EPS = 1e-5
@@ -118,7 +119,7 @@ class SamplingBatch:
         want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         def f32(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32, device)
 
         need_counts = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
         need_seen = any(p.repetition_penalty != 1.0 for p in params)
@@ -138,11 +139,11 @@ class SamplingBatch:
         sampled = [p for p, g in zip(params, greedy) if not g]
         return cls(
             temperature=f32([0.0 if g else p.temperature for p, g in zip(params, greedy)]),
-            top_k=torch.tensor(top_k, dtype=torch.int32, device=device),
+            top_k=to_device(top_k, torch.int32, device),
             top_p=f32([p.top_p for p in params]),
             min_p=f32([p.min_p for p in params]),
-            seed=torch.tensor([_signed64(s) for s in seeds], dtype=torch.int64, device=device),
-            step=torch.tensor(steps, dtype=torch.int64, device=device),
+            seed=to_device([_signed64(s) for s in seeds], torch.int64, device),
+            step=to_device(steps, torch.int64, device),
             presence_penalty=f32([p.presence_penalty for p in params]),
             frequency_penalty=f32([p.frequency_penalty for p in params]),
             repetition_penalty=f32([p.repetition_penalty for p in params]),
@@ -177,8 +178,8 @@ def _token_table(
     flat = [t for toks in tokens for t in toks]
     table = torch.zeros(len(tokens), vocab_size, dtype=dtype, device=device)
     if flat:
-        r = torch.tensor(rows, dtype=torch.int64, device=device)
-        t = torch.tensor(flat, dtype=torch.int64, device=device)
+        r = to_device(rows, torch.int64, device)
+        t = to_device(flat, torch.int64, device)
         table.index_put_((r, t), torch.ones(len(flat), dtype=dtype, device=device), accumulate=True)
     return table
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import itertools
 
+import random
+
 import pytest
 import torch
 
 from runtime.decode.speculative.base import DraftTree
 from runtime.decode.speculative.simulate import accept_lengths
-from runtime.decode.speculative.tree import TreeBuilder, top_logprobs
+from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, top_logprobs
 
 V = 12
 
@@ -53,9 +55,13 @@ def _build(branch: int, depth: int, nodes: int, seeds: list[int]) -> tuple[torch
 @pytest.mark.parametrize(("branch", "depth", "nodes"), [(1, 4, 4), (2, 3, 5), (3, 4, 12), (4, 3, 40), (3, 1, 2)])
 def test_tree_builder_matches_reference(branch: int, depth: int, nodes: int) -> None:
     seeds = [0, 1, 2]
-    tokens, parents = _build(branch, depth, nodes, seeds)
+    tokens, parents, depths = _build(branch, depth, nodes, seeds)
+    # What a verify step reads from the device instead of the host tree: depths and masks.
+    bits = ancestor_bits(parents, depth)
     for i, s in enumerate(seeds):
         tree = DraftTree(tokens[i].tolist(), parents[i].tolist())  # validates parents-first
+        assert depths[i].tolist() == tree.depths()
+        assert bits[i].tolist() == tree.ancestors_mask()
         ref = _reference(branch, depth, nodes, s)
         assert len(tree) == len(ref) == min(nodes, branch + (depth - 1) * branch * branch)
         paths = []
@@ -71,13 +77,35 @@ def test_tree_builder_matches_reference(branch: int, depth: int, nodes: int) -> 
             assert tree.is_chain
 
 
+@pytest.mark.parametrize("max_depth", [1, 2, 3, 4, 5, 8, 9])
+def test_ancestor_bits_match_the_host_mask(max_depth: int) -> None:
+    """Random trees of depth up to max_depth (chains of exactly that depth included): the
+    device pointer-jumping masks equal DraftTree.ancestors_mask."""
+    rng = random.Random(max_depth)
+    trees = [DraftTree.chain(list(range(max_depth)))]
+    for _ in range(20):
+        parents, depth = [], []
+        for i in range(rng.randrange(1, 40)):
+            options = [-1] + [j for j in range(i) if depth[j] < max_depth]
+            p = rng.choice(options)
+            parents.append(p)
+            depth.append(1 if p < 0 else depth[p] + 1)
+        trees.append(DraftTree([0] * len(parents), parents))
+    n = max(len(t) for t in trees)
+    # Pad rows with extra root children (any valid tree works; only the real prefix is checked).
+    par = torch.tensor([t.parents + [-1] * (n - len(t)) for t in trees])
+    bits = ancestor_bits(par, max_depth)
+    for t, row in zip(trees, bits.tolist()):
+        assert row[: len(t)] == t.ancestors_mask()
+
+
 def test_tree_keeps_parents_when_a_child_is_certain() -> None:
     """A child with log-probability 0 ties its parent; the parent must still be kept."""
     tb = TreeBuilder(2)
     lp = torch.tensor([[0.0, -30.0]])
     tb.start(lp, torch.tensor([[5, 6]]))
     tb.grow(torch.tensor([[[0.0, -40.0], [0.0, -50.0]]]), torch.tensor([[[7, 8], [9, 10]]]))
-    tokens, parents = tb.select(2)
+    tokens, parents, _ = tb.select(2)
     assert tokens.tolist() == [[5, 7]] and parents.tolist() == [[-1, 0]]
 
 

@@ -108,16 +108,20 @@ def feed_and_compare(drafter: EagleDrafter, tree: tuple[int, int] | None, prompt
         drafter.observe(req, seq[pos : pos + chunk].tolist(), feats[pos - 1 : pos - 1 + chunk])
         req.output_ids += seq[pos : pos + chunk].tolist()
         fed += chunk
-        got = drafter.propose([req], k)["r"]
+        pending = drafter.propose([req], k)["r"]
+        got = pending.resolve()
         t = prompt_len + fed - 2 - cached  # the pair index of the newest token
         if tree is None:
-            assert got == want_tok[0, t].tolist()
+            assert pending.is_chain and got.tokens == want_tok[0, t].tolist()
         else:
-            assert isinstance(got, DraftTree) and len(got) == tree[1]
+            assert len(got) == tree[1]
             assert (got.tokens, got.parents) == (want_tok[0, t].tolist(), want_par[0, t].tolist())
+            # What the verify step takes from the device instead of the host tree.
+            d = pending.drafts
+            assert d.depths[0].tolist() == got.depths() and d.bits[0].tolist() == got.ancestors_mask()
     # A second propose with nothing observed in between (its verify step did not run)
     # redoes the newest pair and drafts the same tokens.
-    assert drafter.propose([req], k)["r"] == got
+    assert drafter.propose([req], k)["r"].resolve() == got
     drafter.release(req)
     drafter.pool.check_no_leak(0)
 
@@ -199,6 +203,9 @@ def test_train_draft_writes_a_checkpoint(trained_head: str, tiny_model_dir: str)
     assert meta["hidden_size"] == 64 and meta["vocab_size"] == 512
     m = meta["metrics"]
     assert 0.0 <= m["val_top1"] <= 1.0 and m["val_accept_length_k5"] >= 1.0 and m["val_accept_length_tree8x48_k5"] >= 1.0
+    # Per serving step: between 1 (nothing accepted) and k + 1 (all k drafts and the bonus).
+    assert 1.0 <= m["val_serving_accept_length_k5"] <= 6.0 and 1.0 <= m["val_serving_accept_length_tree8x48_k5"] <= 6.0
+    assert m["val_serving_steps"] >= 1
     # Greedy validation data and the features of one forward agree on every next token.
     assert m["val_target_agreement"] == 1.0
     assert m["train_top1"] > 0.5 and m["train_top1_step1"] > 0.5  # it fits the data it was trained on
@@ -261,7 +268,7 @@ def test_prefilled_request_drafts_like_a_local_prefill(trained_head: str, tiny_m
     decode.add_prefilled("x", ids, lreq.params, pages, req.output_ids[0], None, 0, prompt_hidden=hidden, hidden_start=0)
     dreq = decode.requests["x"]
     assert dreq.all_ids == lreq.all_ids
-    assert decode.drafter.propose([dreq], 4) == local.drafter.propose([lreq], 4)
+    assert decode.drafter.propose([dreq], 4)["x"].resolve() == local.drafter.propose([lreq], 4)["x"].resolve()
 
 
 @pytest.mark.parametrize("tree,every", [("chain", 11), ("4x12", 23)])

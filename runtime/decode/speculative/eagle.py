@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
-from runtime.decode.speculative.base import Drafter, DraftTree
+from runtime.decode.speculative.base import Drafter
 from runtime.decode.speculative.eagle_head import EagleHead, load_head
-from runtime.decode.speculative.tree import TreeBuilder, top_logprobs
+from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, best_tokens, top_logprobs
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
+from runtime.engine.draft_tree import DeviceDrafts, PendingDraft
+from runtime.engine.h2d import to_device
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 from runtime.engine.request import Req
@@ -59,6 +61,15 @@ CATCHUP_ROWS = 4096
 # paged-decode launch, no prefill planning. Longer ones (a prompt) run as a prefill, which
 # reads each key once instead of once per row.
 DECODE_CATCHUP = 8
+
+
+class Grown(NamedTuple):
+    """One propose's drafts, on the device: DeviceDrafts' fields (None for chains)."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor | None
+    depths: torch.Tensor | None
+    bits: torch.Tensor | None
 
 
 @dataclass
@@ -96,6 +107,8 @@ class EagleDrafter(Drafter):
         # Serve with one q|k|v and one gate|up GEMM, like the target (and its fused kernels).
         self.head.layer.self_attn.fuse()
         self.head.layer.mlp.fuse()
+        if self.device.type == "cuda":  # draft nodes sit up to k positions past the sequence
+            self.head.rotary.prepare_table(core.max_model_len + core.cfg.num_draft_tokens + 1, self.dtype)
         trained_for = self.head.meta.get("target_model")
         if trained_for and trained_for != loaded.name:
             log.warning("EAGLE head %s was trained for %s, serving %s: drafts may be poor (outputs stay exact)",
@@ -176,7 +189,7 @@ class EagleDrafter(Drafter):
         self._drop(req.rid)
 
     @torch.inference_mode()
-    def propose(self, reqs: list[Req], k: int) -> dict[str, list[int] | DraftTree]:
+    def propose(self, reqs: list[Req], k: int) -> dict[str, PendingDraft]:
         tree_slots = (k - 1) * self.branch  # draft nodes written to the head cache
         batch: list[tuple[Req, _State]] = []
         for r in reqs:
@@ -207,14 +220,13 @@ class EagleDrafter(Drafter):
             group = backlog[: max(1, CATCHUP_ROWS // CATCHUP_CHUNK)]
             self._cache_pairs(group, [CATCHUP_CHUNK] * len(group))
         root = self._cache_pairs(states, [len(st.tokens) for st in states])  # [B, H]: f^_S
-        tokens, parents = self._grow(states, root, k)
+        tokens, parents, depths, bits = self._grow(states, root, k)
         for st in states:
             self.pool.shrink_to(st.pages, st.committed)  # free the pages of draft nodes only
-        if self.branch == 1:
-            rows = tokens.tolist()  # the one host sync of a propose
-            return {r.rid: t for (r, _), t in zip(batch, rows)}
-        token_rows, parent_rows = torch.stack((tokens, parents)).tolist()  # the one host sync
-        return {r.rid: DraftTree(t, p) for (r, _), t, p in zip(batch, token_rows, parent_rows)}
+        # No host sync: the verify step is built and queued from the device drafts, and
+        # reads them with its own result.
+        drafts = DeviceDrafts(tokens, parents, depths, bits, max_depth=k)
+        return {r.rid: view for (r, _), view in zip(batch, drafts.views())}
 
     # ---- internals ---------------------------------------------------------------------------
     def _cache_pairs(self, states: list[_State], counts: list[int]) -> torch.Tensor:
@@ -244,44 +256,49 @@ class EagleDrafter(Drafter):
         if decode and self.catchup is not None and self.catchup.can_run(len(tokens), max(len(p) for p in pages)):
             self.catchup_model.feats[: len(tokens)].copy_(torch.cat(feats))
             out, _ = self.catchup.run(tokens, positions, slots, pages, kv_lens)
-            return out[last.to(dev)]
+            return out[to_device(last, torch.int64, dev)]
         if decode:
             meta = AttentionMetadata.build([1] * len(tokens), kv_lens, pages, ps, dev)
         else:
             meta = AttentionMetadata.build(counts, kv_lens, [st.pages for st in states], ps, dev)
         self.attn.prepare(meta)
-        ctx = ForwardContext(self.pool, self.attn, torch.tensor(slots, dtype=torch.int64, device=dev))
-        emb = self.target.model.embed_tokens(torch.tensor(tokens, dtype=torch.int64, device=dev))
-        out = self.head(emb, torch.cat(feats), torch.tensor(positions, dtype=torch.int64, device=dev), ctx)
-        return out[last.to(dev)]
+        ctx = ForwardContext(self.pool, self.attn, to_device(slots, torch.int64, dev))
+        emb = self.target.model.embed_tokens(to_device(tokens, torch.int64, dev))
+        out = self.head(emb, torch.cat(feats), to_device(positions, torch.int64, dev), ctx)
+        return out[to_device(last, torch.int64, dev)]
 
-    def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> Grown:
         """Draft steps 2..k over the tree's frontier, all on the device (replayed from a
-        CUDA graph when one fits). Returns TreeBuilder's selection: tokens and parents int64
-        [B, n]."""
+        CUDA graph when one fits)."""
         if self.graphs is not None:
             out = self.graphs.run(states, root, k)
             if out is not None:
                 return out
         dev = self.device
         width = max(len(st.pages) for st in states)
-        table = torch.tensor([st.pages + [0] * (width - len(st.pages)) for st in states], dtype=torch.int32)
-        committed = torch.tensor([st.committed for st in states], dtype=torch.int64)
-        start = torch.tensor([st.start for st in states], dtype=torch.int64)
+        table = [st.pages + [0] * (width - len(st.pages)) for st in states]
+        committed = to_device([st.committed for st in states], torch.int64, dev)
+        start = to_device([st.start for st in states], torch.int64, dev)
         kv_hint = [st.committed + (k - 1) * self.branch for st in states]
-        return self._grow_device(root, committed.to(dev), start.to(dev), table.to(dev), k, self.attn, kv_hint)
+        return self._grow_device(root, committed, start, to_device(table, torch.int32, dev), k, self.attn, kv_hint)
 
     def _grow_device(
         self, root: torch.Tensor, committed: torch.Tensor, start: torch.Tensor, table: torch.Tensor, k: int,
         attn: Any, kv_hint: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Grown:
         """_grow's body on device tensors only (root [B, H]; committed, start int64 [B];
         table int32 [B, W]), so it can be captured. kv_hint: host key counts per request,
         which only size the attention's split count."""
         w = self.target.lm_head.weight
         b, kb, h = root.shape[0], self.branch, root.shape[-1]
-        tree = TreeBuilder(kb)
-        front = tree.start(*top_logprobs(root, w, kb))
+        chain = kb == 1
+        if chain:  # the argmax at every depth: no log-probabilities, no tree bookkeeping
+            drafted = [best_tokens(root, w)]
+            front_tokens = drafted[0][:, None]
+        else:
+            tree = TreeBuilder(kb)
+            front = tree.start(*top_logprobs(root, w, kb))
+            front_tokens = front.tokens
         if k > 1:
             dev, ps, n = self.device, self.pool.page_size, b * kb
             # Per-propose constants, one row per frontier node (request-major).
@@ -300,23 +317,32 @@ class EagleDrafter(Drafter):
             kv_lens = (c_rows + depth * kb).int()
             positions = root_pos + depth
             one_hot = torch.ones_like(own) << own  # each row's own bit
-            tree_start = c_rows.int() if kb > 1 else None  # a chain sees all its earlier slots: no tree rule
+            tree_start = None if chain else c_rows.int()  # a chain sees all its earlier slots: no tree rule
             feats = root[:, None, :]  # [B, 1, H]: the root's output is every depth-1 node's feature
             bits = torch.zeros(b, 1, dtype=torch.int64, device=dev)
             for d in range(1, k):  # run the depth-d frontier, giving depth d+1's candidates
-                bits = bits.gather(1, front.parent) | one_hot[d - 1].view(b, kb)
+                if not chain:
+                    bits = bits.gather(1, front.parent) | one_hot[d - 1].view(b, kb)
                 meta = AttentionMetadata(
                     q_lens=ones, kv_lens=kv_lens[d - 1], cu_q_lens=cu, page_table=table,
                     q_lens_cpu=[1] * n, kv_lens_cpu=kv_host, page_size=ps,
-                    tree_start=tree_start, tree_bits=bits.view(n) if kb > 1 else None,
+                    tree_start=tree_start, tree_bits=None if chain else bits.view(n),
                 )
                 attn.prepare(meta)
-                feat_in = feats.gather(1, front.parent[..., None].expand(b, kb, h)).view(n, h)
-                out = self.head(self.target.model.embed_tokens(front.tokens.reshape(n)), feat_in, positions[d - 1],
+                feat_in = feats.view(n, h) if chain else feats.gather(1, front.parent[..., None].expand(b, kb, h)).view(n, h)
+                out = self.head(self.target.model.embed_tokens(front_tokens.reshape(n)), feat_in, positions[d - 1],
                                 ForwardContext(self.pool, attn, out_slots[d - 1]))
                 feats = out.view(b, kb, h)
-                front = tree.grow(*top_logprobs(feats, w, kb))
-        return tree.select(self.max_nodes if kb > 1 else k)
+                if chain:
+                    drafted.append(best_tokens(out, w))
+                    front_tokens = drafted[-1]
+                else:
+                    front = tree.grow(*top_logprobs(feats, w, kb))
+                    front_tokens = front.tokens
+        if chain:
+            return Grown(torch.stack(drafted, 1), None, None, None)
+        tokens, parents, depths = tree.select(self.max_nodes)
+        return Grown(tokens, parents, depths, ancestor_bits(parents, k))
 
     def _drop(self, rid: str) -> None:
         st = self.states.pop(rid, None)
@@ -368,7 +394,7 @@ class _GrowGraphs:
         self.host_table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32).pin_memory()
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outputs: dict[int, Grown] = {}
         hkv = drafter.head.cfg.num_kv_heads
         mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(dev)
@@ -387,7 +413,7 @@ class _GrowGraphs:
         torch.cuda.synchronize(dev)
         log.info("captured EAGLE draft-step graphs (k=%d, branch %d) for batch sizes %s", k, drafter.branch, self.buckets)
 
-    def run(self, states: list[_State], root: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(self, states: list[_State], root: torch.Tensor, k: int) -> Grown | None:
         """Replay for these states, or None (eager) when they do not fit the graphs."""
         n = len(states)
         if k != self.k or n > self.max_batch or max(len(st.pages) for st in states) > self.max_pages:
@@ -404,5 +430,4 @@ class _GrowGraphs:
         self.root[:n].copy_(root)
         self.root[n:b].zero_()
         self.graphs[b].replay()
-        tokens, parents = self.outputs[b]
-        return tokens[:n], parents[:n]
+        return Grown(*(None if t is None else t[:n] for t in self.outputs[b]))

@@ -69,7 +69,7 @@ class EagleHead(nn.Module):
         """emb, feat [T, H], positions int64 [T] -> predicted features [T, H]."""
         x = self.project(emb, feat)
         h, residual = self.layer(x, None, self.rotary(positions, x.dtype), ctx)
-        return self.norm(h + residual)
+        return self.norm(h, residual)[0]  # norm(h + residual), one fused launch on CUDA
 
     # ---- training: dense [B, T] batches, plain causal attention --------------------------------
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.decode.speculative.eagle_head import EagleHead
-from runtime.decode.speculative.tree import TreeBuilder, top_logprobs
+from runtime.decode.speculative.tree import TreeBuilder, best_tokens, top_logprobs
 from runtime.engine.model import LlamaForCausalLM
 
 
@@ -106,22 +106,43 @@ def draft_trees(head: EagleHead, target: LlamaForCausalLM, b: Batch, depth: int,
     ctx = context(head, target, b)
     bsz, t, h = ctx.feat.shape
     m = bsz * t
-    tree = TreeBuilder(branch)
-    front = tree.start(*top_logprobs(ctx.feat.reshape(m, h), w, branch, chunk_rows))
+    chain = branch == 1  # argmaxes, as the drafter's chain path (no TreeBuilder)
+    tree = None if chain else TreeBuilder(branch)
+    if chain:
+        drafted = [_chunked(lambda x: best_tokens(x, w), ctx.feat.reshape(m, h), chunk_rows)[:, None]]
+        front_tokens, front_parent = drafted[0], torch.zeros(m, 1, dtype=torch.int64, device=ctx.feat.device)
+    else:
+        front = tree.start(*top_logprobs(ctx.feat.reshape(m, h), w, branch, chunk_rows))
+        front_tokens, front_parent = front.tokens, front.parent
     feats = ctx.feat.reshape(m, 1, h)
     bits = torch.zeros(m, 1, dtype=torch.int64, device=feats.device)
     node = torch.arange(branch, device=feats.device)
     kv = DraftKV()
     for d in range(1, depth):
         own = (d - 1) * branch + node
-        bits = bits.gather(1, front.parent) | (torch.ones_like(own) << own)
-        feat_in = feats.gather(1, front.parent[..., None].expand(m, branch, h))
-        x = head.project(target.model.embed_tokens(front.tokens), feat_in).view(bsz, t, branch, h)
+        bits = bits.gather(1, front_parent) | (torch.ones_like(own) << own)
+        feat_in = feats.gather(1, front_parent[..., None].expand(m, branch, h))
+        x = head.project(target.model.embed_tokens(front_tokens), feat_in).view(bsz, t, branch, h)
         out = draft_step(head, ctx, kv, x, b.positions + d, bits.view(bsz, t, branch))
         feats = out.reshape(m, branch, h)
-        front = tree.grow(*top_logprobs(feats, w, branch, chunk_rows))
-    tokens, parents = tree.select(max_nodes if branch > 1 else depth)
-    return tokens.view(bsz, t, -1), parents.view(bsz, t, -1)
+        if chain:
+            drafted.append(_chunked(lambda x: best_tokens(x, w), feats.reshape(m, h), chunk_rows)[:, None])
+            front_tokens = drafted[-1]
+        else:
+            front = tree.grow(*top_logprobs(feats, w, branch, chunk_rows))
+            front_tokens, front_parent = front.tokens, front.parent
+    if chain:
+        tokens = torch.cat(drafted, 1)
+        parents = torch.arange(-1, depth - 1, device=tokens.device).expand(m, depth)
+    else:
+        tokens, parents, _ = tree.select(max_nodes)
+    return tokens.view(bsz, t, -1), parents.reshape(bsz, t, -1)
+
+
+def _chunked(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """fn over x [M, ...] in chunks of `rows` (bounds the [rows, V] logits held at once)."""
+    step = rows if rows > 0 else max(1, x.shape[0])
+    return torch.cat([fn(x[i : i + step]) for i in range(0, x.shape[0], step)])
 
 
 def accept_lengths(tokens: torch.Tensor, parents: torch.Tensor, want: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,10 @@ self-distillation, with no labelled data.
    head's argmax == the target's next token), and the accept length of a chain of
    `--eval-k` drafts and of the `--eval-tree` tree, built with simulate.py, which drafts
    exactly as EagleDrafter does (tests check the two agree): 1 + the depth of the deepest
-   draft whose path matches the target's continuation. Per-position means; the engine's
-   per-step mean weights positions by where steps begin, so it differs slightly.
+   draft whose path matches the target's continuation. Two means: per position (a draft
+   from every generated position), and per serving step (`serving_walk`): greedy serving
+   drafts only where a step begins, from the first generated position p to p + a(p) and
+   so on, so positions inside long accepted runs weigh less there.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ from runtime.engine.weights import LoadedModel
 
 log = logging.getLogger("runtime.train_draft")
 
-__all__ = ["Sample", "collate", "main", "make_prompts", "prompt_ids"]
+__all__ = ["Sample", "collate", "main", "make_prompts", "prompt_ids", "serving_walk"]
 
 
 def prompt_ids(engine, texts: list[str]) -> list[list[int]]:
@@ -116,16 +118,24 @@ def batches(samples: list[Sample], size: int, device: torch.device, rng: random.
 
 # ---- data ------------------------------------------------------------------------------------
 def generate(core, prompts: list[list[int]], params: list, desc: str) -> list[list[int]]:
-    """Continuations of every prompt, all scheduled together (continuous batching)."""
-    reqs = [core.add_request(f"train-draft-{desc}-{i}", ids, p) for i, (ids, p) in enumerate(zip(prompts, params))]
-    done = 0
-    with tqdm(total=len(reqs), desc=f"generate ({desc})", unit="seq") as bar:
-        while core.has_work:
-            core.step()
-            now = sum(r.finished for r in reqs)
-            if now > done:
-                bar.update(now - done)
-                done = now
+    """Continuations of every prompt, in waves of the engine's max_running requests: each
+    wave is prefilled together, then decodes in pure decode steps (CUDA-graph replays on a
+    GPU) until its last request ends. Admitting a prompt whenever one ends would make
+    nearly every step a mixed prefill + decode step, which runs eagerly."""
+    wave = core.cfg.max_running
+    reqs = []
+    with tqdm(total=len(prompts), desc=f"generate ({desc})", unit="seq") as bar:
+        for lo in range(0, len(prompts), wave):
+            group = [core.add_request(f"train-draft-{desc}-{i}", prompts[i], params[i])
+                     for i in range(lo, min(lo + wave, len(prompts)))]
+            done = 0
+            while core.has_work:
+                core.step()
+                now = sum(r.finished for r in group)
+                if now > done:
+                    bar.update(now - done)
+                    done = now
+            reqs += group
     return [list(r.output_ids) for r in reqs]
 
 
@@ -194,16 +204,33 @@ def train_loss(head: EagleHead, target: LlamaForCausalLM, b: Batch, depth: int, 
     return total, top1
 
 
+def serving_walk(acc: torch.Tensor, first: torch.Tensor) -> tuple[int, int]:
+    """The steps greedy serving takes: acc int64 [B, T], the accept length of a draft after
+    each pair (0 where a draft can't be scored: before `first`, or without all k next
+    tokens), first int64 [B]. Per row a step at pair t gains acc[t] tokens and the next
+    one begins at t + acc[t]; the walk starts at first and ends at a pair with no score.
+    Returns (tokens gained, steps) summed over the rows."""
+    tokens = steps = 0
+    for row, t in zip(acc.tolist(), first.tolist()):
+        while 0 <= t < len(row) and row[t] > 0:
+            tokens += row[t]
+            steps += 1
+            t += row[t]
+    return tokens, steps
+
+
 @torch.no_grad()
 def evaluate(head: EagleHead, target: LlamaForCausalLM, samples: list[Sample], batch_size: int, k: int,
              tree: tuple[int, int] | None, device: torch.device) -> dict[str, float]:
     """Top-1, accept lengths of the chain of k drafts and of the tree (branch, nodes) of
-    depth k, and how often the target's argmax over the extracted features agrees with the
-    generated (greedy) token: near 1 when the features are the ones the engine sees."""
+    depth k (per position, and per serving step: see `serving_walk`), and how often the
+    target's argmax over the extracted features agrees with the generated (greedy) token:
+    near 1 when the features are the ones the engine sees."""
     was_training = head.training
     head.eval()
     w = target.lm_head.weight
     sums = dict(top1=0.0, agree=0.0, n1=0.0, chain=0.0, tree=0.0, nk=0.0)
+    walks = dict(chain=[0, 0], tree=[0, 0])  # tokens gained, steps
     for b in batches(samples, batch_size, device, None):
         with _autocast(device, w.dtype):
             chain, chain_par = draft_trees(head, target, b, k)  # [B, T, k]
@@ -216,16 +243,27 @@ def evaluate(head: EagleHead, target: LlamaForCausalLM, samples: list[Sample], b
         sums["n1"] += has_next.sum().item()
         want = torch.stack([b.shifted(b.tokens, j) for j in range(1, k + 1)], -1)  # [B, T, k]
         full = b.valid(k)  # all k next tokens exist
-        sums["chain"] += accept_lengths(chain[full], chain_par[full], want[full]).sum().item()
-        if trees is not None:
-            sums["tree"] += accept_lengths(trees[0][full], trees[1][full], want[full]).sum().item()
+        for name, drafts in (("chain", (chain, chain_par)), ("tree", trees)):
+            if drafts is None:
+                continue
+            tok, par = drafts
+            acc = torch.zeros_like(b.tokens)  # int64 [B, T]: 0 where not scored
+            acc[full] = accept_lengths(tok[full], par[full], want[full])
+            sums[name] += acc.sum().item()
+            gained, steps = serving_walk(acc, b.first)
+            walks[name][0] += gained
+            walks[name][1] += steps
         sums["nk"] += full.sum().item()
     head.train(was_training)
     nk = sums["nk"] or float("nan")
     out = {"top1": sums["top1"] / max(sums["n1"], 1), f"accept_length_k{k}": sums["chain"] / nk,
-           "target_agreement": sums["agree"] / max(sums["n1"], 1), "positions": sums["n1"]}
+           f"serving_accept_length_k{k}": walks["chain"][0] / (walks["chain"][1] or float("nan")),
+           "target_agreement": sums["agree"] / max(sums["n1"], 1), "positions": sums["n1"],
+           "serving_steps": walks["chain"][1]}
     if tree:
-        out[f"accept_length_tree{tree[0]}x{tree[1]}_k{k}"] = sums["tree"] / nk
+        name = f"tree{tree[0]}x{tree[1]}_k{k}"
+        out[f"accept_length_{name}"] = sums["tree"] / nk
+        out[f"serving_accept_length_{name}"] = walks["tree"][0] / (walks["tree"][1] or float("nan"))
     return out
 
 
@@ -318,10 +356,10 @@ def build_data(a: argparse.Namespace, timings: dict[str, float]) -> tuple[Loaded
 
     t0 = time.time()
     cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-    # The engine's KV pool must leave room for the transformers model and training. 128
-    # running requests: the largest batch CUDA-graph decode captures by default.
+    # The engine's KV pool must leave room for the transformers model and training. Waves
+    # of 256 requests, all of them in the decode CUDA graphs.
     engine = Engine(a.model, device="cuda" if cuda else "cpu", dtype=a.dtype, seed=a.seed, kv_mem_fraction=0.4,
-                    max_running=128)
+                    max_running=256, cuda_graph_max_batch=256)
     loaded = engine.core.loaded
     if os.path.isfile(loaded.path):
         raise ValueError(f"{loaded.path} is not a Hugging Face folder: features come from transformers")
@@ -401,15 +439,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "metrics": {**train_stats, **{f"val_{k}": v for k, v in val.items()}},
     }
     save_head(a.out, head, meta)
-    chain = val[f"accept_length_k{a.eval_k}"]
     print(f"EAGLE head for {loaded.name} -> {a.out}")
     print(f"  validation (greedy, {int(val['positions'])} positions): top-1 {val['top1']:.3f}, "
           f"target agreement {val['target_agreement']:.3f}")
-    print(f"  simulated accept length: chain k={a.eval_k} {chain:.2f} tokens/step", end="")
-    if a.tree:
-        tree = val[f"accept_length_tree{a.tree[0]}x{a.tree[1]}_k{a.eval_k}"]
-        print(f", tree {a.eval_tree} depth {a.eval_k} {tree:.2f} tokens/step", end="")
-    print()
+    steps = int(val["serving_steps"])
+    for prefix, label in (("", "per position"), ("serving_", f"per serving step, {steps} chain steps")):
+        line = f"chain k={a.eval_k} {val[f'{prefix}accept_length_k{a.eval_k}']:.2f}"
+        if a.tree:
+            tree = val[f"{prefix}accept_length_tree{a.tree[0]}x{a.tree[1]}_k{a.eval_k}"]
+            line += f", tree {a.eval_tree} depth {a.eval_k} {tree:.2f}"
+        print(f"  simulated accept length ({label}): {line} tokens/step")
     print(f"  {len(train_set)} sequences, {n_train_tok} generated training tokens, {seconds:.0f} s "
           f"({', '.join(f'{k[:-2]} {v:.0f} s' for k, v in timings.items())})")
     flags = f"--num-draft-tokens {a.eval_k}" + (f" --speculative-tree {a.eval_tree}" if a.tree else "")

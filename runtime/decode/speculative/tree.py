@@ -42,6 +42,27 @@ def top_logprobs(hidden: torch.Tensor, lm_head: torch.Tensor, k: int, chunk_rows
     return torch.cat(vals).view(shape), torch.cat(ids).view(shape)
 
 
+def best_tokens(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """hidden [..., H] -> the argmax token of lm_head(hidden), int64 [...]: a chain's next
+    draft (a chain needs no log-probabilities)."""
+    return F.linear(hidden.to(lm_head.dtype), lm_head).argmax(-1)
+
+
+def ancestor_bits(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """parents int64 [N, n] (DraftTree's, per row) -> DraftTree.ancestors_mask per row, int64
+    [N, n], on the device by pointer jumping: after j rounds a node holds the bits of its
+    2^j - 1 nearest ancestors, so ceil(log2(max_depth)) rounds cover a tree of that depth."""
+    n = parents.shape[1]
+    bits = torch.ones_like(parents) << torch.arange(n, device=parents.device)
+    anc = parents
+    for _ in range(max(1, (max_depth - 1).bit_length())):
+        has = anc >= 0
+        a = anc.clamp(min=0)
+        bits = bits | torch.where(has, bits.gather(1, a), 0)
+        anc = torch.where(has, anc.gather(1, a), -1)
+    return bits
+
+
 @dataclass
 class Frontier:
     """The nodes to run the head on next (per tree, `branch` of them, best first)."""
@@ -102,10 +123,10 @@ class TreeBuilder:
         self._count += b * b
         return Frontier(flat.gather(1, best), best // b)
 
-    def select(self, max_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, max_nodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The best min(max_nodes, candidates) nodes of each tree, parents before children
-        and siblings best first: tokens int64 [N, n] and parents int64 [N, n] (a node's
-        parent as an index into the same row, -1 for the root)."""
+        and siblings best first: tokens int64 [N, n], parents int64 [N, n] (a node's parent
+        as an index into the same row, -1 for the root) and depths int64 [N, n]."""
         tok = torch.cat(self._tokens, 1)
         par = torch.cat(self._parents, 1)
         c = tok.shape[1]
@@ -117,4 +138,7 @@ class TreeBuilder:
         parent_cand = par.gather(1, sel)
         parent = torch.searchsorted(sel, parent_cand.clamp(min=0))
         parent = torch.where(parent_cand < 0, torch.full_like(parent, -1), parent)
-        return tok.gather(1, sel), parent
+        # Candidates are depth-major: `branch` at depth 1, then branch^2 per depth.
+        b = self.branch
+        depth = torch.where(sel < b, 1, 2 + (sel - b) // (b * b))
+        return tok.gather(1, sel), parent, depth

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.engine.h2d import to_device
+
 
 @dataclass
 class AttentionMetadata:
@@ -73,16 +75,16 @@ class AttentionMetadata:
         cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         torch.cumsum(q, 0, out=cu[1:])
         return cls(
-            q_lens=q.to(device),
-            kv_lens=torch.tensor(kv_lens, dtype=torch.int32).to(device),
-            cu_q_lens=cu.to(device),
-            page_table=table.to(device),
+            q_lens=to_device(q, torch.int32, device),
+            kv_lens=to_device(kv_lens, torch.int32, device),
+            cu_q_lens=to_device(cu, torch.int32, device),
+            page_table=to_device(table, torch.int32, device),
             q_lens_cpu=list(q_lens),
             kv_lens_cpu=list(kv_lens),
             page_size=page_size,
             custom_mask=custom_mask,
-            tree_start=None if tree_start is None else torch.tensor(tree_start, dtype=torch.int32).to(device),
-            tree_bits=None if tree_bits is None else torch.tensor(tree_bits, dtype=torch.int64).to(device),
+            tree_start=None if tree_start is None else to_device(tree_start, torch.int32, device),
+            tree_bits=None if tree_bits is None else to_device(tree_bits, torch.int64, device),
         )
 
 
