@@ -227,7 +227,7 @@ class EngineCore:
         logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
         sampled = [s for s in batch.seqs if s.num_logits]
         if seq_trees:
-            accepted = self._accept(sampled, seq_trees, logits)
+            accepted = self._accept(sampled, seq_trees, logits, hidden)
             self._compact_tree_kv(sampled, seq_trees, accepted)
         else:
             accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
@@ -355,18 +355,28 @@ class EngineCore:
             res.append(TokenLogprob(tok, chosen[row], top))
         return res
 
-    def _read_drafts(self, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor | None) -> list[int] | None:
+    def _read_drafts(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor,
+                     hidden: torch.Tensor, greedy: bool) -> list[int] | None:
         """Read drafts still on the device (a drafter that proposes without a host sync)
-        and, when `logits` is given, their rows' argmax: one host sync for both."""
+        and, under greedy, the verify rows' argmax: one host sync for both. Before it, a
+        drafter may queue the next step's drafting (continue_after_verify)."""
         pending = {id(t.drafts): t.drafts for t in trees.values() if isinstance(t, PendingDraft)}
         if len(pending) > 1:
             raise ValueError("drafts of more than one propose in one step")
-        best = logits.argmax(dim=-1) if logits is not None else None
-        if pending:
-            return next(iter(pending.values())).fetch(best)
-        return best.tolist() if best is not None else None
+        best = logits.argmax(dim=-1) if greedy else None
+        if not pending:
+            return best.tolist() if best is not None else None
+        drafts = next(iter(pending.values()))
+        drafts.start_read(best)
+        width = drafts.tokens.shape[1]
+        if greedy and len(trees) == len(seqs) and all(
+                isinstance(t, PendingDraft) and t.drafts is drafts and t.row == i and len(t) == width
+                for i, t in enumerate(trees.get(s.req.rid) for s in seqs)):
+            self.drafter.continue_after_verify([s.req for s in seqs], drafts, best, hidden)
+        return drafts.fetch()
 
-    def _accept(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
+    def _accept(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor,
+                hidden: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
         """Speculative acceptance. A sequence with a draft tree has rows [root, node 0, ...];
         from the root, the children of the current row are tried in order: child c is
         accepted with probability p'(c), where p' is the row's target distribution with the
@@ -378,7 +388,7 @@ class EngineCore:
         exact match plus the target's own token. Returns rid -> (tokens, logprobs, the
         rows, relative to the sequence's first row, that produced the tokens)."""
         greedy = all(_plain_greedy(s.req.params) for s in seqs)
-        best = self._read_drafts(trees, logits if greedy else None)
+        best = self._read_drafts(seqs, trees, logits, hidden, greedy)
         trees = {rid: t.resolve() if isinstance(t, PendingDraft) else t for rid, t in trees.items()}
         kids: list[list[int]] = []  # per row: child rows, in order
         reqs, steps = [], []

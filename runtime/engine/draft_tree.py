@@ -85,6 +85,7 @@ class DeviceDrafts:
     bits: torch.Tensor | None = None
     max_depth: int = 0
     _host: list[DraftTree] | None = None
+    _read: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
 
     def __post_init__(self) -> None:
         if not self.max_depth:
@@ -105,26 +106,47 @@ class DeviceDrafts:
             positions.index_add_(0, dst, self.depths.reshape(-1).index_select(0, src))
             bits.index_copy_(0, dst, self.bits.reshape(-1).index_select(0, src))
 
-    def fetch(self, extra: torch.Tensor | None = None) -> list[int] | None:
-        """Read the drafts to the host (once) together with `extra` (an int64 device tensor,
-        e.g. the verify step's argmax), whose values are returned as a flat list."""
-        parts = [self.tokens.reshape(-1)] if self._host is None else []
-        if self._host is None and self.parents is not None:
+    def start_read(self, extra: torch.Tensor | None = None) -> None:
+        """Queue the copy of the drafts and `extra` (an int64 device tensor, e.g. the verify
+        step's argmax) to the host; `fetch` waits for this copy only, not for work queued
+        after it."""
+        parts = [self.tokens.reshape(-1)]
+        if self.parents is not None:
             parts.append(self.parents.reshape(-1))
         if extra is not None:
             parts.append(extra.reshape(-1).long())
-        if not parts:
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if flat.is_cuda:
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._read = (host, done)
+        else:
+            self._read = (flat, None)
+
+    def fetch(self, extra: torch.Tensor | None = None) -> list[int] | None:
+        """The drafts on the host (read once), and the values of `extra` (passed here, or
+        to start_read) as a flat list. One host sync."""
+        if self._host is not None and extra is None and self._read is None:
             return None
-        flat = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+        if self._read is None or extra is not None:
+            self.start_read(extra)
+        host, done = self._read
+        self._read = None
+        if done is not None:
+            done.synchronize()
+        flat = host.tolist()
+        b, n = self.tokens.shape
+        toks, flat = flat[: b * n], flat[b * n :]
+        if self.parents is not None:
+            pars, flat = flat[: b * n], flat[b * n :]
         if self._host is None:
-            b, n = self.tokens.shape
-            toks, flat = flat[: b * n], flat[b * n :]
             if self.parents is None:
                 self._host = [DraftTree.chain(toks[i * n : (i + 1) * n]) for i in range(b)]
             else:
-                pars, flat = flat[: b * n], flat[b * n :]
                 self._host = [DraftTree(toks[i * n : (i + 1) * n], pars[i * n : (i + 1) * n]) for i in range(b)]
-        return flat if extra is not None else None
+        return flat if len(flat) else None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The EAGLE drafter on CUDA: its chains and trees equal the training-time simulation
 (decode-shape draft steps with the tree rule on the Triton kernel), and greedy outputs
-with speculation equal those without, with and without CUDA graphs."""
+with speculation equal those without, with and without CUDA graphs, and drafting continued behind verification is exact."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from runtime import Engine, SamplingParams
 from runtime.decode.speculative.eagle import EagleDrafter
 from runtime.decode.speculative.eagle_head import save_head
 from runtime.engine.weights import load_model
-from tests.unit.test_eagle import feed_and_compare, random_head
+from tests.unit.test_eagle import check_continued_drafting, feed_and_compare, random_head, trained_head  # noqa: F401
 from tests.unit.test_engine import PROMPTS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -51,3 +51,10 @@ def test_eagle_greedy_identical_cuda(tiny_model_dir: str, head_dir: str, graphs:
     spec.shutdown()
     spec.core.pool.check_no_leak(0)
     spec.core.drafter.pool.check_no_leak(0)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_drafting_continued_behind_verify_cuda(trained_head: str, tiny_model_dir: str, graphs: bool) -> None:
+    """The continued drafting on CUDA, replayed from the catch-up and draft-step graphs."""
+    pytest.importorskip("triton")
+    check_continued_drafting(trained_head, tiny_model_dir, device="cuda", attention_backend="triton", cuda_graph=graphs)

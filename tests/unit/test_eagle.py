@@ -299,3 +299,53 @@ def test_eagle_drafting_on_and_off_stays_exact(trained_head: str, tiny_model_dir
     spec.core.pool.check_no_leak(0)
     spec.core.drafter.pool.check_no_leak(0)
     assert not spec.core.drafter.states
+
+
+def test_drafting_continued_behind_verify_is_exact_and_used(trained_head: str, tiny_model_dir: str) -> None:
+    check_continued_drafting(trained_head, tiny_model_dir, device="cpu")
+
+
+def check_continued_drafting(trained_head: str, tiny_model_dir: str, **engine_kw) -> None:
+    """Greedy chains: the drafts queued right behind each verify step (continue_after_verify:
+    acceptance, catch-up and the next drafts on the device) are taken in steady state, give
+    the same outputs as no speculation and as drafting after the host read (the same drafts:
+    the same accept lengths), and leak no page; a batch that changes (requests ending,
+    mixed lengths) falls back to a fresh propose."""
+    kw = dict(dtype="float32", page_size=4, **engine_kw)
+    eagle_kw = dict(speculative="eagle", draft_model=trained_head, speculative_policy="fixed", num_draft_tokens=4)
+    base = Engine(tiny_model_dir, **kw)
+    train_prompt = train_draft.prompt_ids(base, train_draft.make_prompts(5, 0))[1]
+    prompts = [train_prompt, *(list(base.tokenizer(p)["input_ids"]) for p in PROMPTS)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (40, 23, 31, 9)][: len(prompts)]
+    ref = [base.core.add_request(f"r{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+    while base.core.has_work:
+        base.core.step()
+
+    def run(continued: bool) -> tuple[list[list[int]], list[float], int]:
+        spec = Engine(tiny_model_dir, **kw, **eagle_kw)
+        drafter = spec.core.drafter
+        taken, take = [], drafter._take_continued
+
+        def counting(reqs, k):
+            out = take(reqs, k)
+            taken.append(out is not None)
+            return out
+
+        drafter._take_continued = counting
+        if not continued:
+            drafter.continue_after_verify = lambda *a: False
+        reqs = [spec.core.add_request(f"r{i}", p, q) for i, (p, q) in enumerate(zip(prompts, params))]
+        while spec.core.has_work:
+            spec.core.step()
+        spec.shutdown()
+        spec.core.pool.check_no_leak(0)
+        drafter.pool.check_no_leak(0)
+        assert not drafter.states
+        return [r.output_ids for r in reqs], [r.accept_length for r in reqs], sum(taken)
+
+    out, accept, used = run(continued=True)
+    assert out == [r.output_ids for r in ref]
+    out_plain, accept_plain, used_plain = run(continued=False)
+    assert out_plain == out and used_plain == 0
+    assert accept == accept_plain
+    assert used >= 5 and max(accept) > 1.0

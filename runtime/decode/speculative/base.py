@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from runtime.engine.draft_tree import DraftTree
+from runtime.engine.draft_tree import DeviceDrafts, DraftTree
 from runtime.engine.request import Req
 
 __all__ = ["Drafter", "DraftTree"]
@@ -24,6 +24,13 @@ class Drafter(ABC):
         """After a forward: `accepted` tokens were appended to req (the bonus token last);
         hidden [len(accepted), H] holds the target's final hidden states of the rows that
         produced them. Stateful drafters update here."""
+
+    def continue_after_verify(self, reqs: list[Req], drafts: DeviceDrafts, best: torch.Tensor,
+                              hidden: torch.Tensor) -> bool:
+        """Called after a greedy verify step of drafts this drafter left on the device (every
+        request verified all of row i of `drafts`), before the host reads its result: a
+        drafter may queue its next drafts now (see EagleDrafter). Returns whether it did."""
+        return False
 
     def release(self, req: Req) -> None:
         """req finished or was retracted: drop any per-request state."""

@@ -83,6 +83,7 @@ class _State:
     feats: list[torch.Tensor] = field(default_factory=list)  # their features, chunks [n, H]
     prompt_pending: int = 0  # how many pending pairs are exempt from MAX_PENDING (prompt pairs)
     last: tuple[int, torch.Tensor] | None = None  # the newest pair, redone when nothing is pending
+    continued: bool = False  # continue_after_verify cached this step's pairs on the device
 
     @property
     def next_pos(self) -> int:
@@ -125,6 +126,8 @@ class EagleDrafter(Drafter):
         self.attn = make_attention_backend(backend, self.device, num_q_heads=hc.num_heads,
                                            num_kv_heads=hc.num_kv_heads, head_dim=hc.head_dim, dtype=self.dtype)
         self.states: dict[str, _State] = {}
+        # Drafts queued by continue_after_verify: (request ids, k, drafts).
+        self._next: tuple[list[str], int, DeviceDrafts] | None = None
         self.graphs: _GrowGraphs | None = None
         self.catchup: CudaGraphDecoder | None = None  # steady-state catch-ups, replayed
         if core.runner.graphs is not None and self.attn.name == "triton":
@@ -177,6 +180,14 @@ class EagleDrafter(Drafter):
             raise ValueError(f"observe: {len(accepted)} tokens but {hidden.shape[0]} hidden rows")
         pos = req.seq_len
         st = self.states.get(req.rid)
+        if st is not None and st.continued:
+            # continue_after_verify cached these pairs (the same exact-match acceptance on
+            # the device) and drafted from the last one.
+            st.continued = False
+            if st.next_pos == pos and not st.tokens:
+                st.committed += len(accepted)
+                st.last = (accepted[-1], hidden[-1:].clone())
+                return
         if st is not None and (st.next_pos != pos
                                or len(st.tokens) - st.prompt_pending + len(accepted) > MAX_PENDING):
             self._drop(req.rid)  # out of step (or too far behind): restart the head context here
@@ -190,6 +201,9 @@ class EagleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, reqs: list[Req], k: int) -> dict[str, PendingDraft]:
+        ready = self._take_continued(reqs, k)
+        if ready is not None:
+            return ready
         tree_slots = (k - 1) * self.branch  # draft nodes written to the head cache
         batch: list[tuple[Req, _State]] = []
         for r in reqs:
@@ -228,6 +242,69 @@ class EagleDrafter(Drafter):
         drafts = DeviceDrafts(tokens, parents, depths, bits, max_depth=k)
         return {r.rid: view for (r, _), view in zip(batch, drafts.views())}
 
+    @torch.inference_mode()
+    def continue_after_verify(self, reqs: list[Req], drafts: DeviceDrafts, best: torch.Tensor,
+                              hidden: torch.Tensor) -> bool:
+        """Queue the next step's drafting right behind a verify step, before the host has
+        read its result, so the host's bookkeeping of this step overlaps the drafting of the
+        next. Only for greedy chains where request i verified all k drafts of row i of
+        `drafts`: best int64 [B*(k+1)] is the target's argmax per verify row, hidden
+        [B*(k+1), H] its features. On the device: accept the leading matches plus the bonus
+        token (what EngineCore._accept will find), cache the pairs (argmax of row j, feature
+        of row j) for all k+1 rows (those past the accepted run sit past the committed pairs
+        and are overwritten before they are ever attended), and grow from the last accepted
+        one. observe() then only advances the committed count; propose() hands out the
+        drafts if the next step decodes the same requests with the same k."""
+        self._next = None
+        k = drafts.tokens.shape[1]
+        b = len(reqs)
+        if self.branch != 1 or drafts.parents is not None or k + 1 > DECODE_CATCHUP:
+            return False
+        states = []
+        for r in reqs:
+            st = self.states.get(r.rid)
+            if st is None or st.tokens or st.next_pos != r.seq_len or st.committed == 0:
+                return False
+            states.append(st)
+        need = [st.committed + (k + 1) + (k - 1) for st in states]  # the rows, then the next drafts
+        if self.graphs is not None and max(self.pool.pages_for(n) for n in need) > self.graphs.max_pages:
+            return False
+        if not all(self.pool.grow_to(st.pages, n) for st, n in zip(states, need)):
+            return False
+        dev, ps = self.device, self.pool.page_size
+        am = best.view(b, k + 1)
+        accepted = 1 + (drafts.tokens == am[:, :k]).long().cumprod(1).sum(1)  # [B]
+        positions, slots, kv_lens, pages = [], [], [], []
+        for st in states:
+            c = st.committed
+            positions += range(st.start + c, st.start + c + k + 1)
+            slots += [st.pages[i // ps] * ps + i % ps for i in range(c, c + k + 1)]
+            kv_lens += range(c + 1, c + k + 2)
+            pages += [st.pages] * (k + 1)
+        out = self._run_pairs(am.reshape(-1), hidden, positions, slots, kv_lens, pages)
+        root = out.view(b, k + 1, -1)[torch.arange(b, device=dev), accepted - 1]
+        grown = self._grow(states, root, k, committed_add=accepted)
+        for st in states:
+            st.continued = True
+        self._next = ([r.rid for r in reqs], k, DeviceDrafts(*grown, max_depth=k))
+        return True
+
+    def _take_continued(self, reqs: list[Req], k: int) -> dict[str, PendingDraft] | None:
+        nxt, self._next = self._next, None
+        if nxt is None:
+            return None
+        rids, nk, drafts = nxt
+        states = [self.states.get(rid) for rid in rids]
+        if rids != [r.rid for r in reqs] or nk != k or any(
+                st is None or st.continued or st.tokens or st.next_pos != r.seq_len for st, r in zip(states, reqs)):
+            for st in states:  # observe() did not run for some: nothing was committed
+                if st is not None:
+                    st.continued = False
+            return None
+        for st in states:
+            self.pool.shrink_to(st.pages, st.committed)  # free the pages of draft nodes only
+        return dict(zip(rids, drafts.views()))
+
     # ---- internals ---------------------------------------------------------------------------
     def _cache_pairs(self, states: list[_State], counts: list[int]) -> torch.Tensor:
         """Run the head over the first counts[i] pending pairs of each state, writing their
@@ -252,32 +329,47 @@ class EagleDrafter(Drafter):
                 kv_lens.append(c + n)
             st.committed += n
             st.prompt_pending = max(0, st.prompt_pending - n)
-        last = torch.tensor(counts, dtype=torch.int64).cumsum(0) - 1  # each state's last row
-        if decode and self.catchup is not None and self.catchup.can_run(len(tokens), max(len(p) for p in pages)):
-            self.catchup_model.feats[: len(tokens)].copy_(torch.cat(feats))
-            out, _ = self.catchup.run(tokens, positions, slots, pages, kv_lens)
-            return out[to_device(last, torch.int64, dev)]
+        last = to_device(torch.tensor(counts, dtype=torch.int64).cumsum(0) - 1, torch.int64, dev)  # each state's last row
         if decode:
-            meta = AttentionMetadata.build([1] * len(tokens), kv_lens, pages, ps, dev)
-        else:
-            meta = AttentionMetadata.build(counts, kv_lens, [st.pages for st in states], ps, dev)
+            return self._run_pairs(tokens, torch.cat(feats), positions, slots, kv_lens, pages)[last]
+        meta = AttentionMetadata.build(counts, kv_lens, [st.pages for st in states], ps, dev)
+        return self._head_forward(meta, tokens, torch.cat(feats), positions, slots)[last]
+
+    def _run_pairs(self, tokens: list[int] | torch.Tensor, feats: torch.Tensor, positions: list[int],
+                   slots: list[int], kv_lens: list[int], pages: list[list[int]]) -> torch.Tensor:
+        """The head over pairs in decode shape (one row per pair, seeing kv_lens[i] pairs of
+        its page list, itself last), replayed from the catch-up graph when they fit: its
+        outputs [N, H]. tokens may be an int64 device tensor."""
+        n = len(tokens)
+        if self.catchup is not None and self.catchup.can_run(n, max(len(p) for p in pages)):
+            self.catchup_model.feats[:n].copy_(feats)
+            return self.catchup.run(tokens, positions, slots, pages, kv_lens)[0]
+        meta = AttentionMetadata.build([1] * n, kv_lens, pages, self.pool.page_size, self.device)
+        return self._head_forward(meta, tokens, feats, positions, slots)
+
+    def _head_forward(self, meta: AttentionMetadata, tokens: list[int] | torch.Tensor, feats: torch.Tensor,
+                      positions: list[int], slots: list[int]) -> torch.Tensor:
+        dev = self.device
         self.attn.prepare(meta)
         ctx = ForwardContext(self.pool, self.attn, to_device(slots, torch.int64, dev))
-        emb = self.target.model.embed_tokens(to_device(tokens, torch.int64, dev))
-        out = self.head(emb, torch.cat(feats), to_device(positions, torch.int64, dev), ctx)
-        return out[to_device(last, torch.int64, dev)]
+        ids = tokens if isinstance(tokens, torch.Tensor) else to_device(tokens, torch.int64, dev)
+        return self.head(self.target.model.embed_tokens(ids), feats, to_device(positions, torch.int64, dev), ctx)
 
-    def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> Grown:
+    def _grow(self, states: list[_State], root: torch.Tensor, k: int,
+              committed_add: torch.Tensor | None = None) -> Grown:
         """Draft steps 2..k over the tree's frontier, all on the device (replayed from a
-        CUDA graph when one fits)."""
+        CUDA graph when one fits). committed_add (int64 [B], device): pairs cached on the
+        device that the states do not count yet."""
         if self.graphs is not None:
-            out = self.graphs.run(states, root, k)
+            out = self.graphs.run(states, root, k, committed_add)
             if out is not None:
                 return out
         dev = self.device
         width = max(len(st.pages) for st in states)
         table = [st.pages + [0] * (width - len(st.pages)) for st in states]
         committed = to_device([st.committed for st in states], torch.int64, dev)
+        if committed_add is not None:
+            committed = committed + committed_add
         start = to_device([st.start for st in states], torch.int64, dev)
         kv_hint = [st.committed + (k - 1) * self.branch for st in states]
         return self._grow_device(root, committed, start, to_device(table, torch.int32, dev), k, self.attn, kv_hint)
@@ -392,6 +484,7 @@ class _GrowGraphs:
         self.table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32, device=dev)
         self.host_i64 = torch.zeros(2, max_batch, dtype=torch.int64).pin_memory()
         self.host_table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32).pin_memory()
+        self.copied: torch.cuda.Event | None = None
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Grown] = {}
@@ -413,12 +506,15 @@ class _GrowGraphs:
         torch.cuda.synchronize(dev)
         log.info("captured EAGLE draft-step graphs (k=%d, branch %d) for batch sizes %s", k, drafter.branch, self.buckets)
 
-    def run(self, states: list[_State], root: torch.Tensor, k: int) -> Grown | None:
+    def run(self, states: list[_State], root: torch.Tensor, k: int,
+            committed_add: torch.Tensor | None = None) -> Grown | None:
         """Replay for these states, or None (eager) when they do not fit the graphs."""
         n = len(states)
         if k != self.k or n > self.max_batch or max(len(st.pages) for st in states) > self.max_pages:
             return None
         b = next(x for x in self.buckets if x >= n)
+        if self.copied is not None:  # as CudaGraphDecoder: the last run's copies read the buffers
+            self.copied.synchronize()
         h64, table = self.host_i64.numpy(), self.host_table.numpy()
         h64[:, :b] = 0
         table[n:b] = 0  # padded rows: every draft slot maps to the reserved page 0
@@ -427,6 +523,10 @@ class _GrowGraphs:
             table[i, : len(st.pages)] = st.pages
         self.i64.copy_(self.host_i64, non_blocking=True)
         self.table[:b].copy_(self.host_table[:b], non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        if committed_add is not None:
+            self.i64[0, :n] += committed_add
         self.root[:n].copy_(root)
         self.root[n:b].zero_()
         self.graphs[b].replay()
