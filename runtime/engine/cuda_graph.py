@@ -53,7 +53,7 @@ class CudaGraphDecoder:
         self._host_i32 = torch.ones_like(self._i32, device="cpu").pin_memory() if pin else None
         # Recorded after each run's host-to-device copies: work queued behind a run may not
         # have started when the host fills the buffers again (continue_after_verify).
-        self._copied: torch.cuda.Event | None = None
+        self._copied = torch.cuda.Event()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.buckets = buckets_up_to(max_batch)
@@ -108,8 +108,7 @@ class CudaGraphDecoder:
         n = len(input_ids)
         b = next(x for x in self.buckets if x >= n)
         mb = self.max_batch
-        if self._copied is not None:  # the last run's copies must have read the host buffers
-            self._copied.synchronize()
+        self._copied.synchronize()  # the last run's copies must have read the host buffers
         h64, h32 = self._host_i64.numpy(), self._host_i32.numpy()
         ids_on_device = input_ids if isinstance(input_ids, torch.Tensor) else None
         h64[0, :n] = 0 if ids_on_device is not None else input_ids
@@ -131,8 +130,7 @@ class CudaGraphDecoder:
         table[n:b, 0] = 0
         self._i64.copy_(self._host_i64, non_blocking=True)
         self._i32.copy_(self._host_i32, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.device))  # the device named: no lookup
         if ids_on_device is not None:  # e.g. a drafter's previous step output: no host sync
             self.input_ids[:n].copy_(ids_on_device)
         if device_rows is not None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from runtime.decode.speculative.base import DraftTree
+from runtime.engine.draft_tree import DeviceDrafts
 from runtime.decode.speculative.simulate import accept_lengths
 from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, top_logprobs
 
@@ -150,3 +151,34 @@ def test_speculative_tree_flag_parses_and_checks() -> None:
                     (dict(speculative="eagle", speculative_tree="16x32", num_draft_tokens=6), r"\(num_draft_tokens - 1\) \* B")]:
         with pytest.raises(ValueError, match=msg):
             EngineConfig(**kw)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_device_drafts_fill_verify_rows(tree: bool) -> None:
+    """DeviceDrafts.write_rows puts each draft's token (and for trees its depth and ancestor
+    bits) into its verify row: for every request verifying all drafts in order (strided
+    views) and for any other layout (index copies), the same as building the rows from the
+    host trees."""
+    g = torch.Generator().manual_seed(1)
+    b, n = 3, 4
+    tokens = torch.randint(0, 100, (b, n), generator=g)
+    parents = torch.tensor([[-1, 0, 0, 1], [-1, -1, 1, 2], [-1, 0, 1, 2]]) if tree else None
+    depths = torch.tensor([[1, 2, 2, 3], [1, 1, 2, 3], [1, 2, 3, 4]]) if tree else None
+    bits = ancestor_bits(parents, n) if tree else None
+    drafts = DeviceDrafts(tokens, parents, depths, bits)
+    for cut in (n, 2):  # all drafts verified (strided path), or the first 2 of each (index path)
+        rows = ([], [])
+        for i in range(b):
+            rows[0].extend(range(i * (cut + 1) + 1, i * (cut + 1) + 1 + cut))
+            rows[1].extend(range(i * n, i * n + cut))
+        size = b * (cut + 1) + 2  # as a graph's static inputs: longer than the rows
+        ids, pos, bit = torch.full((size,), -1), torch.full((size,), 10), torch.zeros(size, dtype=torch.int64)
+        drafts.write_rows(rows, ids, pos, bit if tree else None)
+        for i in range(b):
+            row = slice(i * (cut + 1) + 1, i * (cut + 1) + 1 + cut)
+            assert ids[row].tolist() == tokens[i, :cut].tolist()
+            if tree:
+                host = DraftTree(tokens[i].tolist(), parents[i].tolist()).truncated(cut)
+                assert (pos[row] - 10).tolist() == host.depths() and bit[row].tolist() == host.ancestors_mask()
+            assert ids[i * (cut + 1)] == -1  # each request's own first row is left alone
+        assert ids[b * (cut + 1) :].tolist() == [-1, -1]

@@ -484,7 +484,7 @@ class _GrowGraphs:
         self.table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32, device=dev)
         self.host_i64 = torch.zeros(2, max_batch, dtype=torch.int64).pin_memory()
         self.host_table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32).pin_memory()
-        self.copied: torch.cuda.Event | None = None
+        self.copied = torch.cuda.Event()
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Grown] = {}
@@ -513,8 +513,7 @@ class _GrowGraphs:
         if k != self.k or n > self.max_batch or max(len(st.pages) for st in states) > self.max_pages:
             return None
         b = next(x for x in self.buckets if x >= n)
-        if self.copied is not None:  # as CudaGraphDecoder: the last run's copies read the buffers
-            self.copied.synchronize()
+        self.copied.synchronize()  # as CudaGraphDecoder: the last run's copies read the buffers
         h64, table = self.host_i64.numpy(), self.host_table.numpy()
         h64[:, :b] = 0
         table[n:b] = 0  # padded rows: every draft slot maps to the reserved page 0
@@ -523,8 +522,7 @@ class _GrowGraphs:
             table[i, : len(st.pages)] = st.pages
         self.i64.copy_(self.host_i64, non_blocking=True)
         self.table[:b].copy_(self.host_table[:b], non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
+        self.copied.record(torch.cuda.current_stream(self.d.device))
         if committed_add is not None:
             self.i64[0, :n] += committed_add
         self.root[:n].copy_(root)
