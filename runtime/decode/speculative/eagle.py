@@ -21,6 +21,11 @@ head pages at rope position start + i (start: the position of its first pair). P
 from real features are "committed"; draft nodes are written past them (depth d, frontier
 row f at slot committed + (d-1)*branch + f) and simply overwritten by the next catch-up
 (their pages are freed after each propose).
+
+Drafts never leave the device before verification reads them (DeviceDrafts). For greedy
+chains, continue_after_verify queues the next step's drafting behind each verify step:
+acceptance, the catch-up of every verify row (rows past the accepted run are junk past the
+committed pairs, overwritten before anything attends them) and the next chain.
 """
 from __future__ import annotations
 
