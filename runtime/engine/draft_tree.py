@@ -76,8 +76,8 @@ class DeviceDrafts:
     request i's chain (`parents` None) or tree (`parents` int64 [B, n], as DraftTree's).
     For a tree the drafter also gives what a verify row needs from its shape: each node's
     depth and DraftTree.ancestors_mask, int64 [B, n] each. A verify step is then built and
-    queued without reading the drafts; `fetch` reads them (with the verify's own result) in
-    one host sync. `max_depth` bounds every tree's depth (for a chain: n)."""
+    queued without reading the drafts; `start_read` and `fetch` read them (with the verify's
+    own result) in one host sync. `max_depth` bounds every tree's depth (for a chain: n)."""
 
     tokens: torch.Tensor
     parents: torch.Tensor | None = None
@@ -136,13 +136,13 @@ class DeviceDrafts:
         else:
             self._read = (flat, None)
 
-    def fetch(self, extra: torch.Tensor | None = None) -> list[int] | None:
-        """The drafts on the host (read once), and the values of `extra` (passed here, or
-        to start_read) as a flat list. One host sync."""
-        if self._host is not None and extra is None and self._read is None:
-            return None
-        if self._read is None or extra is not None:
-            self.start_read(extra)
+    def fetch(self) -> list[int] | None:
+        """The drafts on the host (read once), and the values of start_read's `extra` as a
+        flat list (None without one). One host sync."""
+        if self._read is None:
+            if self._host is not None:
+                return None
+            self.start_read()
         host, done = self._read
         self._read = None
         if done is not None:
