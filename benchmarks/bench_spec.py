@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("command", nargs="?", default="bench", choices=("bench", "make-draft"))
     ap.add_argument("--model", required=True)
     ap.add_argument("--draft-model", default=None)
-    ap.add_argument("--eagle", default=None)
+    ap.add_argument("--eagle", default=None, help="EAGLE head folder(s), comma-separated (each is its own method)")
     ap.add_argument("--draft-layers", type=int, default=6)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--batch-sizes", default="1,16")
@@ -118,8 +118,9 @@ def main() -> None:
     wanted = a.methods.split(",")
     methods = [(m, p, "chain") for m, p in (("none", None), ("ngram", None), ("draft", a.draft_model))
                if m in wanted and (m in ("none", "ngram") or p)]
-    if "eagle" in wanted and a.eagle:
-        methods += [("eagle", a.eagle, tree) for tree in a.eagle_trees.split(",")]
+    if "eagle" in wanted and a.eagle:  # several heads: eagle, eagle#2, ... in the order given
+        methods += [("eagle" if j == 0 else f"eagle#{j + 1}", path, tree)
+                    for j, path in enumerate(a.eagle.split(",")) for tree in a.eagle_trees.split(",")]
     if methods[0][0] != "none":
         ap.error("--methods must include none (the baseline)")
     policies = a.policies.split(",")
@@ -127,11 +128,11 @@ def main() -> None:
     rows = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     for method, draft, tree, policy in runs:
-        k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method) or a.num_draft_tokens
-        engine = Engine(a.model, device=a.device, dtype=a.dtype, speculative=method, draft_model=draft,
+        k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method.split("#")[0]) or a.num_draft_tokens
+        engine = Engine(a.model, device=a.device, dtype=a.dtype, speculative=method.split("#")[0], draft_model=draft,
                         num_draft_tokens=k, speculative_policy=policy, speculative_tree=tree)
         if tree != "chain":
-            method = f"eagle-{tree}"
+            method = f"{method}-{tree}"
         if policy != "fixed":
             method = f"{method}@{policy}"
         tok = engine.tokenizer

@@ -70,8 +70,8 @@ def measure(engine: Engine, batch: int, steps: int, prompt_len: int, host_profil
             core.step()
         torch.cuda.synchronize()
         pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(14)
-        pstats.Stats(pr).sort_stats("cumulative").print_stats(22)
+        pstats.Stats(pr).sort_stats("tottime").print_stats(30)
+        pstats.Stats(pr).sort_stats("cumulative").print_stats(45)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             core.step()

@@ -28,3 +28,53 @@ def test_walk_ends_at_the_row_end_and_skips_unscored_rows() -> None:
     # (too few generated tokens for k drafts) takes no step.
     acc = torch.tensor([[2, 1, 3, 7, 7], [0, 0, 0, 0, 0]])
     assert serving_walk(acc, torch.tensor([0, 1])) == (5, 2)
+
+
+# ---- the prompts ----------------------------------------------------------------------------
+def test_held_out_topics_cover_the_benchmark_and_no_template() -> None:
+    import importlib.util
+    import itertools
+    import pathlib
+
+    from runtime.decode.speculative import train_prompts as tp
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "bench_spec.py"
+    spec = importlib.util.spec_from_file_location("bench_spec", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert all(tp.mentions_held_out(p) for p in bench.CHAT)
+    assert not any(tp.mentions_held_out(t.format(s=s)) for t, s in itertools.product(tp.TEMPLATES, tp.SUBJECTS))
+    # Whole words, plurals included; no match inside another word.
+    assert tp.mentions_held_out("How do Airplanes fly?") and tp.mentions_held_out("the seas")
+    assert not tp.mentions_held_out("binary search") and not tp.mentions_held_out("marketing plans")
+
+
+def test_keep_self_written_filters() -> None:
+    from runtime.decode.speculative.train_prompts import keep_self_written
+
+    seen: set[str] = set()
+    assert keep_self_written("  How do I start a garden?\n", True, seen) == "How do I start a garden?"
+    assert keep_self_written("How do I start a garden?", True, seen) is None  # a repeat
+    assert keep_self_written("Explain how compilers work", False, seen) is None  # cut at the token limit
+    assert keep_self_written("Hi there", True, seen) is None  # too short
+    assert keep_self_written("Why do vaccines need boosters?", True, seen) is None  # a held-out topic
+
+
+def test_self_written_prompts_come_from_the_user_turn(tiny_model_dir: str) -> None:
+    from runtime import Engine
+    from runtime.decode.speculative.train_draft import self_written_prompts
+    from runtime.decode.speculative.train_prompts import mentions_held_out, user_turn_prefix
+
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32", seed=0)
+    try:
+        tok = engine.tokenizer
+        prefix = user_turn_prefix(tok)
+        assert tok.decode(prefix) == "<|im_start|>user\n"  # the tiny ChatML template has no system turn
+        texts = self_written_prompts(engine.core, tok, 12, seed=0, temperature=1.0)
+        assert len(texts) <= 12 and len(set(texts)) == len(texts)
+        assert all(len(t.split()) >= 3 and not mentions_held_out(t) for t in texts)
+        assert not engine.core.requests and not engine.core.has_work
+        engine.core.scheduler.check_no_leak()
+    finally:
+        engine.shutdown()
+    engine.core.pool.check_no_leak(0)

@@ -1,7 +1,9 @@
 """`runtime train-draft`: train an EAGLE head (see eagle.py) for a target model by
 self-distillation, with no labelled data.
 
-1. Varied prompts (train_prompts.py), chat-templated when the tokenizer has a template.
+1. Varied prompts (train_prompts.py), chat-templated when the tokenizer has a template: a
+   `--self-prompts` fraction written by the target itself from its user-turn prefix, the
+   rest from templates.
 2. Continuations from the target itself with `runtime.Engine`: a `--greedy-fraction` of
    the training prompts greedily (what greedy serving shows the head), the rest sampled at
    `--temperature` (variety); the held-out prompts are all greedy, so that the simulated
@@ -53,7 +55,7 @@ from tqdm import tqdm
 from runtime.config import EngineConfig
 from runtime.decode.speculative.eagle_head import EagleHead, save_head
 from runtime.decode.speculative.simulate import Batch, DraftKV, accept_lengths, context, draft_step, draft_trees
-from runtime.decode.speculative.train_prompts import make_prompts
+from runtime.decode.speculative.train_prompts import keep_self_written, make_prompts, user_turn_prefix
 from runtime.engine.model import LlamaForCausalLM
 from runtime.engine.weights import LoadedModel
 
@@ -137,6 +139,31 @@ def generate(core, prompts: list[list[int]], params: list, desc: str) -> list[li
                     done = now
             reqs += group
     return [list(r.output_ids) for r in reqs]
+
+
+def self_written_prompts(core, tokenizer, n: int, seed: int, temperature: float) -> list[str]:
+    """Up to n user turns written by the target from its chat template's user-turn prefix
+    (see train_prompts.py), sampled at `temperature` (top-p 0.95); fewer when too many
+    candidates fail keep_self_written. Empty without a chat template."""
+    from runtime import SamplingParams
+
+    prefix = user_turn_prefix(tokenizer)
+    if prefix is None or n <= 0:
+        return []
+    candidates = n + n // 2 + 8  # some are cut at the limit, repeat, or mention a held-out topic
+    params = [SamplingParams(max_tokens=64, temperature=temperature, top_p=0.95, seed=seed * 7_919 + i)
+              for i in range(candidates)]
+    outs = generate(core, [prefix] * candidates, params, "user turns")
+    seen: set[str] = set()
+    kept = []
+    for out in outs:
+        finished = bool(out) and out[-1] in core.eos_ids
+        text = keep_self_written(tokenizer.decode(out[:-1] if finished else out, skip_special_tokens=True),
+                                 finished, seen)
+        if text is not None:
+            kept.append(text)
+    log.info("self-written prompts: kept %d of %d candidates", len(kept), candidates)
+    return kept[:n]
 
 
 @torch.no_grad()
@@ -320,6 +347,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="draft steps trained per position (1: teacher forcing only; more: unrolled on the head's own features)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--self-prompts", type=float, default=0.5,
+                   help="fraction of the prompts written by the target itself (needs a chat template; the rest "
+                        "come from templates)")
+    p.add_argument("--prompt-temperature", type=float, default=0.9, help="sampling temperature of self-written prompts")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the sampled training data")
     p.add_argument("--greedy-fraction", type=float, default=0.5, help="training prompts decoded greedily")
     p.add_argument("--seed", type=int, default=0)
@@ -339,8 +370,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--max-new-tokens >= 2, --epochs >= 1, --batch-size >= 1, --lr > 0, --train-depth >= 1 "
                 "and --eval-k >= 1 are required")
     if (not 0.0 < a.val_fraction < 1.0 or not 0.0 <= a.greedy_fraction <= 1.0 or not 0.0 <= a.warmup < 1.0
-            or not 0.0 <= a.prefix_drop <= 1.0):
-        p.error("--val-fraction must be in (0, 1), --greedy-fraction and --prefix-drop in [0, 1], --warmup in [0, 1)")
+            or not 0.0 <= a.prefix_drop <= 1.0 or not 0.0 <= a.self_prompts <= 1.0 or a.prompt_temperature <= 0):
+        p.error("--val-fraction must be in (0, 1), --greedy-fraction, --prefix-drop and --self-prompts in [0, 1], "
+                "--warmup in [0, 1), --prompt-temperature > 0")
     try:  # the serving config's own check of a tree's shape
         a.tree = EngineConfig(speculative="eagle", speculative_tree=a.eval_tree, num_draft_tokens=a.eval_k).draft_tree
     except ValueError as e:
@@ -363,7 +395,11 @@ def build_data(a: argparse.Namespace, timings: dict[str, float]) -> tuple[Loaded
     loaded = engine.core.loaded
     if os.path.isfile(loaded.path):
         raise ValueError(f"{loaded.path} is not a Hugging Face folder: features come from transformers")
-    ids = prompt_ids(engine, make_prompts(a.num_prompts, a.seed))
+    texts = self_written_prompts(engine.core, engine.tokenizer, round(a.num_prompts * a.self_prompts), a.seed,
+                                 a.prompt_temperature)
+    texts += make_prompts(a.num_prompts - len(texts), a.seed)  # templates fill up what was not kept
+    random.Random(a.seed).shuffle(texts)  # both kinds in the validation set
+    ids = prompt_ids(engine, texts)
     n_val = max(1, round(a.num_prompts * a.val_fraction))
     n_greedy = n_val + round((a.num_prompts - n_val) * a.greedy_fraction)
     room = engine.core.max_model_len - 1

@@ -1,11 +1,19 @@
-"""Prompts for `runtime train-draft`: instruction templates x subjects x styles, so that a
-head can be trained with no data set at hand. The subjects leave out the topics of
-benchmarks/bench_spec.py's chat prompts, so that its accept lengths are not measured on
-text the head was trained on."""
+"""Prompts for `runtime train-draft`, with no data set at hand, from two sources:
+
+* templates: instruction templates x subjects x styles;
+* self-written: the target model writes user turns itself. Sampled from the chat
+  template's user-turn prefix (the system turn, then an open user turn), an instruct
+  model writes the kind of requests it was tuned to answer (Magpie's observation), with
+  a variety of forms and lengths no template list has.
+
+Neither touches the topics of benchmarks/bench_spec.py's chat prompts (HELD_OUT_TOPICS:
+the subjects leave them out, self-written prompts that mention one are dropped), so its
+accept lengths are not measured on text the head was trained on."""
 from __future__ import annotations
 
 import itertools
 import random
+import re
 
 TEMPLATES = [
     "Explain {s} in simple terms.",
@@ -56,11 +64,17 @@ TEMPLATES = [
     "Describe the sounds, sights and smells associated with {s}.",
     "Write a children's story featuring {s}.",
     "What is a fun weekend project involving {s}?",
+    "Tell me about {s}.",
+    "Describe {s}.",
+    "What should I know about {s}?",
+    "Give me three tips about {s}.",
+    "Explain the science behind {s}.",
+    "How do people use {s}?",
 ]
 SUBJECTS = [
     "volcanoes", "the human heart", "climate change", "chess", "the Roman Empire", "electric cars", "honey bees",
     "quantum computing", "the internet", "gardening", "the moon landing", "recycling", "jazz music", "sleep",
-    "the stock market", "dinosaurs", "renewable energy", "ancient Egypt", "cooking pasta", "friendship",
+    "dinosaurs", "renewable energy", "ancient Egypt", "cooking pasta", "friendship",
     "mountains", "the printing press", "smartphones", "rainforests", "prime numbers", "the solar system",
     "public libraries", "running a marathon", "cats", "bridges", "democracy", "the immune system", "robots",
     "time management", "the Great Wall of China", "sorting algorithms", "volunteering", "the French Revolution",
@@ -81,7 +95,7 @@ SUBJECTS = [
     "databases", "operating systems", "compilers", "encryption", "passwords", "computer viruses",
     "open source software", "web browsers", "spreadsheets", "linked lists", "binary search", "recursion",
     "hash tables", "graphs and networks", "probability", "statistics", "geometry", "fractions", "algebra",
-    "calculus", "the number zero", "maps", "time zones", "calendars", "clocks", "languages of the world",
+    "calculus", "the number zero", "maps", "time zones", "calendars", "clocks",
     "writing systems", "dictionaries", "translation", "museums", "zoos", "national parks", "camping",
     "hiking", "fishing", "birdwatching", "dogs", "horses", "farming", "bees and pollination", "soil",
     "water purification", "plastic pollution", "wind turbines", "solar panels", "batteries", "nuclear power",
@@ -100,3 +114,43 @@ def make_prompts(n: int, seed: int) -> list[str]:
     combos = [t.format(s=s) + st for t, s, st in itertools.product(TEMPLATES, SUBJECTS, STYLES)]
     random.Random(seed).shuffle(combos)
     return [combos[i % len(combos)] for i in range(n)]
+
+
+# The topics of bench_spec.py's chat prompts (it checks that each of its prompts has one).
+# Forms (a poem, a haiku) are shared on purpose: the benchmark asks how the head does on
+# familiar kinds of requests about topics it never saw.
+HELD_OUT_TOPICS = (
+    "refrigerator", "sea", "exercise", "water cycle", "language", "sky", "airplane", "heist", "machine learning",
+    "autumn", "bread", "earthquake", "market", "photosynthesis", "black hole", "vaccine",
+)
+_HELD_OUT = re.compile(r"\b(" + "|".join(re.escape(t) for t in HELD_OUT_TOPICS) + r")(s|es)?\b", re.IGNORECASE)
+SENTINEL = "\x00user-turn\x00"
+
+
+def mentions_held_out(text: str) -> bool:
+    return _HELD_OUT.search(text) is not None
+
+
+def user_turn_prefix(tokenizer) -> list[int] | None:
+    """Token ids of a chat up to where the user's message begins (system turn included, as
+    the template writes it), or None without a chat template: the prompt from which the
+    model writes a user turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
+                                         add_generation_prompt=True)
+    cut = text.find(SENTINEL)
+    if cut <= 0:
+        return None
+    return list(tokenizer(text[:cut], add_special_tokens=False)["input_ids"])
+
+
+def keep_self_written(text: str, finished: bool, seen: set[str]) -> str | None:
+    """A self-written user turn worth training on, stripped, or None: it must have ended on
+    its own (not cut at the token limit), hold a few words, mention no held-out topic, and
+    be new."""
+    text = text.strip()
+    if not finished or len(text.split()) < 3 or mentions_held_out(text) or text in seen:
+        return None
+    seen.add(text)
+    return text
