@@ -153,6 +153,12 @@ class RadixCache(PrefixCache):
         self._cached = 0
         self._evictable = 0
         self._leaves: set[Node] = set()  # non-root nodes without children (eviction candidates)
+        # Eviction candidates, (last_access, id, node), kept across calls: rebuilding it from
+        # every leaf at each evict cost O(leaves) per page freed, and a full cache of a
+        # long run (10k+ leaves, an evict per request every page_size decoded tokens) made
+        # steps 100x slower. Entries go stale (the node was touched, locked, split or
+        # evicted since); evict checks each one it pops (see _fresh).
+        self._heap: list[tuple[int, int, Node]] = []
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -222,6 +228,8 @@ class RadixCache(PrefixCache):
             node.ref -= 1
             if node.ref == 0:
                 self._evictable += len(node.pages)
+                if node in self._leaves:
+                    self._push(node)
             node = node.parent
 
     # -- insertion and eviction ---------------------------------------------------------
@@ -239,18 +247,42 @@ class RadixCache(PrefixCache):
             node.children[new.key[:ps]] = new
             self._leaves.discard(node)
             self._leaves.add(new)
+            if new.ref == 0:
+                self._push(new)
             self._cached += len(new.pages)
             self._evictable += len(new.pages)
             cached = cached + new.pages
             node = new
         return n_dup, Match(cached, n * ps, node)
 
+    def _push(self, node: Node) -> None:
+        heapq.heappush(self._heap, (node.last_access, node.id, node))
+        self._compact()
+
+    def _compact(self) -> None:
+        if len(self._heap) > 4 * len(self._leaves) + 64:  # mostly stale: start over from the leaves
+            self._heap = [(n.last_access, n.id, n) for n in self._leaves if n.ref == 0]
+            heapq.heapify(self._heap)
+
+    def _fresh(self, entry: tuple[int, int, Node]) -> bool:
+        """Whether a popped heap entry names an evictable leaf with its current access time.
+        A touched leaf is pushed again with its new time (it may still be the oldest)."""
+        access, _, node = entry
+        if node.parent is None or node.ref or node not in self._leaves:
+            return False  # evicted, locked (unlock pushes it again) or no longer a leaf
+        if access != node.last_access:
+            heapq.heappush(self._heap, (node.last_access, node.id, node))
+            return False
+        return True
+
     def evict(self, num_pages: int) -> int:
-        heap = [(leaf.last_access, leaf.id, leaf) for leaf in self._leaves if leaf.ref == 0]
-        heapq.heapify(heap)
+        heap = self._heap
         freed = 0
         while freed < num_pages and heap:
-            _, _, leaf = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            if not self._fresh(entry):
+                continue
+            leaf = entry[2]
             take = min(len(leaf.pages), num_pages - freed)
             if take < len(leaf.pages):  # free only the tail; the head stays cached
                 self._leaves.add(self._split(leaf, len(leaf.pages) - take))
@@ -267,6 +299,7 @@ class RadixCache(PrefixCache):
                 self._leaves.add(parent)
                 if parent.ref == 0:
                     heapq.heappush(heap, (parent.last_access, parent.id, parent))
+        self._compact()
         return freed
 
     @property
@@ -317,6 +350,9 @@ class RadixCache(PrefixCache):
         assert cached == self._cached, (cached, self._cached)
         assert evictable == self._evictable, (evictable, self._evictable)
         assert leaves == self._leaves, "leaf set out of date"
+        queued = {id(entry[2]) for entry in self._heap}
+        assert all(id(n) in queued for n in leaves if n.ref == 0), "an evictable leaf has no heap entry"
+        assert len(self._heap) <= 4 * len(leaves) + 64, "the eviction heap keeps stale entries without bound"
 
 
 class NoPrefixCache(PrefixCache):
