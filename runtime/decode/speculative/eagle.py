@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runtime.decode.speculative.base import Drafter
-from runtime.decode.speculative.eagle_graphs import Grown, GrowGraphs, HeadStep
+from runtime.decode.speculative.eagle_graphs import ContinueGraphs, Grown, GrowGraphs, HeadStep
 from runtime.decode.speculative.eagle_head import load_head
 from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, best_tokens, top_logprobs
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
@@ -125,12 +125,15 @@ class EagleDrafter(Drafter):
         # Drafts queued by continue_after_verify: (request ids, k, drafts).
         self._next: tuple[list[str], int, DeviceDrafts] | None = None
         self.graphs: GrowGraphs | None = None
+        self.continued: ContinueGraphs | None = None  # continue_after_verify, replayed
         self.catchup: CudaGraphDecoder | None = None  # steady-state catch-ups, replayed
         if core.runner.graphs is not None and self.attn.name == "triton":
             from runtime.engine.cuda_graph import CudaGraphDecoder
 
             max_batch = min(core.cfg.max_running, core.cfg.speculative_max_batch, 64)
             self.graphs = GrowGraphs(self, core.cfg.num_draft_tokens, core.max_model_len, max_batch)
+            if self.branch == 1:
+                self.continued = ContinueGraphs(self, core.cfg.num_draft_tokens, core.max_model_len, max_batch)
             rows = max_batch * DECODE_CATCHUP
             self.catchup_model = HeadStep(self.head, self.target, rows)
             self.catchup = CudaGraphDecoder(self.catchup_model, self.pool, rows, core.max_model_len)
@@ -253,8 +256,7 @@ class EagleDrafter(Drafter):
         drafts if the next step decodes the same requests with the same k."""
         self._next = None
         k = drafts.tokens.shape[1]
-        b = len(reqs)
-        if self.branch != 1 or drafts.parents is not None or k + 1 > DECODE_CATCHUP:
+        if self.branch != 1 or drafts.parents is not None:
             return False
         states = []
         for r in reqs:
@@ -267,23 +269,42 @@ class EagleDrafter(Drafter):
             return False
         if not all(self.pool.grow_to(st.pages, n) for st, n in zip(states, need)):
             return False
-        dev, ps = self.device, self.pool.page_size
-        am = best.view(b, k + 1)
-        accepted = 1 + (drafts.tokens == am[:, :k]).long().cumprod(1).sum(1)  # [B]
-        positions, slots, kv_lens, pages = [], [], [], []
-        for st in states:
-            c = st.committed
-            positions += range(st.start + c, st.start + c + k + 1)
-            slots += [st.pages[i // ps] * ps + i % ps for i in range(c, c + k + 1)]
-            kv_lens += range(c + 1, c + k + 2)
-            pages += [st.pages] * (k + 1)
-        out = self._run_pairs(am.reshape(-1), hidden, positions, slots, kv_lens, pages)
-        root = out.view(b, k + 1, -1)[torch.arange(b, device=dev), accepted - 1]
-        grown = self._grow(states, root, k, committed_add=accepted)
+        grown = None
+        if self.continued is not None:
+            grown = self.continued.run(states, drafts.tokens, best, hidden)
+        if grown is None:
+            grown = self._continue_device(drafts.tokens, best, hidden, *self._state_tensors(states), self.attn,
+                                          self.attn, [st.committed + 2 * k for st in states])
         for st in states:
             st.continued = True
         self._next = ([r.rid for r in reqs], k, DeviceDrafts(*grown, max_depth=k))
         return True
+
+    def _continue_device(
+        self, drafts: torch.Tensor, best: torch.Tensor, hidden: torch.Tensor, committed: torch.Tensor,
+        start: torch.Tensor, table: torch.Tensor, catchup_attn: Any, grow_attn: Any, kv_hint: list[int],
+    ) -> Grown:
+        """continue_after_verify's device work (drafts int64 [B, k]; best int64 [B*(k+1)];
+        hidden [B*(k+1), H]; committed, start int64 [B]; table int32 [B, W]), on device
+        tensors only, so it can be captured. kv_hint: host key counts per request that only
+        size the attention's split count."""
+        b, k = drafts.shape
+        dev, ps, n = self.device, self.pool.page_size, b * (k + 1)
+        am = best.view(b, k + 1)
+        accepted = 1 + (drafts == am[:, :k]).long().cumprod(1).sum(1)  # [B]: leading matches + bonus
+        pair = committed[:, None] + torch.arange(k + 1, device=dev)[None, :]  # [B, k+1]: slot of each row's pair
+        slots = (table.long().gather(1, pair // ps) * ps + pair % ps).view(n)
+        meta = AttentionMetadata(
+            q_lens=torch.ones(n, dtype=torch.int32, device=dev), kv_lens=(pair + 1).int().view(n),
+            cu_q_lens=torch.arange(n + 1, dtype=torch.int32, device=dev),
+            page_table=table.repeat_interleave(k + 1, dim=0), q_lens_cpu=[1] * n,
+            kv_lens_cpu=[c for c in kv_hint for _ in range(k + 1)], page_size=ps,
+        )
+        catchup_attn.prepare(meta)
+        out = self.head(self.target.model.embed_tokens(best), hidden, (start[:, None] + pair).view(n),
+                        ForwardContext(self.pool, catchup_attn, slots))
+        root = out.view(b, k + 1, -1).gather(1, (accepted - 1)[:, None, None].expand(b, 1, out.shape[-1]))[:, 0]
+        return self._grow_device(root, committed + accepted, start, table, k, grow_attn, kv_hint)
 
     def _take_continued(self, reqs: list[Req], k: int) -> dict[str, PendingDraft] | None:
         nxt, self._next = self._next, None
@@ -351,24 +372,24 @@ class EagleDrafter(Drafter):
         ids = tokens if isinstance(tokens, torch.Tensor) else to_device(tokens, torch.int64, dev)
         return self.head(self.target.model.embed_tokens(ids), feats, to_device(positions, torch.int64, dev), ctx)
 
-    def _grow(self, states: list[_State], root: torch.Tensor, k: int,
-              committed_add: torch.Tensor | None = None) -> Grown:
+    def _grow(self, states: list[_State], root: torch.Tensor, k: int) -> Grown:
         """Draft steps 2..k over the tree's frontier, all on the device (replayed from a
-        CUDA graph when one fits). committed_add (int64 [B], device): pairs cached on the
-        device that the states do not count yet."""
+        CUDA graph when one fits)."""
         if self.graphs is not None:
-            out = self.graphs.run(states, root, k, committed_add)
+            out = self.graphs.run(states, root, k)
             if out is not None:
                 return out
+        committed, start, table = self._state_tensors(states)
+        kv_hint = [st.committed + (k - 1) * self.branch for st in states]
+        return self._grow_device(root, committed, start, table, k, self.attn, kv_hint)
+
+    def _state_tensors(self, states: list[_State]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The states' committed counts, starts (int64 [B]) and page tables (int32 [B, W]) on the device."""
         dev = self.device
         width = max(len(st.pages) for st in states)
-        table = [st.pages + [0] * (width - len(st.pages)) for st in states]
-        committed = to_device([st.committed for st in states], torch.int64, dev)
-        if committed_add is not None:
-            committed = committed + committed_add
-        start = to_device([st.start for st in states], torch.int64, dev)
-        kv_hint = [st.committed + (k - 1) * self.branch for st in states]
-        return self._grow_device(root, committed, start, to_device(table, torch.int32, dev), k, self.attn, kv_hint)
+        table = to_device([st.pages + [0] * (width - len(st.pages)) for st in states], torch.int32, dev)
+        return (to_device([st.committed for st in states], torch.int64, dev),
+                to_device([st.start for st in states], torch.int64, dev), table)
 
     def _grow_device(
         self, root: torch.Tensor, committed: torch.Tensor, start: torch.Tensor, table: torch.Tensor, k: int,

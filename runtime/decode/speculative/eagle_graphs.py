@@ -46,25 +46,20 @@ class HeadStep(nn.Module):
         return hidden
 
 
-class GrowGraphs:
-    """CUDA graphs of EagleDrafter._grow_device (draft steps 2..k and the tree selection),
-    one per batch-size bucket. Each draft step is one small decoder layer plus an lm_head
-    top-k: launched one kernel at a time they cost more than the target's whole graph-
-    replayed step. Padded rows have no pages (table row of zeros) and write into the head
-    pool's reserved page 0."""
+class _BucketGraphs:
+    """One CUDA graph per batch-size bucket of a drafter body that reads the states'
+    committed counts, start positions and page tables from static buffers (filled from
+    pinned host mirrors before each replay). Padded rows have no pages (table row of
+    zeros) and write into the head pool's reserved page 0."""
 
     def __init__(self, drafter: "EagleDrafter", k: int, max_model_len: int, max_batch: int) -> None:
-        from runtime.engine.attention.triton_backend import TritonAttention
         from runtime.engine.cuda_graph import buckets_up_to
-        from kernels.paged_decode import default_num_splits
 
         self.d, self.k = drafter, k
         dev, pool = drafter.device, drafter.pool
-        tree_slots = (k - 1) * drafter.branch
-        self.max_pages = pool.pages_for(max_model_len + tree_slots)
+        self.max_len = max_model_len + 2 * k + (k - 1) * drafter.branch  # verify rows, then draft nodes
+        self.max_pages = pool.pages_for(self.max_len)
         self.max_batch = max_batch
-        h = drafter.head.cfg.hidden_size
-        self.root = torch.zeros(max_batch, h, dtype=drafter.dtype, device=dev)
         self.i64 = torch.zeros(2, max_batch, dtype=torch.int64, device=dev)  # committed, start
         self.table = torch.zeros(max_batch, self.max_pages, dtype=torch.int32, device=dev)
         self.host_i64 = torch.zeros(2, max_batch, dtype=torch.int64).pin_memory()
@@ -73,27 +68,33 @@ class GrowGraphs:
         self.buckets = buckets_up_to(max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Grown] = {}
-        hkv = drafter.head.cfg.num_kv_heads
+
+    def _attn(self, rows: int):
+        from kernels.paged_decode import default_num_splits
+        from runtime.engine.attention.triton_backend import TritonAttention
+
+        hkv = self.d.head.cfg.num_kv_heads
+        return TritonAttention(num_splits=default_num_splits(rows, hkv, self.d.device, self.max_len))
+
+    def _capture(self, body) -> None:
+        """body(b) runs the drafter on the first b rows of the static buffers."""
+        dev = self.d.device
         mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for b in reversed(self.buckets):
-                rows = b * drafter.branch
-                attn = TritonAttention(num_splits=default_num_splits(rows, hkv, dev, max_model_len + tree_slots))
-                args = (self.root[:b], self.i64[0, :b], self.i64[1, :b], self.table[:b], k, attn, [1] * b)
-                drafter._grow_device(*args)  # warm-up: Triton compiles outside the capture
+                body(b)  # warm-up: Triton compiles outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=mempool, stream=stream):
-                    self.outputs[b] = drafter._grow_device(*args)
+                    self.outputs[b] = body(b)
                 self.graphs[b] = graph
         torch.cuda.current_stream(dev).wait_stream(stream)
         torch.cuda.synchronize(dev)
-        log.info("captured EAGLE draft-step graphs (k=%d, branch %d) for batch sizes %s", k, drafter.branch, self.buckets)
 
-    def run(self, states: list["_State"], root: torch.Tensor, k: int,
-            committed_add: torch.Tensor | None = None) -> Grown | None:
-        """Replay for these states, or None (eager) when they do not fit the graphs."""
+    def _fill(self, states: list["_State"], k: int) -> int | None:
+        """Copy the states' committed counts, starts and page tables in; the bucket, or None
+        when they do not fit the graphs."""
         n = len(states)
         if k != self.k or n > self.max_batch or max(len(st.pages) for st in states) > self.max_pages:
             return None
@@ -101,16 +102,74 @@ class GrowGraphs:
         self.copied.synchronize()  # as CudaGraphDecoder: the last run's copies read the buffers
         h64, table = self.host_i64.numpy(), self.host_table.numpy()
         h64[:, :b] = 0
-        table[n:b] = 0  # padded rows: every draft slot maps to the reserved page 0
+        table[n:b] = 0  # padded rows: every slot maps to the reserved page 0
         for i, st in enumerate(states):
             h64[0, i], h64[1, i] = st.committed, st.start
             table[i, : len(st.pages)] = st.pages
         self.i64.copy_(self.host_i64, non_blocking=True)
         self.table[:b].copy_(self.host_table[:b], non_blocking=True)
         self.copied.record(torch.cuda.current_stream(self.d.device))
-        if committed_add is not None:
-            self.i64[0, :n] += committed_add
-        self.root[:n].copy_(root)
-        self.root[n:b].zero_()
+        return b
+
+    def _result(self, b: int, n: int) -> Grown:
         self.graphs[b].replay()
         return Grown(*(None if t is None else t[:n] for t in self.outputs[b]))
+
+
+class GrowGraphs(_BucketGraphs):
+    """CUDA graphs of EagleDrafter._grow_device (draft steps 2..k and the tree selection).
+    Each draft step is one small decoder layer plus an lm_head top-k: launched one kernel
+    at a time they cost more than the target's whole graph-replayed step."""
+
+    def __init__(self, drafter: "EagleDrafter", k: int, max_model_len: int, max_batch: int) -> None:
+        super().__init__(drafter, k, max_model_len, max_batch)
+        self.root = torch.zeros(max_batch, drafter.head.cfg.hidden_size, dtype=drafter.dtype, device=drafter.device)
+        attns = {b: self._attn(b * drafter.branch) for b in self.buckets}
+        self._capture(lambda b: drafter._grow_device(self.root[:b], self.i64[0, :b], self.i64[1, :b], self.table[:b],
+                                                     k, attns[b], [1] * b))
+        log.info("captured EAGLE draft-step graphs (k=%d, branch %d) for batch sizes %s", k, drafter.branch, self.buckets)
+
+    def run(self, states: list["_State"], root: torch.Tensor, k: int) -> Grown | None:
+        """Replay for these states, or None (eager) when they do not fit the graphs."""
+        b = self._fill(states, k)
+        if b is None:
+            return None
+        n = len(states)
+        self.root[:n].copy_(root)
+        self.root[n:b].zero_()
+        return self._result(b, n)
+
+
+class ContinueGraphs(_BucketGraphs):
+    """CUDA graphs of EagleDrafter._continue_device for greedy chains: the acceptance, the
+    catch-up of every verify row and the next chain in one replay (continue_after_verify's
+    work, which as separate launches and two replays cost more host time than the GPU
+    spent on it)."""
+
+    def __init__(self, drafter: "EagleDrafter", k: int, max_model_len: int, max_batch: int) -> None:
+        super().__init__(drafter, k, max_model_len, max_batch)
+        dev, h = drafter.device, drafter.head.cfg.hidden_size
+        self.drafts = torch.zeros(max_batch, k, dtype=torch.int64, device=dev)
+        self.best = torch.zeros(max_batch * (k + 1), dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(max_batch * (k + 1), h, dtype=drafter.dtype, device=dev)
+        attns = {b: (self._attn(b * (k + 1)), self._attn(b)) for b in self.buckets}
+        self._capture(lambda b: drafter._continue_device(
+            self.drafts[:b], self.best[: b * (k + 1)], self.hidden[: b * (k + 1)], self.i64[0, :b],
+            self.i64[1, :b], self.table[:b], *attns[b], [1] * b))
+        log.info("captured EAGLE continued-drafting graphs (k=%d) for batch sizes %s", k, self.buckets)
+
+    def run(self, states: list["_State"], drafts: torch.Tensor, best: torch.Tensor,
+            hidden: torch.Tensor) -> Grown | None:
+        """Replay for these states (drafts int64 [B, k], best int64 [B*(k+1)], hidden
+        [B*(k+1), H]), or None when they do not fit the graphs."""
+        k = drafts.shape[1]
+        b = self._fill(states, k)
+        if b is None:
+            return None
+        n, rows = len(states), len(states) * (k + 1)
+        self.drafts[:n].copy_(drafts)
+        self.drafts[n:b].zero_()
+        self.best[:rows].copy_(best)
+        self.best[rows : b * (k + 1)].zero_()
+        self.hidden[:rows].copy_(hidden)
+        return self._result(b, n)
