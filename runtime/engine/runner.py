@@ -25,7 +25,10 @@ from runtime.engine.scheduler import Batch
 if TYPE_CHECKING:  # imports Triton, which CPU-only installs lack
     from runtime.engine.cuda_graph import CudaGraphDecoder
 
-# Sequences with at most this many new tokens run in decode shape.
+# Sequences with at most this many new tokens run in decode shape (one row per token, with
+# its own key count), unless the whole batch fits the decode CUDA graphs: then every
+# sequence does, and the step replays a graph instead of launching an eager prefill (on
+# the H200, a 40-token prompt of SmolLM2 took ~30 ms eagerly, host-bound).
 DECODE_SHAPE_MAX_Q = 16
 
 
@@ -60,7 +63,8 @@ class _Rows:
         return all(q == 1 for q in self.q_lens)
 
 
-def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_size: int) -> _Rows:
+def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_size: int,
+               max_decode_q: int = DECODE_SHAPE_MAX_Q) -> _Rows:
     """Token and attention rows of a batch. `drafts` (rid -> DraftTree) extends a decoding
     sequence past its last sampled token: node i of the tree is written at slot position
     start + 1 + i, sits at rope position start + depth(i), and sees the sequence before the
@@ -107,7 +111,7 @@ def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_s
             slot_pos = range(s.start, s.start + s.q_len)
             r.tokens += ids[s.start : s.start + s.q_len]
             r.positions += slot_pos
-            if s.q_len <= DECODE_SHAPE_MAX_Q:
+            if s.q_len <= max_decode_q:
                 r.q_lens += [1] * s.q_len
                 r.kv_lens += [p + 1 for p in slot_pos]
                 r.tree_start += [p + 1 for p in slot_pos]
@@ -141,6 +145,8 @@ class ModelRunner:
         self.attn = attn
         self.device = device
         self.graphs = graphs
+        # Batches of at most this many new tokens run every row in decode shape (see DECODE_SHAPE_MAX_Q).
+        self.graph_rows = graphs.max_batch if graphs is not None else 0
 
     @torch.inference_mode()
     def forward(
@@ -149,18 +155,21 @@ class ModelRunner:
         """Logits and hidden states of the rows that need logits, sequence by sequence in
         batch order (every row of a sequence with drafts). `all_hidden` also returns the
         hidden states of every new token."""
-        rows = build_rows(batch, drafts or {}, self.pool.page_size)
-        if (self.graphs is not None and rows.decode_shape and not all_hidden
+        total = sum(s.q_len for s in batch.seqs)
+        max_q = total if total <= self.graph_rows else DECODE_SHAPE_MAX_Q
+        rows = build_rows(batch, drafts or {}, self.pool.page_size, max_q)
+        if (self.graphs is not None and rows.decode_shape
                 and self.graphs.can_run(len(rows.tokens), max(len(p) for p in rows.page_lists))):
             device_rows = (rows.device_drafts, rows.device_rows) if rows.device_drafts is not None else None
-            logits, hidden = self.graphs.run(
+            logits, h = self.graphs.run(
                 rows.tokens, rows.positions, rows.slots, rows.page_lists, rows.kv_lens, rows.tree_start, rows.tree_bits,
                 device_rows=device_rows,
             )
+            hidden = h
             if len(rows.logit_rows) != len(rows.tokens):
                 pick = to_device(rows.logit_rows, torch.int64, self.device)
-                logits, hidden = logits[pick], hidden[pick]
-            return ForwardOut(logits, hidden, None)
+                logits, hidden = logits[pick], h[pick]
+            return ForwardOut(logits, hidden, h if all_hidden else None)
         dev = self.device
         tree = rows.has_tree
         meta = AttentionMetadata.build(

@@ -211,14 +211,19 @@ def test_train_draft_writes_a_checkpoint(trained_head: str, tiny_model_dir: str)
     assert m["train_top1"] > 0.5 and m["train_top1_step1"] > 0.5  # it fits the data it was trained on
 
 
-@pytest.mark.parametrize("tree", ["chain", "4x12"])
-def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_model_dir: str, tree: str) -> None:
+@pytest.mark.parametrize("tree,graph_rows", [("chain", 0), ("4x12", 0), ("chain", 512)],
+                         ids=["chain", "4x12", "chain-decode-shape-prefill"])
+def test_eagle_greedy_identical_no_leaks_and_accepts(trained_head: str, tiny_model_dir: str, tree: str,
+                                                     graph_rows: int) -> None:
     """Chains and trees: greedy outputs equal the target's own, drafts are accepted on a
     training prompt (its second run hits the prefix cache: the head's context then starts
-    after the cached prompt part), sampling runs, and no page of either pool leaks."""
+    after the cached prompt part), sampling runs, and no page of either pool leaks.
+    graph_rows: prompts run in decode shape (as on CUDA when a batch fits the graphs), so
+    the head reads prompt features from decode-shape rows."""
     base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)
     spec = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="eagle",
                   draft_model=trained_head, speculative_policy="fixed", speculative_tree=tree)
+    spec.core.runner.graph_rows = graph_rows
     # A prompt of the training set, decoded as train-draft decoded it (greedy, eos honoured).
     train_prompt = train_draft.prompt_ids(spec, train_draft.make_prompts(5, 0))[1]
     trained = SamplingParams(max_tokens=24, temperature=0.0)

@@ -54,11 +54,16 @@ def _prompts_ids(engine: Engine) -> list[list[int]]:
         dict(chunked_prefill=True, max_batch_tokens=16, page_size=4),
         dict(chunked_prefill=False, page_size=16),
         dict(prefix_cache=False, page_size=1),
+        dict(chunked_prefill=True, max_batch_tokens=64, page_size=4, graph_rows=64),
     ],
-    ids=["chunked", "unchunked", "nocache-page1"],
+    ids=["chunked", "unchunked", "nocache-page1", "decode-shape-prefill"],
 )
 def test_greedy_matches_transformers(tiny_model_dir: str, tiny_hf: torch.nn.Module, opts: dict) -> None:
+    opts = dict(opts)
+    graph_rows = opts.pop("graph_rows", None)
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", **opts)
+    if graph_rows is not None:  # what CUDA does when a batch fits the decode graphs: every row in decode shape
+        engine.core.runner.graph_rows = graph_rows
     prompts = _prompts_ids(engine)
     results = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2))
     for ids, r in zip(prompts, results):
