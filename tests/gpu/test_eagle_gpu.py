@@ -53,8 +53,10 @@ def test_eagle_greedy_identical_cuda(tiny_model_dir: str, head_dir: str, graphs:
     spec.core.drafter.pool.check_no_leak(0)
 
 
+@pytest.mark.parametrize("tree", ["chain", "4x12"])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_drafting_continued_behind_verify_cuda(trained_head: str, tiny_model_dir: str, graphs: bool) -> None:
-    """The continued drafting on CUDA, replayed from the catch-up and draft-step graphs."""
+def test_drafting_continued_behind_verify_cuda(trained_head: str, tiny_model_dir: str, graphs: bool, tree: str) -> None:
+    """The continued drafting on CUDA, eager or replayed from the continuation graphs."""
     pytest.importorskip("triton")
-    check_continued_drafting(trained_head, tiny_model_dir, device="cuda", attention_backend="triton", cuda_graph=graphs)
+    check_continued_drafting(trained_head, tiny_model_dir, tree, device="cuda", attention_backend="triton",
+                             cuda_graph=graphs)

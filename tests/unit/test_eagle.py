@@ -306,18 +306,21 @@ def test_eagle_drafting_on_and_off_stays_exact(trained_head: str, tiny_model_dir
     assert not spec.core.drafter.states
 
 
-def test_drafting_continued_behind_verify_is_exact_and_used(trained_head: str, tiny_model_dir: str) -> None:
-    check_continued_drafting(trained_head, tiny_model_dir, device="cpu")
+@pytest.mark.parametrize("tree", ["chain", "4x12"])
+def test_drafting_continued_behind_verify_is_exact_and_used(trained_head: str, tiny_model_dir: str, tree: str) -> None:
+    check_continued_drafting(trained_head, tiny_model_dir, tree, device="cpu")
 
 
-def check_continued_drafting(trained_head: str, tiny_model_dir: str, **engine_kw) -> None:
-    """Greedy chains: the drafts queued right behind each verify step (continue_after_verify:
-    acceptance, catch-up and the next drafts on the device) are taken in steady state, give
-    the same outputs as no speculation and as drafting after the host read (the same drafts:
-    the same accept lengths), and leak no page; a batch that changes (requests ending,
-    mixed lengths) falls back to a fresh propose."""
+def check_continued_drafting(trained_head: str, tiny_model_dir: str, tree: str = "chain", **engine_kw) -> None:
+    """Greedy chains and trees: the drafts queued right behind each verify step
+    (continue_after_verify: acceptance, catch-up along the accepted run and the next drafts
+    on the device) are taken in steady state, give the same outputs as no speculation and
+    as drafting after the host read (the same drafts: the same accept lengths), and leak no
+    page; a batch that changes (requests ending, mixed lengths) falls back to a fresh
+    propose."""
     kw = dict(dtype="float32", page_size=4, **engine_kw)
-    eagle_kw = dict(speculative="eagle", draft_model=trained_head, speculative_policy="fixed", num_draft_tokens=4)
+    eagle_kw = dict(speculative="eagle", draft_model=trained_head, speculative_policy="fixed", num_draft_tokens=4,
+                    speculative_tree=tree)
     base = Engine(tiny_model_dir, **kw)
     train_prompt = train_draft.prompt_ids(base, train_draft.make_prompts(5, 0))[1]
     prompts = [train_prompt, *(list(base.tokenizer(p)["input_ids"]) for p in PROMPTS)]
@@ -329,6 +332,8 @@ def check_continued_drafting(trained_head: str, tiny_model_dir: str, **engine_kw
     def run(continued: bool) -> tuple[list[list[int]], list[float], int]:
         spec = Engine(tiny_model_dir, **kw, **eagle_kw)
         drafter = spec.core.drafter
+        # With CUDA graphs, the continuation replays its own (a failed capture would fall back silently).
+        assert (drafter.continued is not None) == (spec.core.runner.graphs is not None)
         taken, take = [], drafter._take_continued
 
         def counting(reqs, k):

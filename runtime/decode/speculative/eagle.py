@@ -22,10 +22,11 @@ from real features are "committed"; draft nodes are written past them (depth d, 
 row f at slot committed + (d-1)*branch + f) and simply overwritten by the next catch-up
 (their pages are freed after each propose).
 
-Drafts never leave the device before verification reads them (DeviceDrafts). For greedy
-chains, continue_after_verify queues the next step's drafting behind each verify step:
-acceptance, the catch-up of every verify row (rows past the accepted run are junk past the
-committed pairs, overwritten before anything attends them) and the next chain.
+Drafts never leave the device before verification reads them (DeviceDrafts). Under greedy
+decoding, continue_after_verify queues the next step's drafting behind each verify step
+(one graph replay): acceptance, the catch-up of the k+1 verify rows along the accepted run
+(for a tree, its path's rows in depth order; rows past the run are junk past the committed
+pairs, overwritten before anything attends them) and the next chain or tree.
 """
 from __future__ import annotations
 
@@ -132,8 +133,10 @@ class EagleDrafter(Drafter):
 
             max_batch = min(core.cfg.max_running, core.cfg.speculative_max_batch, 64)
             self.graphs = GrowGraphs(self, core.cfg.num_draft_tokens, core.max_model_len, max_batch)
-            if self.branch == 1:
+            try:
                 self.continued = ContinueGraphs(self, core.cfg.num_draft_tokens, core.max_model_len, max_batch)
+            except RuntimeError as e:  # still exact without it: continue_after_verify runs eagerly
+                log.warning("EAGLE continued-drafting graphs not captured (%s); continuing eagerly", e)
             rows = max_batch * DECODE_CATCHUP
             self.catchup_model = HeadStep(self.head, self.target, rows)
             self.catchup = CudaGraphDecoder(self.catchup_model, self.pool, rows, core.max_model_len)
@@ -244,19 +247,21 @@ class EagleDrafter(Drafter):
     @torch.inference_mode()
     def continue_after_verify(self, reqs: list[Req], drafts: DeviceDrafts, best: torch.Tensor,
                               hidden: torch.Tensor) -> bool:
-        """Queue the next step's drafting right behind a verify step, before the host has
-        read its result, so the host's bookkeeping of this step overlaps the drafting of the
-        next. Only for greedy chains where request i verified all k drafts of row i of
-        `drafts`: best int64 [B*(k+1)] is the target's argmax per verify row, hidden
-        [B*(k+1), H] its features. On the device: accept the leading matches plus the bonus
-        token (what EngineCore._accept will find), cache the pairs (argmax of row j, feature
-        of row j) for all k+1 rows (those past the accepted run sit past the committed pairs
-        and are overwritten before they are ever attended), and grow from the last accepted
-        one. observe() then only advances the committed count; propose() hands out the
-        drafts if the next step decodes the same requests with the same k."""
+        """Queue the next step's drafting right behind a greedy verify step, before the host
+        has read its result, so the host's bookkeeping of this step overlaps the drafting of
+        the next. Only where request i verified all nodes of row i of `drafts` (its chain or
+        tree, n nodes): best int64 [B*(n+1)] is the target's argmax per verify row, hidden
+        [B*(n+1), H] its features. On the device: find what EngineCore._accept will find
+        (the run of drafts that match the argmax of their parent's row, plus the bonus
+        token), cache the pairs (argmax, feature) of the k+1 verify rows along it (for a
+        tree, the accepted path's rows, gathered in depth order; rows past the accepted run
+        sit past the committed pairs and are overwritten before they are ever attended), and
+        grow from the last accepted one. observe() then only advances the committed count;
+        propose() hands out the drafts if the next step decodes the same requests with the
+        same k."""
         self._next = None
-        k = drafts.tokens.shape[1]
-        if self.branch != 1 or drafts.parents is not None:
+        k = drafts.max_depth
+        if (drafts.parents is None) != (self.branch == 1):
             return False
         states = []
         for r in reqs:
@@ -264,34 +269,53 @@ class EagleDrafter(Drafter):
             if st is None or st.tokens or st.next_pos != r.seq_len or st.committed == 0:
                 return False
             states.append(st)
-        need = [st.committed + (k + 1) + (k - 1) for st in states]  # the rows, then the next drafts
+        # The k+1 rows, then the next drafts.
+        need = [st.committed + (k + 1) + (k - 1) * self.branch for st in states]
         if self.graphs is not None and max(self.pool.pages_for(n) for n in need) > self.graphs.max_pages:
             return False
         if not all(self.pool.grow_to(st.pages, n) for st, n in zip(states, need)):
             return False
         grown = None
         if self.continued is not None:
-            grown = self.continued.run(states, drafts.tokens, best, hidden)
+            grown = self.continued.run(states, drafts, best, hidden)
         if grown is None:
-            grown = self._continue_device(drafts.tokens, best, hidden, *self._state_tensors(states), self.attn,
-                                          self.attn, [st.committed + 2 * k for st in states])
+            grown = self._continue_device(drafts.tokens, drafts.parents, drafts.depths, drafts.bits, best, hidden,
+                                          *self._state_tensors(states), k, self.attn, self.attn,
+                                          [st.committed + 2 * k + (k - 1) * self.branch for st in states])
         for st in states:
             st.continued = True
         self._next = ([r.rid for r in reqs], k, DeviceDrafts(*grown, max_depth=k))
         return True
 
     def _continue_device(
-        self, drafts: torch.Tensor, best: torch.Tensor, hidden: torch.Tensor, committed: torch.Tensor,
-        start: torch.Tensor, table: torch.Tensor, catchup_attn: Any, grow_attn: Any, kv_hint: list[int],
+        self, drafts: torch.Tensor, parents: torch.Tensor | None, depths: torch.Tensor | None,
+        bits: torch.Tensor | None, best: torch.Tensor, hidden: torch.Tensor, committed: torch.Tensor,
+        start: torch.Tensor, table: torch.Tensor, k: int, catchup_attn: Any, grow_attn: Any, kv_hint: list[int],
     ) -> Grown:
-        """continue_after_verify's device work (drafts int64 [B, k]; best int64 [B*(k+1)];
-        hidden [B*(k+1), H]; committed, start int64 [B]; table int32 [B, W]), on device
-        tensors only, so it can be captured. kv_hint: host key counts per request that only
-        size the attention's split count."""
-        b, k = drafts.shape
-        dev, ps, n = self.device, self.pool.page_size, b * (k + 1)
-        am = best.view(b, k + 1)
-        accepted = 1 + (drafts == am[:, :k]).long().cumprod(1).sum(1)  # [B]: leading matches + bonus
+        """continue_after_verify's device work, on device tensors only, so it can be
+        captured: drafts int64 [B, n] (and for trees parents, depths, bits int64 [B, n], as
+        DeviceDrafts'), best int64 [B*(n+1)], hidden [B*(n+1), H], committed, start int64
+        [B], table int32 [B, W], k the drafts' depth. kv_hint: host key counts per request
+        that only size the attention's split count."""
+        b, w = drafts.shape
+        dev, ps, n, h = self.device, self.pool.page_size, b * (k + 1), hidden.shape[-1]
+        am = best.view(b, w + 1)
+        if parents is None:  # a chain: rows 0..k in order, the leading matches accepted
+            accepted = 1 + (drafts == am[:, :w]).long().cumprod(1).sum(1)  # [B], the bonus included
+        else:
+            # A node matches when its token is its parent row's argmax, and is accepted when
+            # it and all its ancestors match (siblings differ, so those nodes form one path).
+            match = (drafts == am.gather(1, parents + 1)).long() << torch.arange(w, device=dev)
+            ok = (bits & ~match.sum(1, keepdim=True)) == 0  # [B, n]
+            accepted = 1 + torch.where(ok, depths, 0).max(1).values
+            # path[:, t]: the verify row of the accepted node at depth t (the root's at 0);
+            # past the accepted run, the root's (junk, overwritten later). Column k+1 takes
+            # every node off the path.
+            path = torch.zeros(b, k + 2, dtype=torch.int64, device=dev)
+            path.scatter_(1, torch.where(ok, depths, k + 1), torch.arange(1, w + 1, device=dev).expand(b, w))
+            path = path[:, : k + 1]
+            am = am.gather(1, path)
+            hidden = hidden.view(b, w + 1, h).gather(1, path[..., None].expand(b, k + 1, h)).view(n, h)
         pair = committed[:, None] + torch.arange(k + 1, device=dev)[None, :]  # [B, k+1]: slot of each row's pair
         slots = (table.long().gather(1, pair // ps) * ps + pair % ps).view(n)
         meta = AttentionMetadata(
@@ -301,9 +325,9 @@ class EagleDrafter(Drafter):
             kv_lens_cpu=[c for c in kv_hint for _ in range(k + 1)], page_size=ps,
         )
         catchup_attn.prepare(meta)
-        out = self.head(self.target.model.embed_tokens(best), hidden, (start[:, None] + pair).view(n),
-                        ForwardContext(self.pool, catchup_attn, slots))
-        root = out.view(b, k + 1, -1).gather(1, (accepted - 1)[:, None, None].expand(b, 1, out.shape[-1]))[:, 0]
+        out = self.head(self.target.model.embed_tokens(am[:, : k + 1].reshape(n)), hidden[:n],
+                        (start[:, None] + pair).view(n), ForwardContext(self.pool, catchup_attn, slots))
+        root = out.view(b, k + 1, h).gather(1, (accepted - 1)[:, None, None].expand(b, 1, h))[:, 0]
         return self._grow_device(root, committed + accepted, start, table, k, grow_attn, kv_hint)
 
     def _take_continued(self, reqs: list[Req], k: int) -> dict[str, PendingDraft] | None:

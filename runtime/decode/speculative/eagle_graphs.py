@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from runtime.decode.speculative.eagle_head import EagleHead
+from runtime.engine.draft_tree import DeviceDrafts
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -141,35 +142,47 @@ class GrowGraphs(_BucketGraphs):
 
 
 class ContinueGraphs(_BucketGraphs):
-    """CUDA graphs of EagleDrafter._continue_device for greedy chains: the acceptance, the
-    catch-up of every verify row and the next chain in one replay (continue_after_verify's
-    work, which as separate launches and two replays cost more host time than the GPU
-    spent on it)."""
+    """CUDA graphs of EagleDrafter._continue_device: the acceptance, the catch-up of the
+    verify rows along the accepted run and the next chain or tree in one replay
+    (continue_after_verify's work, which as separate launches and two replays cost more
+    host time than the GPU spent on it)."""
 
     def __init__(self, drafter: "EagleDrafter", k: int, max_model_len: int, max_batch: int) -> None:
         super().__init__(drafter, k, max_model_len, max_batch)
         dev, h = drafter.device, drafter.head.cfg.hidden_size
-        self.drafts = torch.zeros(max_batch, k, dtype=torch.int64, device=dev)
-        self.best = torch.zeros(max_batch * (k + 1), dtype=torch.int64, device=dev)
-        self.hidden = torch.zeros(max_batch * (k + 1), h, dtype=drafter.dtype, device=dev)
-        attns = {b: (self._attn(b * (k + 1)), self._attn(b)) for b in self.buckets}
-        self._capture(lambda b: drafter._continue_device(
-            self.drafts[:b], self.best[: b * (k + 1)], self.hidden[: b * (k + 1)], self.i64[0, :b],
-            self.i64[1, :b], self.table[:b], *attns[b], [1] * b))
-        log.info("captured EAGLE continued-drafting graphs (k=%d) for batch sizes %s", k, self.buckets)
+        tree = drafter.branch > 1
+        self.width = drafter.max_nodes if tree else k  # draft nodes per request
+        w = self.width
+        # drafts, then for trees parents, depths, ancestor bits: int64 [4, max_batch, w]
+        self.nodes = torch.zeros(4 if tree else 1, max_batch, w, dtype=torch.int64, device=dev)
+        self.best = torch.zeros(max_batch * (w + 1), dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(max_batch * (w + 1), h, dtype=drafter.dtype, device=dev)
+        attns = {b: (self._attn(b * (k + 1)), self._attn(b * drafter.branch)) for b in self.buckets}
 
-    def run(self, states: list["_State"], drafts: torch.Tensor, best: torch.Tensor,
+        def body(b: int) -> Grown:
+            nodes = [t[:b] for t in self.nodes] if tree else [self.nodes[0, :b], None, None, None]
+            return drafter._continue_device(*nodes, self.best[: b * (w + 1)], self.hidden[: b * (w + 1)],
+                                            self.i64[0, :b], self.i64[1, :b], self.table[:b], k, *attns[b], [1] * b)
+
+        self._capture(body)
+        log.info("captured EAGLE continued-drafting graphs (k=%d, branch %d) for batch sizes %s", k, drafter.branch,
+                 self.buckets)
+
+    def run(self, states: list["_State"], drafts: DeviceDrafts, best: torch.Tensor,
             hidden: torch.Tensor) -> Grown | None:
-        """Replay for these states (drafts int64 [B, k], best int64 [B*(k+1)], hidden
-        [B*(k+1), H]), or None when they do not fit the graphs."""
-        k = drafts.shape[1]
-        b = self._fill(states, k)
+        """Replay for these states (best int64 [B*(n+1)], hidden [B*(n+1), H] of a verify
+        step of `drafts`), or None when they do not fit the graphs."""
+        if drafts.tokens.shape[1] != self.width:
+            return None
+        b = self._fill(states, drafts.max_depth)
         if b is None:
             return None
-        n, rows = len(states), len(states) * (k + 1)
-        self.drafts[:n].copy_(drafts)
-        self.drafts[n:b].zero_()
+        n, rows, w = len(states), best.shape[0], self.width
+        parts = [drafts.tokens] if drafts.parents is None else [drafts.tokens, drafts.parents, drafts.depths, drafts.bits]
+        for buf, src in zip(self.nodes, parts):
+            buf[:n].copy_(src)
+            buf[n:b].zero_()
         self.best[:rows].copy_(best)
-        self.best[rows : b * (k + 1)].zero_()
+        self.best[rows : b * (w + 1)].zero_()
         self.hidden[:rows].copy_(hidden)
         return self._result(b, n)
