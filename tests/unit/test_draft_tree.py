@@ -13,7 +13,7 @@ import torch
 from runtime.decode.speculative.base import DraftTree
 from runtime.engine.draft_tree import DeviceDrafts
 from runtime.decode.speculative.simulate import accept_lengths
-from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, top_logprobs
+from runtime.decode.speculative.tree import DraftVocab, TreeBuilder, ancestor_bits, best_tokens, top_logprobs
 
 V = 12
 
@@ -113,10 +113,27 @@ def test_tree_keeps_parents_when_a_child_is_certain() -> None:
 def test_top_logprobs_chunks() -> None:
     g = torch.Generator().manual_seed(0)
     hidden, w = torch.randn(3, 5, 8, generator=g), torch.randn(V, 8, generator=g)
-    lp, ids = top_logprobs(hidden, w, 4, chunk_rows=4)
+    lp, ids = top_logprobs(hidden, DraftVocab(w), 4, chunk_rows=4)
     full = (hidden @ w.T).log_softmax(-1).topk(4)
     torch.testing.assert_close(lp, full.values)
     assert torch.equal(ids, full.indices)
+
+
+def test_draft_vocab_scores_only_its_tokens() -> None:
+    """A draft vocabulary: the argmax and top-k over its rows only, normalised over them,
+    returned as token ids of the full vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    hidden, w = torch.randn(6, 8, generator=g), torch.randn(V, 8, generator=g)
+    keep = torch.randperm(V, generator=g)[: V // 3].sort().values
+    vocab = DraftVocab(w[keep], keep)
+    logits = hidden @ w.T
+    masked = torch.full_like(logits, float("-inf"))
+    masked[:, keep] = logits[:, keep]
+    assert torch.equal(best_tokens(hidden, vocab), masked.argmax(-1))
+    lp, ids = top_logprobs(hidden, vocab, 3)
+    want = masked.log_softmax(-1).topk(3)
+    torch.testing.assert_close(lp, want.values)
+    assert torch.equal(ids, want.indices) and torch.isin(ids, keep).all()
 
 
 def test_accept_lengths_follow_the_matching_path() -> None:

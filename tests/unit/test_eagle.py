@@ -53,6 +53,15 @@ def test_save_load_round_trip(tiny: LoadedModel, tmp_path) -> None:
     assert back.meta["target_model"] == "tiny" and back.meta["metrics"] == {"val_top1": 0.5}
     want, got = head.state_dict(), back.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert back.draft_ids is None and back.meta["draft_vocab_size"] is None
+    head.draft_ids = torch.tensor([3, 9, 200])
+    save_head(str(tmp_path / "v"), head, {})
+    assert torch.equal(load_head(str(tmp_path / "v"), tiny.config, "cpu", torch.float32).draft_ids, head.draft_ids)
+    head.draft_ids = torch.tensor([3, 512])  # past the target's vocabulary
+    save_head(str(tmp_path / "bad"), head, {})
+    with pytest.raises(ValueError, match="draft_ids must be token ids"):
+        load_head(str(tmp_path / "bad"), tiny.config, "cpu", torch.float32)
+    head.draft_ids = None
     emb, feat = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     pos = torch.arange(5).repeat(2, 1) + 7
     torch.testing.assert_close(back.forward_dense(emb, feat, pos), head.forward_dense(emb, feat, pos), rtol=0, atol=0)
@@ -126,22 +135,40 @@ def feed_and_compare(drafter: EagleDrafter, tree: tuple[int, int] | None, prompt
     drafter.pool.check_no_leak(0)
 
 
+@pytest.mark.parametrize("vocab", [0, 96], ids=["full-vocab", "draft-vocab"])
 @pytest.mark.parametrize("catchup", ["decode", "prefill"])
 @pytest.mark.parametrize("tree", [None, (3, 10)], ids=["chain", "tree3x10"])
 def test_drafter_matches_training_simulation(tiny_model_dir: str, tiny: LoadedModel, tmp_path, tree, catchup,
-                                             monkeypatch) -> None:
+                                             vocab, monkeypatch) -> None:
     """EagleDrafter's drafts (chain or tree) equal simulate.draft_trees, which training's
     validation accept lengths are computed from, with the prompt in the head's context;
-    catch-ups in decode shape (one row per pair) or as a prefill."""
+    catch-ups in decode shape (one row per pair) or as a prefill; over the whole vocabulary
+    or a draft vocabulary (saved with the head), whose tokens are then the only drafts."""
     monkeypatch.setattr(eagle, "DECODE_CATCHUP", 8 if catchup == "decode" else 0)
-    save_head(str(tmp_path / "h"), random_head(tiny, seed=2), {"target_model": "tiny"})
+    head = random_head(tiny, seed=2)
+    if vocab:
+        head.draft_ids = torch.randperm(512, generator=torch.Generator().manual_seed(4))[:vocab].sort().values
+    save_head(str(tmp_path / "h"), head, {"target_model": "tiny"})
     spec = f"{tree[0]}x{tree[1]}" if tree else "chain"
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", speculative="eagle", draft_model=str(tmp_path / "h"),
                     speculative_tree=spec, num_draft_tokens=4, page_size=4)
     drafter = engine.core.drafter
     assert isinstance(drafter, EagleDrafter) and drafter.wants_prompt_hidden
+    if vocab:
+        assert torch.equal(drafter.head.draft_ids, head.draft_ids) and drafter.vocab.weight.shape[0] == vocab
+    proposed: list[torch.Tensor] = []
+    propose = drafter.propose
+
+    def record(reqs, k):
+        out = propose(reqs, k)
+        proposed.extend(torch.tensor(d.resolve().tokens) for d in out.values())
+        return out
+
+    drafter.propose = record
     feed_and_compare(drafter, tree, (4, 3), (1, 3, 2, 1), k=4, seed=0)
     feed_and_compare(drafter, tree, (2, 3), (2, 1), k=4, seed=1, cached=4)  # a prefix-cache hit
+    if vocab:
+        assert proposed and all(torch.isin(t, head.draft_ids).all() for t in proposed)
 
 
 def test_long_prompt_is_cached_in_chunks(tiny_model_dir: str, tiny: LoadedModel, tmp_path, monkeypatch) -> None:
@@ -194,6 +221,37 @@ def trained_head(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) 
     out = str(tmp_path_factory.mktemp("eagle") / "head")
     assert train_draft.main(["--model", tiny_model_dir, "--out", out, *TRAIN_ARGS]) == 0
     return out
+
+
+def test_train_draft_with_a_draft_vocabulary(tiny_model_dir: str, tmp_path) -> None:
+    """--draft-vocab N: the head keeps the N tokens the target generated most (reported
+    with their coverage), drafts only those, and outputs stay exact."""
+    out = str(tmp_path / "head")
+    assert train_draft.main(["--model", tiny_model_dir, "--out", out, *TRAIN_ARGS, "--draft-vocab", "40"]) == 0
+    with open(os.path.join(out, CONFIG_FILE)) as fh:
+        meta = json.load(fh)
+    assert meta["draft_vocab_size"] == 40 and 0.0 < meta["train"]["draft_vocab_coverage"] <= 1.0
+    kw = dict(device="cpu", dtype="float32", page_size=4)
+    base = Engine(tiny_model_dir, **kw)
+    spec = Engine(tiny_model_dir, **kw, speculative="eagle", draft_model=out, speculative_policy="fixed")
+    ids = spec.core.drafter.head.draft_ids
+    assert ids is not None and len(ids) == 40 and bool((ids[1:] > ids[:-1]).all())
+    drafted: list[int] = []
+    propose = spec.core.drafter.propose
+
+    def record(reqs, k):
+        res = propose(reqs, k)
+        drafted.extend(t for d in res.values() for t in d.resolve().tokens)
+        return res
+
+    spec.core.drafter.propose = record
+    prompts = [train_draft.prompt_ids(spec, train_draft.make_prompts(5, 0))[1],
+               *(spec.tokenizer(p)["input_ids"] for p in PROMPTS[:3])]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert [r.token_ids for r in spec.generate(prompts, params)] == [r.token_ids for r in base.generate(prompts, params)]
+    assert drafted and set(drafted) <= set(ids.tolist())
+    with pytest.raises(SystemExit):
+        train_draft.parse_args(["--out", out, "--draft-vocab", "-1"])
 
 
 def test_train_draft_writes_a_checkpoint(trained_head: str, tiny_model_dir: str) -> None:

@@ -102,6 +102,7 @@ class EagleDrafter(Drafter):
         self.target = loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
         self.head = load_head(core.cfg.draft_model, core.model_config, self.device, self.dtype)
+        self.vocab = self.head.vocab(self.target.lm_head.weight)  # what drafts are scored over
         # Serve with one q|k|v and one gate|up GEMM, like the target (and its fused kernels).
         self.head.layer.self_attn.fuse()
         self.head.layer.mlp.fuse()
@@ -422,7 +423,7 @@ class EagleDrafter(Drafter):
         """_grow's body on device tensors only (root [B, H]; committed, start int64 [B];
         table int32 [B, W]), so it can be captured. kv_hint: host key counts per request,
         which only size the attention's split count."""
-        w = self.target.lm_head.weight
+        w = self.vocab
         b, kb, h = root.shape[0], self.branch, root.shape[-1]
         chain = kb == 1
         if chain:  # the argmax at every depth: no log-probabilities, no tree bookkeeping

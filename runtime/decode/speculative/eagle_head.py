@@ -31,12 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.decode.speculative.tree import DraftVocab
 from runtime.engine.model import DecoderLayer, ForwardContext, LlamaForCausalLM, RMSNorm, Rotary, apply_rotary
 from runtime.engine.model_config import ModelConfig
 
 CONFIG_FILE = "eagle_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "runtime-eagle-v1"
+DRAFT_IDS = "draft_ids"  # model.safetensors key of the optional draft vocabulary
 
 
 class EagleHead(nn.Module):
@@ -50,6 +52,9 @@ class EagleHead(nn.Module):
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.meta: dict[str, Any] = {}  # eagle_config.json of a loaded head
+        # The draft vocabulary (int64 [V_d], sorted token ids; None: all of lm_head's). Not a
+        # parameter: train-draft picks the tokens the target generates most.
+        self.draft_ids: torch.Tensor | None = None
 
     @classmethod
     def for_target(cls, target: LlamaForCausalLM) -> "EagleHead":
@@ -59,6 +64,13 @@ class EagleHead(nn.Module):
         with torch.no_grad():
             head.norm.weight.copy_(target.model.norm.weight.float())
         return head
+
+    def vocab(self, lm_head: torch.Tensor) -> DraftVocab:
+        """What drafts are scored over, from the target's lm_head weight [V, H]."""
+        if self.draft_ids is None:
+            return DraftVocab(lm_head)
+        ids = self.draft_ids.to(lm_head.device)
+        return DraftVocab(lm_head[ids].contiguous(), ids)
 
     def project(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """emb, feat [..., H] -> the decoder layer's input [..., H]."""
@@ -110,8 +122,10 @@ def save_head(path: str, head: EagleHead, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
-              os.path.join(path, WEIGHTS_FILE))
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    if head.draft_ids is not None:
+        tensors[DRAFT_IDS] = head.draft_ids.detach().cpu().long().contiguous()
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE))
     c = head.cfg
     config = {
         "format": FORMAT,
@@ -123,6 +137,7 @@ def save_head(path: str, head: EagleHead, meta: dict[str, Any]) -> None:
         "intermediate_size": c.intermediate_size,
         "rms_norm_eps": c.rms_norm_eps,
         "qkv_bias": c.qkv_bias,
+        "draft_vocab_size": None if head.draft_ids is None else int(head.draft_ids.numel()),
         **meta,
     }
     with open(os.path.join(path, CONFIG_FILE), "w") as fh:
@@ -153,6 +168,10 @@ def load_head(path: str, target_config: ModelConfig, device: torch.device | str,
     with torch.device("meta"):
         head = EagleHead(cfg)
     state = load_file(os.path.join(path, WEIGHTS_FILE), device="cpu")
+    draft_ids = state.pop(DRAFT_IDS, None)
+    if draft_ids is not None and (draft_ids.dim() != 1 or not len(draft_ids) or int(draft_ids.min()) < 0
+                                  or int(draft_ids.max()) >= target_config.vocab_size):
+        raise ValueError(f"{path}/{WEIGHTS_FILE}: {DRAFT_IDS} must be token ids in [0, {target_config.vocab_size})")
     expected = {k: tuple(p.shape) for k, p in head.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
@@ -161,6 +180,7 @@ def load_head(path: str, target_config: ModelConfig, device: torch.device | str,
     head.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True)
     head.rotary = Rotary(cfg).to(device)  # non-persistent rope buffer, fp32
     head.meta = meta
+    head.draft_ids = None if draft_ids is None else draft_ids.long().to(device)
     head.eval()
     head.requires_grad_(False)
     return head

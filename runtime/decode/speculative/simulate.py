@@ -102,7 +102,7 @@ def draft_trees(head: EagleHead, target: LlamaForCausalLM, b: Batch, depth: int,
                 max_nodes: int = 0, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """The tree (branch 1: the chain of `depth` tokens) EagleDrafter proposes after every
     pair, with real pairs up to it as context: tokens, parents int64 [B, T, n]."""
-    w = target.lm_head.weight
+    w = head.vocab(target.lm_head.weight)
     ctx = context(head, target, b)
     bsz, t, h = ctx.feat.shape
     m = bsz * t

@@ -55,13 +55,13 @@ from tqdm import tqdm
 from runtime.config import EngineConfig
 from runtime.decode.speculative.eagle_head import EagleHead, save_head
 from runtime.decode.speculative.simulate import Batch, DraftKV, accept_lengths, context, draft_step, draft_trees
-from runtime.decode.speculative.train_prompts import keep_self_written, make_prompts, user_turn_prefix
+from runtime.decode.speculative.train_prompts import generate, make_prompts, self_written_prompts
 from runtime.engine.model import LlamaForCausalLM
 from runtime.engine.weights import LoadedModel
 
 log = logging.getLogger("runtime.train_draft")
 
-__all__ = ["Sample", "collate", "main", "make_prompts", "prompt_ids", "serving_walk"]
+__all__ = ["Sample", "collate", "main", "make_prompts", "prompt_ids", "self_written_prompts", "serving_walk"]
 
 
 def prompt_ids(engine, texts: list[str]) -> list[list[int]]:
@@ -119,53 +119,6 @@ def batches(samples: list[Sample], size: int, device: torch.device, rng: random.
 
 
 # ---- data ------------------------------------------------------------------------------------
-def generate(core, prompts: list[list[int]], params: list, desc: str) -> list[list[int]]:
-    """Continuations of every prompt, in waves of the engine's max_running requests: each
-    wave is prefilled together, then decodes in pure decode steps (CUDA-graph replays on a
-    GPU) until its last request ends. Admitting a prompt whenever one ends would make
-    nearly every step a mixed prefill + decode step, which runs eagerly."""
-    wave = core.cfg.max_running
-    reqs = []
-    with tqdm(total=len(prompts), desc=f"generate ({desc})", unit="seq") as bar:
-        for lo in range(0, len(prompts), wave):
-            group = [core.add_request(f"train-draft-{desc}-{i}", prompts[i], params[i])
-                     for i in range(lo, min(lo + wave, len(prompts)))]
-            done = 0
-            while core.has_work:
-                core.step()
-                now = sum(r.finished for r in group)
-                if now > done:
-                    bar.update(now - done)
-                    done = now
-            reqs += group
-    return [list(r.output_ids) for r in reqs]
-
-
-def self_written_prompts(core, tokenizer, n: int, seed: int, temperature: float) -> list[str]:
-    """Up to n user turns written by the target from its chat template's user-turn prefix
-    (see train_prompts.py), sampled at `temperature` (top-p 0.95); fewer when too many
-    candidates fail keep_self_written. Empty without a chat template."""
-    from runtime import SamplingParams
-
-    prefix = user_turn_prefix(tokenizer)
-    if prefix is None or n <= 0:
-        return []
-    candidates = n + n // 2 + 8  # some are cut at the limit, repeat, or mention a held-out topic
-    params = [SamplingParams(max_tokens=64, temperature=temperature, top_p=0.95, seed=seed * 7_919 + i)
-              for i in range(candidates)]
-    outs = generate(core, [prefix] * candidates, params, "user turns")
-    seen: set[str] = set()
-    kept = []
-    for out in outs:
-        finished = bool(out) and out[-1] in core.eos_ids
-        text = keep_self_written(tokenizer.decode(out[:-1] if finished else out, skip_special_tokens=True),
-                                 finished, seen)
-        if text is not None:
-            kept.append(text)
-    log.info("self-written prompts: kept %d of %d candidates", len(kept), candidates)
-    return kept[:n]
-
-
 @torch.no_grad()
 def extract_features(hf_model: torch.nn.Module, seqs: list[tuple[list[int], list[int]]], batch_size: int,
                      device: torch.device, desc: str) -> list[Sample]:
@@ -188,6 +141,18 @@ def extract_features(hf_model: torch.nn.Module, seqs: list[tuple[list[int], list
         for r, j in enumerate(idx):
             out[j] = Sample(torch.tensor(full[r][1:]), hidden[r, : len(full[r])].clone(), len(seqs[j][0]))
     return [s for s in out if s is not None]
+
+
+def draft_vocabulary(samples: list[Sample], size: int, vocab_size: int) -> tuple[torch.Tensor, float]:
+    """The `size` tokens the target generated most often in `samples` (sorted ids, int64)
+    and the fraction of generated tokens they cover: a draft can only be accepted when its
+    token is in the draft vocabulary, so coverage bounds what a smaller one costs."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for s in samples:
+        counts += torch.bincount(s.tokens[s.prompt_len - 1 :], minlength=vocab_size)
+    size = min(size, vocab_size)
+    ids = counts.topk(size).indices.sort().values
+    return ids, counts[ids].sum().item() / max(1, counts.sum().item())
 
 
 # ---- training and validation -----------------------------------------------------------------
@@ -359,6 +324,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="fraction of training sequences whose context starts at a random prompt position")
     p.add_argument("--feature-weight", type=float, default=1.0, help="weight of the SmoothL1 feature loss")
     p.add_argument("--token-weight", type=float, default=0.5, help="weight of the cross-entropy token loss")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="score drafts over only the N tokens the target generates most (EAGLE-3's draft vocabulary: "
+                        "a cheaper lm_head per draft step); 0: the whole vocabulary")
     p.add_argument("--eval-k", type=int, default=5, help="draft depth of the simulated accept lengths")
     p.add_argument("--eval-tree", default="8x48", help="tree (BxN, as --speculative-tree) of the simulated tree "
                                                       "accept length, or 'chain' to skip it")
@@ -366,6 +334,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.num_prompts < 2:
         p.error("--num-prompts must be at least 2 (one is held out for validation)")
+    if a.draft_vocab < 0:
+        p.error("--draft-vocab must be >= 0 (0: the whole vocabulary)")
     if a.max_new_tokens < 2 or a.epochs < 1 or a.batch_size < 1 or a.lr <= 0 or a.train_depth < 1 or a.eval_k < 1:
         p.error("--max-new-tokens >= 2, --epochs >= 1, --batch-size >= 1, --lr > 0, --train-depth >= 1 "
                 "and --eval-k >= 1 are required")
@@ -454,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     head = EagleHead.for_target(target)
+    coverage = None
+    if a.draft_vocab:
+        head.draft_ids, coverage = draft_vocabulary(train_set, a.draft_vocab, target.config.vocab_size)
+        log.info("draft vocabulary: %d tokens cover %.2f%% of the generated training tokens", a.draft_vocab,
+                 100 * coverage)
     t0 = time.time()
     train_stats = train(head, target, train_set, a, device)
     if device.type == "cuda":
@@ -470,7 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {
         "target_model": loaded.name,
         "target_path": loaded.path,
-        "train": {**settings, "train_tokens": n_train_tok, "seconds": round(seconds, 1),
+        "train": {**settings, "train_tokens": n_train_tok, "draft_vocab_coverage": coverage,
+                  "seconds": round(seconds, 1),
                   **{k: round(v, 1) for k, v in timings.items()}},
         "metrics": {**train_stats, **{f"val_{k}": v for k, v in val.items()}},
     }
@@ -478,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"EAGLE head for {loaded.name} -> {a.out}")
     print(f"  validation (greedy, {int(val['positions'])} positions): top-1 {val['top1']:.3f}, "
           f"target agreement {val['target_agreement']:.3f}")
+    if coverage is not None:
+        print(f"  draft vocabulary: {a.draft_vocab} tokens, {100 * coverage:.2f}% of the generated training tokens")
     steps = int(val["serving_steps"])
     for prefix, label in (("", "per position"), ("serving_", f"per serving step, {steps} chain steps")):
         line = f"chain k={a.eval_k} {val[f'{prefix}accept_length_k{a.eval_k}']:.2f}"

@@ -12,8 +12,13 @@ accept lengths are not measured on text the head was trained on."""
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import re
+
+from tqdm import tqdm
+
+log = logging.getLogger("runtime.train_draft")
 
 TEMPLATES = [
     "Explain {s} in simple terms.",
@@ -154,3 +159,50 @@ def keep_self_written(text: str, finished: bool, seen: set[str]) -> str | None:
         return None
     seen.add(text)
     return text
+
+
+def generate(core, prompts: list[list[int]], params: list, desc: str) -> list[list[int]]:
+    """Continuations of every prompt, in waves of the engine's max_running requests: each
+    wave is prefilled together, then decodes in pure decode steps (CUDA-graph replays on a
+    GPU) until its last request ends. Admitting a prompt whenever one ends would make
+    nearly every step a mixed prefill + decode step, which runs eagerly."""
+    wave = core.cfg.max_running
+    reqs = []
+    with tqdm(total=len(prompts), desc=f"generate ({desc})", unit="seq") as bar:
+        for lo in range(0, len(prompts), wave):
+            group = [core.add_request(f"train-draft-{desc}-{i}", prompts[i], params[i])
+                     for i in range(lo, min(lo + wave, len(prompts)))]
+            done = 0
+            while core.has_work:
+                core.step()
+                now = sum(r.finished for r in group)
+                if now > done:
+                    bar.update(now - done)
+                    done = now
+            reqs += group
+    return [list(r.output_ids) for r in reqs]
+
+
+def self_written_prompts(core, tokenizer, n: int, seed: int, temperature: float) -> list[str]:
+    """Up to n user turns written by the target from its chat template's user-turn prefix
+    (see the module docstring), sampled at `temperature` (top-p 0.95); fewer when too many
+    candidates fail keep_self_written. Empty without a chat template."""
+    from runtime import SamplingParams
+
+    prefix = user_turn_prefix(tokenizer)
+    if prefix is None or n <= 0:
+        return []
+    candidates = n + n // 2 + 8  # some are cut at the limit, repeat, or mention a held-out topic
+    params = [SamplingParams(max_tokens=64, temperature=temperature, top_p=0.95, seed=seed * 7_919 + i)
+              for i in range(candidates)]
+    outs = generate(core, [prefix] * candidates, params, "user turns")
+    seen: set[str] = set()
+    kept = []
+    for out in outs:
+        finished = bool(out) and out[-1] in core.eos_ids
+        text = keep_self_written(tokenizer.decode(out[:-1] if finished else out, skip_special_tokens=True),
+                                 finished, seen)
+        if text is not None:
+            kept.append(text)
+    log.info("self-written prompts: kept %d of %d candidates", len(kept), candidates)
+    return kept[:n]

@@ -17,6 +17,7 @@ until the caller reads the final tokens and parents once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,26 +27,41 @@ import torch.nn.functional as F
 TIE_EPS = 1e-9
 
 
-def top_logprobs(hidden: torch.Tensor, lm_head: torch.Tensor, k: int, chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [..., H], lm_head weight [V, H] -> the k best log-probabilities (fp32) and
-    their token ids (int64), each [..., k], best first. chunk_rows > 0 bounds the [rows, V]
-    logits held at once."""
+class DraftVocab(NamedTuple):
+    """The tokens drafts are scored over: lm_head's rows `weight` [V_d, H] for the token ids
+    `ids` (int64 [V_d]), or with ids None the whole vocabulary (weight is lm_head's). A
+    smaller draft vocabulary (EAGLE-3's) makes each draft step's lm_head GEMV and argmax or
+    top-k cheaper; drafts stay proposals, so outputs are unchanged."""
+
+    weight: torch.Tensor
+    ids: torch.Tensor | None = None
+
+    def tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Row indices of `weight` -> token ids."""
+        return index if self.ids is None else self.ids[index]
+
+
+def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
+                 chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [..., H] -> the k best log-probabilities (fp32, normalised over the draft
+    vocabulary) and their token ids (int64), each [..., k], best first. chunk_rows > 0
+    bounds the [rows, V] logits held at once."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     step = chunk_rows if chunk_rows > 0 else max(1, flat.shape[0])
     vals, ids = [], []
     for i in range(0, flat.shape[0], step):
-        logits = F.linear(flat[i : i + step].to(lm_head.dtype), lm_head).float()
+        logits = F.linear(flat[i : i + step].to(vocab.weight.dtype), vocab.weight).float()
         v, t = logits.topk(k, dim=-1)
         vals.append(v - logits.logsumexp(-1, keepdim=True))
-        ids.append(t)
+        ids.append(vocab.tokens(t))
     shape = (*hidden.shape[:-1], k)
     return torch.cat(vals).view(shape), torch.cat(ids).view(shape)
 
 
-def best_tokens(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
-    """hidden [..., H] -> the argmax token of lm_head(hidden), int64 [...]: a chain's next
-    draft (a chain needs no log-probabilities)."""
-    return F.linear(hidden.to(lm_head.dtype), lm_head).argmax(-1)
+def best_tokens(hidden: torch.Tensor, vocab: DraftVocab) -> torch.Tensor:
+    """hidden [..., H] -> the argmax token of lm_head(hidden) over the draft vocabulary,
+    int64 [...]: a chain's next draft (a chain needs no log-probabilities)."""
+    return vocab.tokens(F.linear(hidden.to(vocab.weight.dtype), vocab.weight).argmax(-1))
 
 
 def ancestor_bits(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
