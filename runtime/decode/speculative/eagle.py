@@ -65,7 +65,9 @@ CATCHUP_ROWS = 4096
 # A catch-up of at most this many pairs per request (the steady state: the tokens accepted
 # by one verify step) runs in decode shape, one row per pair with its own key count: one
 # paged-decode launch, no prefill planning. Longer ones (a prompt) run as a prefill, which
-# reads each key once instead of once per row.
+# reads each key once instead of once per row, unless all their rows fit the catch-up CUDA
+# graph: a replay costs the host far less than an eager prefill of the head (on CUDA the
+# first propose after every prompt, and a probe's catch-up under the adaptive policy).
 DECODE_CATCHUP = 8
 
 
@@ -354,7 +356,8 @@ class EagleDrafter(Drafter):
         ps, dev = self.pool.page_size, self.device
         tokens: list[int] = []
         feats, positions, slots, kv_lens, pages = [], [], [], [], []
-        decode = max(counts) <= DECODE_CATCHUP
+        decode = max(counts) <= DECODE_CATCHUP or (
+            self.catchup is not None and self.catchup.can_run(sum(counts), max(len(st.pages) for st in states)))
         for st, n in zip(states, counts):
             pending = torch.cat(st.feats) if len(st.feats) > 1 else st.feats[0]
             feats.append(pending[:n])
