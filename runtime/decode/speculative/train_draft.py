@@ -29,7 +29,8 @@ self-distillation, with no labelled data.
 5. Validation on the greedy held-out sequences, from every generated position: top-1 (the
    head's argmax == the target's next token), and the accept length of a chain of
    `--eval-k` drafts and of the `--eval-tree` tree, built with simulate.py, which drafts
-   exactly as EagleDrafter does (tests check the two agree): 1 + the depth of the deepest
+   exactly as EagleDrafter does (tests check the two agree; over the `--draft-vocab`
+   tokens when one is chosen, the most generated ones): 1 + the depth of the deepest
    draft whose path matches the target's continuation. Two means: per position (a draft
    from every generated position), and per serving step (`serving_walk`): greedy serving
    drafts only where a step begins, from the first generated position p to p + a(p) and
