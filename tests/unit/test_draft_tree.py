@@ -13,7 +13,8 @@ import torch
 from runtime.decode.speculative.base import DraftTree
 from runtime.engine.draft_tree import DeviceDrafts
 from runtime.decode.speculative.simulate import accept_lengths
-from runtime.decode.speculative.tree import DraftVocab, TreeBuilder, ancestor_bits, best_tokens, top_logprobs
+from runtime.decode.speculative.tree import (DraftVocab, TreeBuilder, ancestor_bits, best_tokens, greedy_path,
+                                             top_logprobs)
 
 V = 12
 
@@ -98,6 +99,52 @@ def test_ancestor_bits_match_the_host_mask(max_depth: int) -> None:
     bits = ancestor_bits(par, max_depth)
     for t, row in zip(trees, bits.tolist()):
         assert row[: len(t)] == t.ancestors_mask()
+
+
+def test_greedy_path_matches_host_acceptance() -> None:
+    """The device acceptance of continued drafting: on random trees (distinct siblings) and
+    target argmaxes that often follow the tree, the tokens gained and the rows along the
+    accepted path equal a host walk from the root (what EngineCore._accept does greedily)."""
+    rng = random.Random(7)
+    max_depth, n = 6, 24
+    rows_tok, rows_par, want_gain, want_path, argmaxes = [], [], [], [], []
+    for _ in range(200):
+        parents, depth, kids = [], [], {-1: []}
+        for i in range(n):
+            p = rng.choice([-1] + [j for j in range(i) if depth[j] < max_depth])
+            parents.append(p)
+            depth.append(1 if p < 0 else depth[p] + 1)
+            kids.setdefault(p, []).append(i)
+            kids[i] = []
+        tokens = [0] * n
+        for p, cs in kids.items():  # siblings get distinct tokens
+            for t, c in zip(rng.sample(range(50), len(cs)), cs):
+                tokens[c] = t
+        # The target follows a random child with probability 0.8 at each row.
+        am = [rng.randrange(50) for _ in range(n + 1)]
+        for r in range(n + 1):
+            cs = kids[r - 1]
+            if cs and rng.random() < 0.8:
+                am[r] = tokens[rng.choice(cs)]
+        row, path = 0, [0]
+        while True:
+            nxt = next((c for c in kids[row - 1] if tokens[c] == am[row]), None)
+            if nxt is None:
+                break
+            row = nxt + 1
+            path.append(row)
+        want_gain.append(len(path))
+        want_path.append(path)
+        rows_tok.append(tokens)
+        rows_par.append(parents)
+        argmaxes.append(am)
+    tok, par = torch.tensor(rows_tok), torch.tensor(rows_par)
+    depths = torch.tensor([DraftTree(t, p).depths() for t, p in zip(rows_tok, rows_par)])
+    gained, path = greedy_path(tok, par, depths, ancestor_bits(par, max_depth), torch.tensor(argmaxes), max_depth)
+    assert gained.tolist() == want_gain
+    assert max(want_gain) >= 4 and min(want_gain) == 1  # deep and empty runs both occur
+    for got, want in zip(path.tolist(), want_path):
+        assert got[: len(want)] == want and all(r == 0 for r in got[len(want) :])
 
 
 def test_tree_keeps_parents_when_a_child_is_certain() -> None:

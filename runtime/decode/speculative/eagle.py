@@ -39,7 +39,7 @@ import torch
 from runtime.decode.speculative.base import Drafter
 from runtime.decode.speculative.eagle_graphs import ContinueGraphs, Grown, GrowGraphs, HeadStep
 from runtime.decode.speculative.eagle_head import load_head
-from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, best_tokens, top_logprobs
+from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, best_tokens, greedy_path, top_logprobs
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
 from runtime.engine.draft_tree import DeviceDrafts, PendingDraft
 from runtime.engine.h2d import to_device
@@ -305,18 +305,8 @@ class EagleDrafter(Drafter):
         am = best.view(b, w + 1)
         if parents is None:  # a chain: rows 0..k in order, the leading matches accepted
             accepted = 1 + (drafts == am[:, :w]).long().cumprod(1).sum(1)  # [B], the bonus included
-        else:
-            # A node matches when its token is its parent row's argmax, and is accepted when
-            # it and all its ancestors match (siblings differ, so those nodes form one path).
-            match = (drafts == am.gather(1, parents + 1)).long() << torch.arange(w, device=dev)
-            ok = (bits & ~match.sum(1, keepdim=True)) == 0  # [B, n]
-            accepted = 1 + torch.where(ok, depths, 0).max(1).values
-            # path[:, t]: the verify row of the accepted node at depth t (the root's at 0);
-            # past the accepted run, the root's (junk, overwritten later). Column k+1 takes
-            # every node off the path.
-            path = torch.zeros(b, k + 2, dtype=torch.int64, device=dev)
-            path.scatter_(1, torch.where(ok, depths, k + 1), torch.arange(1, w + 1, device=dev).expand(b, w))
-            path = path[:, : k + 1]
+        else:  # the accepted path's rows in depth order (past it: junk, overwritten later)
+            accepted, path = greedy_path(drafts, parents, depths, bits, am, k)
             am = am.gather(1, path)
             hidden = hidden.view(b, w + 1, h).gather(1, path[..., None].expand(b, k + 1, h)).view(n, h)
         pair = committed[:, None] + torch.arange(k + 1, device=dev)[None, :]  # [B, k+1]: slot of each row's pair

@@ -79,6 +79,28 @@ def ancestor_bits(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     return bits
 
 
+def greedy_path(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, bits: torch.Tensor,
+                argmax: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy verification of B trees on the device, without a host sync: tokens, parents,
+    depths, bits int64 [B, n] (a DeviceDrafts' tree: parents index the same row, -1 the
+    root; bits are ancestors_mask), argmax int64 [B, n+1] the target's token per verify row
+    (row 0 the root, row 1+i node i). A node matches when its token is its parent row's
+    argmax, and is accepted when it and all its ancestors match; siblings differ, so the
+    accepted nodes form one path. Returns the tokens gained per tree (the accepted depth +
+    the bonus token), int64 [B], and the verify rows along the path in depth order, int64
+    [B, max_depth+1] (row 0 first; past the accepted depth, row 0 again)."""
+    b, n = tokens.shape
+    dev = tokens.device
+    match = (tokens == argmax.gather(1, parents + 1)).long() << torch.arange(n, device=dev)
+    ok = (bits & ~match.sum(1, keepdim=True)) == 0  # [B, n]
+    gained = 1 + torch.where(ok, depths, 0).max(1).values
+    # Each accepted node writes its row into its depth's column; column max_depth+1 takes
+    # every other node, and is dropped.
+    path = torch.zeros(b, max_depth + 2, dtype=torch.int64, device=dev)
+    path.scatter_(1, torch.where(ok, depths, max_depth + 1), torch.arange(1, n + 1, device=dev).expand(b, n))
+    return gained, path[:, : max_depth + 1]
+
+
 @dataclass
 class Frontier:
     """The nodes to run the head on next (per tree, `branch` of them, best first)."""
