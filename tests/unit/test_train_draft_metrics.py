@@ -60,21 +60,45 @@ def test_keep_self_written_filters() -> None:
     assert keep_self_written("Why do vaccines need boosters?", True, seen) is None  # a held-out topic
 
 
-def test_self_written_prompts_come_from_the_user_turn(tiny_model_dir: str) -> None:
+def test_self_written_prompts_come_from_the_user_turn(tiny_model_dir: str, monkeypatch) -> None:
+    """The target samples user turns from its user-turn prefix (a real engine run, no page
+    leaked); what comes back is decoded and filtered: a turn that ended on its own is
+    kept once, a cut, repeated, too short or held-out one is not. The tiny random model
+    seldom ends a turn, so the filtering is checked on outputs fed in."""
     from runtime import Engine
+    from runtime.decode.speculative import train_prompts
     from runtime.decode.speculative.train_draft import self_written_prompts
-    from runtime.decode.speculative.train_prompts import mentions_held_out, user_turn_prefix
 
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", seed=0)
     try:
         tok = engine.tokenizer
-        prefix = user_turn_prefix(tok)
+        prefix = train_prompts.user_turn_prefix(tok)
         assert tok.decode(prefix) == "<|im_start|>user\n"  # the tiny ChatML template has no system turn
+        calls = []
+        real = train_prompts.generate
+
+        def spy(core, prompts, params, desc):
+            calls.append((prompts, params))
+            return real(core, prompts, params, desc)
+
+        monkeypatch.setattr(train_prompts, "generate", spy)
         texts = self_written_prompts(engine.core, tok, 12, seed=0, temperature=1.0)
-        assert len(texts) <= 12 and len(set(texts)) == len(texts)
-        assert all(len(t.split()) >= 3 and not mentions_held_out(t) for t in texts)
-        assert not engine.core.requests and not engine.core.has_work
+        prompts, params = calls[0]
+        assert len(prompts) >= 12 and all(p == prefix for p in prompts)
+        assert all(q.temperature == 1.0 and q.top_p == 0.95 for q in params)
+        assert len({q.seed for q in params}) == len(params)
+        assert len(texts) <= 12 and not engine.core.requests and not engine.core.has_work
         engine.core.scheduler.check_no_leak()
+
+        eos = next(iter(engine.core.eos_ids))
+        said = ["How do I start a garden?", "Explain how compilers work", "How do I start a garden?",
+                "Why do vaccines need boosters?", "Hi there", "What makes a good bicycle helmet?"]
+        ended = [True, False, True, True, True, True]
+        outs = [list(tok(t, add_special_tokens=False)["input_ids"]) + ([eos] if e else []) for t, e in zip(said, ended)]
+        monkeypatch.setattr(train_prompts, "generate", lambda core, prompts, params, desc: outs[: len(prompts)])
+        assert self_written_prompts(engine.core, tok, 4, seed=0, temperature=1.0) == [
+            "How do I start a garden?", "What makes a good bicycle helmet?"]
+        assert self_written_prompts(engine.core, tok, 1, seed=0, temperature=1.0) == ["How do I start a garden?"]
     finally:
         engine.shutdown()
     engine.core.pool.check_no_leak(0)

@@ -274,8 +274,6 @@ class EagleDrafter(Drafter):
             states.append(st)
         # The k+1 rows, then the next drafts.
         need = [st.committed + (k + 1) + (k - 1) * self.branch for st in states]
-        if self.graphs is not None and max(self.pool.pages_for(n) for n in need) > self.graphs.max_pages:
-            return False
         if not all(self.pool.grow_to(st.pages, n) for st, n in zip(states, need)):
             return False
         grown = None
