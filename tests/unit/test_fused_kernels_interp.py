@@ -1,4 +1,4 @@
-"""The fused Triton kernels (rmsnorm, rope_store_kv, silu_and_mul), run by Triton's
+"""The fused Triton kernels (rmsnorm, rope_store_kv, silu_and_mul, lm_head_topk), run by Triton's
 interpreter on CPU, against the model's torch path (runtime.engine.model).
 
 TRITON_INTERPRET=1 must be set before triton is imported and would change every later
@@ -133,6 +133,32 @@ def _silu_case(name: str, dtype: torch.dtype, t: int, inter: int, seed: int, dev
     return _compare(name, silu_and_mul(gate_up), F.silu(gate) * up, exact=False)
 
 
+def _lm_head_case(name: str, dtype: torch.dtype, m: int, v: int, h: int, k: int, with_ids: bool, seed: int,
+                  device: str = "cpu") -> str | None:
+    """The k best tokens and their log-probabilities (and raw logits) against torch's topk
+    and logsumexp over fp32 logits of the same inputs. Random inputs have no near-ties."""
+    from kernels.lm_head_topk import lm_head_topk
+
+    gen = torch.Generator().manual_seed(seed)
+    x = _randn(gen, m, h + 8, dtype=dtype).to(device)[:, :h]  # a row stride that is not H
+    w = _randn(gen, v, h, dtype=dtype, scale=0.2).to(device)
+    ids = torch.randperm(4 * v, generator=gen)[:v].to(device) if with_ids else None
+    logits = x.float() @ w.float().T
+    ref_vals, ref_cols = logits.topk(k, dim=-1)
+    ref_toks = ids[ref_cols] if with_ids else ref_cols
+    fails = []
+    for logprobs in (True, False):
+        vals, toks = lm_head_topk(x, w, k, ids, logprobs)
+        want = ref_vals - logits.logsumexp(-1, keepdim=True) if logprobs else ref_vals
+        if vals.dtype != torch.float32 or toks.dtype != torch.int64 or vals.shape != (m, k):
+            fails.append(f"{name}: got {vals.dtype} {toks.dtype} {tuple(vals.shape)}, expected fp32, int64 ({m}, {k})")
+        elif not torch.equal(toks, ref_toks):
+            fails.append(f"{name} logprobs={logprobs}: tokens {toks.tolist()} != {ref_toks.tolist()}")
+        elif not torch.allclose(vals, want, rtol=1e-4, atol=1e-4):
+            fails.append(f"{name} logprobs={logprobs}: values off by {(vals - want).abs().max().item():.3g}")
+    return "; ".join(fails) or None
+
+
 # Per kernel: the case function and its cases (name first, then its arguments).
 CASES = {
     # name, dtype, T, H, seed. H 576 (SmolLM2) is not a power of two.
@@ -158,6 +184,14 @@ CASES = {
         ("silu_fp16_576", torch.float16, 3, 576, 21),
         ("silu_fp32_100", torch.float32, 1, 100, 22),
         ("silu_bf16_64", torch.bfloat16, 3, 64, 23),
+    ]),
+    # name, dtype, M, V, H, k, draft vocabulary ids, seed. V not a multiple of the vocabulary
+    # block (the last block is ragged); M 17 spans two row blocks; H 576 is 9 H-blocks.
+    "lm_head": (_lm_head_case, [
+        ("lm_bf16_chain", torch.bfloat16, 1, 1000, 576, 1, False, 30),
+        ("lm_bf16_tree_ids", torch.bfloat16, 17, 700, 64, 8, True, 31),
+        ("lm_fp32_k16", torch.float32, 3, 300, 100, 16, False, 32),
+        ("lm_fp16_k4", torch.float16, 2, 129, 32, 4, True, 33),
     ]),
 }
 
@@ -203,6 +237,10 @@ def _silu_args(**change: object) -> dict:
     return {"gate_up": torch.randn(3, 32), **change}
 
 
+def _lm_args(**change: object) -> dict:
+    return {"hidden": torch.randn(2, 16), "weight": torch.randn(40, 16), "k": 4, **change}
+
+
 _META = torch.device("meta")
 _SHARED = torch.randn(3, 16)
 BAD_INPUTS = [
@@ -232,17 +270,28 @@ BAD_INPUTS = [
     ("silu", _silu_args(gate_up=torch.ones(3, 32, dtype=torch.int32)), "gate_up dtype torch.int32 not supported"),
     ("silu", _silu_args(gate_up=torch.randn(3, 64)[:, ::2]), "gate_up must be contiguous in its last dim"),
     ("silu", _silu_args(), "needs CUDA tensors"),
+    ("lm_head", _lm_args(hidden=torch.randn(2, 8)), "hidden must be \\[M, H\\] and weight \\[V, H\\]"),
+    ("lm_head", _lm_args(weight=torch.randn(40, 16, dtype=torch.bfloat16)), "weight must be torch.float32"),
+    ("lm_head", _lm_args(k=0), "k must be in \\[1, min\\(16, V=40\\)\\]"),
+    ("lm_head", _lm_args(k=17), "k must be in"),
+    ("lm_head", _lm_args(weight=torch.randn(3, 16), k=4), "V=3"),
+    ("lm_head", _lm_args(ids=torch.arange(40, dtype=torch.int32)), "ids must be int64 \\[V=40\\]"),
+    ("lm_head", _lm_args(ids=torch.arange(39)), "ids must be int64 \\[V=40\\]"),
+    ("lm_head", _lm_args(weight=torch.randn(40, 32)[:, ::2]), "weight must be contiguous in its last dim"),
+    ("lm_head", _lm_args(weight=torch.randn(40, 16, device=_META)), "all tensors must be on one device"),
+    ("lm_head", _lm_args(), "needs CUDA tensors"),
 ]
 
 
 @pytest.mark.parametrize("op, args, message", BAD_INPUTS)
 def test_fused_kernels_reject_bad_input(op: str, args: dict, message: str) -> None:
     pytest.importorskip("triton")
+    from kernels.lm_head_topk import lm_head_topk
     from kernels.rmsnorm import rmsnorm
     from kernels.rope_kv import rope_store_kv
     from kernels.silu_mul import silu_and_mul
 
-    fn = {"rmsnorm": rmsnorm, "rope": rope_store_kv, "silu": silu_and_mul}[op]
+    fn = {"rmsnorm": rmsnorm, "rope": rope_store_kv, "silu": silu_and_mul, "lm_head": lm_head_topk}[op]
     with pytest.raises(ValueError, match=message):
         fn(**args)
 

@@ -16,6 +16,7 @@ until the caller reads the final tokens and parents once.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,12 +42,38 @@ class DraftVocab(NamedTuple):
         return index if self.ids is None else self.ids[index]
 
 
+@functools.cache
+def _fused_head():
+    """kernels.lm_head_topk.lm_head_topk where Triton is installed, else None."""
+    try:
+        from kernels.lm_head_topk import lm_head_topk
+    except ImportError:
+        return None
+    return lm_head_topk
+
+
+def _fused(hidden: torch.Tensor, k: int):
+    """The fused lm_head + top-k kernel when it serves these rows (CUDA, k small), else None."""
+    if not hidden.is_cuda or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    fn = _fused_head()
+    from kernels.lm_head_topk import MAX_K  # importable once _fused_head found the kernel
+
+    return fn if fn is not None and k <= MAX_K else None
+
+
 def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
                  chunk_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [..., H] -> the k best log-probabilities (fp32, normalised over the draft
     vocabulary) and their token ids (int64), each [..., k], best first. chunk_rows > 0
-    bounds the [rows, V] logits held at once."""
+    bounds the [rows, V] logits held at once. On CUDA one fused kernel pair computes
+    this without materialising the logits (kernels/lm_head_topk.py)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
+    shape = (*hidden.shape[:-1], k)
+    fused = _fused(flat, k)
+    if fused is not None:
+        v, t = fused(flat.to(vocab.weight.dtype).contiguous(), vocab.weight, k, vocab.ids)
+        return v.view(shape), t.view(shape)
     step = chunk_rows if chunk_rows > 0 else max(1, flat.shape[0])
     vals, ids = [], []
     for i in range(0, flat.shape[0], step):
@@ -54,13 +81,16 @@ def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
         v, t = logits.topk(k, dim=-1)
         vals.append(v - logits.logsumexp(-1, keepdim=True))
         ids.append(vocab.tokens(t))
-    shape = (*hidden.shape[:-1], k)
     return torch.cat(vals).view(shape), torch.cat(ids).view(shape)
 
 
 def best_tokens(hidden: torch.Tensor, vocab: DraftVocab) -> torch.Tensor:
     """hidden [..., H] -> the argmax token of lm_head(hidden) over the draft vocabulary,
     int64 [...]: a chain's next draft (a chain needs no log-probabilities)."""
+    fused = _fused(hidden, 1)
+    if fused is not None:
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(vocab.weight.dtype).contiguous()
+        return fused(flat, vocab.weight, 1, vocab.ids, logprobs=False)[1].view(hidden.shape[:-1])
     return vocab.tokens(F.linear(hidden.to(vocab.weight.dtype), vocab.weight).argmax(-1))
 
 
