@@ -113,7 +113,7 @@ def lm_head_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, ids: torch.
     first. Values are log-probabilities over the V rows when `logprobs`, else raw logits.
     `ids` (int64 [V]) maps a row of weight to its token id (a draft vocabulary).
     block_v (vocabulary rows per program, a power of two >= 16) and num_warps are tuning
-    knobs for benchmarks/bench_lm_head_topk.py --sweep."""
+    knobs for benchmarks/bench_draft_kernels.py --sweep."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"lm_head_topk: hidden must be [M, H] and weight [V, H], got {tuple(hidden.shape)} "
                          f"and {tuple(weight.shape)}")

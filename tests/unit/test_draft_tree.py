@@ -40,10 +40,10 @@ def _reference(branch: int, depth: int, nodes: int, seed: int) -> list[tuple[tup
     return sorted(cands, key=lambda c: -c[1])[:nodes]
 
 
-def _build(branch: int, depth: int, nodes: int, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _build(branch: int, depth: int, nodes: int, seeds: list[int]) -> tuple[torch.Tensor, ...]:
     """TreeBuilder over len(seeds) trees at once, fed with _logp."""
     n = len(seeds)
-    tb = TreeBuilder(branch)
+    tb = TreeBuilder(branch, depth)
     front = tb.start(*torch.stack([_logp((), s) for s in seeds]).topk(branch))
     paths = [[(t,) for t in front.tokens[i].tolist()] for i in range(n)]
     for _ in range(depth - 1):
@@ -57,9 +57,9 @@ def _build(branch: int, depth: int, nodes: int, seeds: list[int]) -> tuple[torch
 @pytest.mark.parametrize(("branch", "depth", "nodes"), [(1, 4, 4), (2, 3, 5), (3, 4, 12), (4, 3, 40), (3, 1, 2)])
 def test_tree_builder_matches_reference(branch: int, depth: int, nodes: int) -> None:
     seeds = [0, 1, 2]
-    tokens, parents, depths = _build(branch, depth, nodes, seeds)
     # What a verify step reads from the device instead of the host tree: depths and masks.
-    bits = ancestor_bits(parents, depth)
+    tokens, parents, depths, bits = _build(branch, depth, nodes, seeds)
+    assert torch.equal(bits, ancestor_bits(parents, depth))
     for i, s in enumerate(seeds):
         tree = DraftTree(tokens[i].tolist(), parents[i].tolist())  # validates parents-first
         assert depths[i].tolist() == tree.depths()
@@ -149,11 +149,11 @@ def test_greedy_path_matches_host_acceptance() -> None:
 
 def test_tree_keeps_parents_when_a_child_is_certain() -> None:
     """A child with log-probability 0 ties its parent; the parent must still be kept."""
-    tb = TreeBuilder(2)
+    tb = TreeBuilder(2, 2)
     lp = torch.tensor([[0.0, -30.0]])
     tb.start(lp, torch.tensor([[5, 6]]))
     tb.grow(torch.tensor([[[0.0, -40.0], [0.0, -50.0]]]), torch.tensor([[[7, 8], [9, 10]]]))
-    tokens, parents, _ = tb.select(2)
+    tokens, parents, _, _ = tb.select(2)
     assert tokens.tolist() == [[5, 7]] and parents.tolist() == [[-1, 0]]
 
 

@@ -1,4 +1,5 @@
-"""The fused Triton kernels (rmsnorm, rope_store_kv, silu_and_mul, lm_head_topk), run by Triton's
+"""The fused Triton kernels (rmsnorm, rope_store_kv, silu_and_mul, lm_head_topk, and the
+draft tree's tree_grow and tree_select), run by Triton's
 interpreter on CPU, against the model's torch path (runtime.engine.model).
 
 TRITON_INTERPRET=1 must be set before triton is imported and would change every later
@@ -159,6 +160,39 @@ def _lm_head_case(name: str, dtype: torch.dtype, m: int, v: int, h: int, k: int,
     return "; ".join(fails) or None
 
 
+def _tree_case(name: str, n: int, branch: int, depth: int, nodes: int, certain: bool, seed: int) -> str | None:
+    """TreeBuilder on the kernels against its torch path, fed the same children: every
+    frontier and the final pick (tokens, parents, depths, ancestor bits) identical.
+    `certain` gives some children log-probability 0, so they tie their parent's score."""
+    from runtime.decode.speculative.tree import TreeBuilder
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def children(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = -torch.rand(*shape, generator=gen) * 6
+        if certain:
+            logp[..., 0] = torch.where(torch.rand(shape[:-1], generator=gen) < 0.3, 0.0, logp[..., 0])
+        logp = logp.sort(-1, descending=True).values  # siblings best first, as top_logprobs gives them
+        tokens = torch.stack([torch.randperm(1000, generator=gen)[: shape[-1]] for _ in range(logp[..., 0].numel())])
+        return logp, tokens.view(shape)
+
+    ref, got = TreeBuilder(branch, depth, kernels=False), TreeBuilder(branch, depth, kernels=True)
+    first = children((n, branch))
+    fronts = [(ref.start(*first), got.start(*first))]
+    for _ in range(depth - 1):
+        kids = children((n, branch, branch))
+        fronts.append((ref.grow(*kids), got.grow(*kids)))
+    fails = []
+    for d, (a, b) in enumerate(fronts):
+        if not (torch.equal(a.tokens, b.tokens) and torch.equal(a.parent, b.parent)):
+            fails.append(f"{name}: frontier at depth {d + 1} differs: {b.tokens.tolist()} / {b.parent.tolist()}, "
+                         f"expected {a.tokens.tolist()} / {a.parent.tolist()}")
+    for label, a, b in zip(("tokens", "parents", "depths", "bits"), ref.select(nodes), got.select(nodes)):
+        if not torch.equal(a, b):
+            fails.append(f"{name}: selected {label} {b.tolist()}, expected {a.tolist()}")
+    return "; ".join(fails) or None
+
+
 # Per kernel: the case function and its cases (name first, then its arguments).
 CASES = {
     # name, dtype, T, H, seed. H 576 (SmolLM2) is not a power of two.
@@ -192,6 +226,15 @@ CASES = {
         ("lm_bf16_tree_ids", torch.bfloat16, 17, 700, 64, 8, True, 31),
         ("lm_fp32_k16", torch.float32, 3, 300, 100, 16, False, 32),
         ("lm_fp16_k4", torch.float16, 2, 129, 32, 4, True, 33),
+    ]),
+    # name, trees, branch, depth, max nodes, certain children, seed. 8x48 at depth 6: 328
+    # candidates; branch 1 is a chain; 63 nodes is the most a tree may keep.
+    "tree": (_tree_case, [
+        ("tree_8x48_d6", 2, 8, 6, 48, False, 40),
+        ("tree_4x16_d5_certain", 3, 4, 5, 16, True, 41),
+        ("tree_3x63_d4", 1, 3, 4, 63, True, 42),
+        ("tree_chain_d5", 2, 1, 5, 5, False, 43),
+        ("tree_2x5_d1", 2, 2, 1, 5, False, 44),
     ]),
 }
 
@@ -237,6 +280,22 @@ def _silu_args(**change: object) -> dict:
     return {"gate_up": torch.randn(3, 32), **change}
 
 
+def _grow_args(**change: object) -> dict:
+    n, b = 2, 3
+    args = dict(front_score=torch.zeros(n, b), front_index=torch.zeros(n, b, dtype=torch.int64),
+                logp=torch.zeros(n, b, b), tokens=torch.zeros(n, b, b, dtype=torch.int64),
+                cand_tok=torch.zeros(n, 12, dtype=torch.int64), cand_score=torch.zeros(n, 12),
+                cand_par=torch.zeros(n, 12, dtype=torch.int64), count=3)
+    return {**args, **change}
+
+
+def _select_args(**change: object) -> dict:
+    args = dict(cand_tok=torch.zeros(2, 12, dtype=torch.int64), cand_score=torch.zeros(2, 12),
+                cand_par=torch.zeros(2, 12, dtype=torch.int64), count=12, branch=3, max_depth=2, max_nodes=8,
+                tie_eps=1e-9)
+    return {**args, **change}
+
+
 def _lm_args(**change: object) -> dict:
     return {"hidden": torch.randn(2, 16), "weight": torch.randn(40, 16), "k": 4, **change}
 
@@ -280,6 +339,16 @@ BAD_INPUTS = [
     ("lm_head", _lm_args(weight=torch.randn(40, 32)[:, ::2]), "weight must be contiguous in its last dim"),
     ("lm_head", _lm_args(weight=torch.randn(40, 16, device=_META)), "all tensors must be on one device"),
     ("lm_head", _lm_args(), "needs CUDA tensors"),
+    ("tree_grow", _grow_args(logp=torch.zeros(2, 3, 2)), "logp and tokens \\[N, b, b\\]"),
+    ("tree_grow", _grow_args(count=4), "C >= count \\+ b\\*b = 13"),
+    ("tree_grow", _grow_args(cand_par=torch.zeros(2, 11, dtype=torch.int64)), "candidate buffers must be"),
+    ("tree_grow", _grow_args(tokens=torch.zeros(2, 3, 3, dtype=torch.int32)), "tokens must be contiguous torch.int64"),
+    ("tree_grow", _grow_args(), "needs CUDA tensors"),
+    ("tree_select", _select_args(count=13), "count <= C=12"),
+    ("tree_select", _select_args(max_nodes=64), "max_nodes <= 63"),
+    ("tree_select", _select_args(cand_score=torch.zeros(2, 12, dtype=torch.float64)), "cand_score must be"),
+    ("tree_select", _select_args(cand_par=torch.zeros(2, 11, dtype=torch.int64)), "one \\[N, C\\] shape"),
+    ("tree_select", _select_args(), "needs CUDA tensors"),
 ]
 
 
@@ -290,8 +359,11 @@ def test_fused_kernels_reject_bad_input(op: str, args: dict, message: str) -> No
     from kernels.rmsnorm import rmsnorm
     from kernels.rope_kv import rope_store_kv
     from kernels.silu_mul import silu_and_mul
+    from kernels.tree_grow import tree_grow
+    from kernels.tree_select import tree_select
 
-    fn = {"rmsnorm": rmsnorm, "rope": rope_store_kv, "silu": silu_and_mul, "lm_head": lm_head_topk}[op]
+    fn = {"rmsnorm": rmsnorm, "rope": rope_store_kv, "silu": silu_and_mul, "lm_head": lm_head_topk,
+          "tree_grow": tree_grow, "tree_select": tree_select}[op]
     with pytest.raises(ValueError, match=message):
         fn(**args)
 

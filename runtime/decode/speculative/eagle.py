@@ -39,7 +39,7 @@ import torch
 from runtime.decode.speculative.base import Drafter
 from runtime.decode.speculative.eagle_graphs import ContinueGraphs, Grown, GrowGraphs, HeadStep
 from runtime.decode.speculative.eagle_head import load_head
-from runtime.decode.speculative.tree import TreeBuilder, ancestor_bits, best_tokens, greedy_path, top_logprobs
+from runtime.decode.speculative.tree import TreeBuilder, best_tokens, greedy_path, top_logprobs
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
 from runtime.engine.draft_tree import DeviceDrafts, PendingDraft
 from runtime.engine.h2d import to_device
@@ -421,7 +421,7 @@ class EagleDrafter(Drafter):
             drafted = [best_tokens(root, w)]
             front_tokens = drafted[0][:, None]
         else:
-            tree = TreeBuilder(kb)
+            tree = TreeBuilder(kb, k)
             front = tree.start(*top_logprobs(root, w, kb))
             front_tokens = front.tokens
         if k > 1:
@@ -466,8 +466,7 @@ class EagleDrafter(Drafter):
                     front_tokens = front.tokens
         if chain:
             return Grown(torch.stack(drafted, 1), None, None, None)
-        tokens, parents, depths = tree.select(self.max_nodes)
-        return Grown(tokens, parents, depths, ancestor_bits(parents, k))
+        return Grown(*tree.select(self.max_nodes))
 
     def _drop(self, rid: str) -> None:
         st = self.states.pop(rid, None)

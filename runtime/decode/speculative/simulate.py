@@ -107,7 +107,7 @@ def draft_trees(head: EagleHead, target: LlamaForCausalLM, b: Batch, depth: int,
     bsz, t, h = ctx.feat.shape
     m = bsz * t
     chain = branch == 1  # argmaxes, as the drafter's chain path (no TreeBuilder)
-    tree = None if chain else TreeBuilder(branch)
+    tree = None if chain else TreeBuilder(branch, depth)
     if chain:
         drafted = [_chunked(lambda x: best_tokens(x, w), ctx.feat.reshape(m, h), chunk_rows)[:, None]]
         front_tokens, front_parent = drafted[0], torch.zeros(m, 1, dtype=torch.int64, device=ctx.feat.device)
@@ -135,7 +135,7 @@ def draft_trees(head: EagleHead, target: LlamaForCausalLM, b: Batch, depth: int,
         tokens = torch.cat(drafted, 1)
         parents = torch.arange(-1, depth - 1, device=tokens.device).expand(m, depth)
     else:
-        tokens, parents, _ = tree.select(max_nodes)
+        tokens, parents, _, _ = tree.select(max_nodes)
     return tokens.view(bsz, t, -1), parents.reshape(bsz, t, -1)
 
 

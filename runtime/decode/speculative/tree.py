@@ -140,22 +140,27 @@ class Frontier:
 
 
 class TreeBuilder:
-    """N trees grown together; `start` then `grow` once per further depth, then `select`."""
+    """N trees grown together, at most `max_depth` deep: `start`, then `grow` once per
+    further depth, then `select`. Candidates live in [N, C] buffers, C = branch +
+    (max_depth - 1) * branch^2. On CUDA, grow and select are one Triton kernel each
+    (kernels/tree_grow.py, kernels/tree_select.py): at batch 1 their torch ops cost a
+    launch each, about 150 per draft step for a tree of depth 5."""
 
-    def __init__(self, branch: int) -> None:
-        if branch < 1:
-            raise ValueError(f"branch must be >= 1 (got {branch})")
+    def __init__(self, branch: int, max_depth: int, kernels: bool | None = None) -> None:
+        """kernels: use the Triton kernels (None: on CUDA when Triton is installed; True:
+        also on CPU, where they run only under TRITON_INTERPRET=1, for their tests)."""
+        if branch < 1 or max_depth < 1:
+            raise ValueError(f"branch and max_depth must be >= 1 (got {branch}, {max_depth})")
         self.branch = branch
-        self._tokens: list[torch.Tensor] = []  # per depth, int64 [N, c]: candidate tokens
-        self._scores: list[torch.Tensor] = []  # per depth, fp32 [N, c]: cumulative log-probs
-        self._parents: list[torch.Tensor] = []  # per depth, int64 [N, c]: parent's candidate index, -1 root
+        self.max_depth = max_depth
+        self.capacity = branch + (max_depth - 1) * branch * branch
+        self.depth = 0
         self._count = 0  # candidates so far (per tree)
+        self._use_kernels = kernels
+        self._kernels = False
+        self._tok = self._score = self._par = None  # [N, C]: token int64, cumulative log-prob fp32, parent int64
         self._front_score: torch.Tensor | None = None  # fp32 [N, branch]
         self._front_index: torch.Tensor | None = None  # int64 [N, branch]: candidate index of each frontier node
-
-    @property
-    def depth(self) -> int:
-        return len(self._tokens)
 
     def start(self, logp: torch.Tensor, tokens: torch.Tensor) -> Frontier:
         """logp, tokens [N, branch]: the root's best children (top_logprobs' output)."""
@@ -163,11 +168,16 @@ class TreeBuilder:
         if b != self.branch:
             raise ValueError(f"start: {b} children per root, branch is {self.branch}")
         dev = tokens.device
-        self._tokens, self._scores = [tokens], [logp.float()]
-        self._parents = [torch.full((n, b), -1, dtype=torch.int64, device=dev)]
-        self._count = b
-        self._front_score = logp.float()
-        self._front_index = torch.arange(b, device=dev).expand(n, b)
+        self._kernels = (self._use_kernels if self._use_kernels is not None
+                         else _tree_kernels() is not None and tokens.is_cuda)
+        self._tok = torch.zeros(n, self.capacity, dtype=torch.int64, device=dev)
+        self._score = torch.zeros(n, self.capacity, dtype=torch.float32, device=dev)
+        self._par = torch.full((n, self.capacity), -1, dtype=torch.int64, device=dev)
+        self._tok[:, :b] = tokens
+        self._score[:, :b] = logp
+        self._count, self.depth = b, 1
+        self._front_score = logp.float().contiguous()
+        self._front_index = torch.arange(b, device=dev).expand(n, b).contiguous()
         return Frontier(tokens, torch.zeros(n, b, dtype=torch.int64, device=dev))
 
     def grow(self, logp: torch.Tensor, tokens: torch.Tensor) -> Frontier:
@@ -175,31 +185,43 @@ class TreeBuilder:
         of the last Frontier). Returns the next frontier."""
         if self._front_score is None:
             raise RuntimeError("TreeBuilder.grow before start")
+        if self.depth >= self.max_depth:
+            raise RuntimeError(f"TreeBuilder.grow past max_depth {self.max_depth}")
         n, b = tokens.shape[0], self.branch
         if tokens.shape[1:] != (b, b):
             raise ValueError(f"grow: children {tuple(tokens.shape)}, expected [{n}, {b}, {b}]")
-        score = (self._front_score[:, :, None] + logp.float()).reshape(n, b * b)
-        flat = tokens.reshape(n, b * b)
-        # Candidate f*b + j is child j of frontier node f.
-        parents = self._front_index.repeat_interleave(b, dim=1)
-        self._tokens.append(flat)
-        self._scores.append(score)
-        self._parents.append(parents)
-        best = score.topk(b, dim=1).indices  # [N, b], best first
-        self._front_score = score.gather(1, best)
-        self._front_index = self._count + best
-        self._count += b * b
-        return Frontier(flat.gather(1, best), best // b)
+        lo, hi = self._count, self._count + b * b
+        if self._kernels:
+            grow, _ = _tree_kernels()
+            self._front_score, self._front_index, front_tok, parent = grow(
+                self._front_score, self._front_index, logp.float().contiguous(), tokens.contiguous(),
+                self._tok, self._score, self._par, lo)
+        else:
+            score = (self._front_score[:, :, None] + logp.float()).reshape(n, b * b)
+            flat = tokens.reshape(n, b * b)
+            # Candidate f*b + j is child j of frontier node f.
+            self._tok[:, lo:hi] = flat
+            self._score[:, lo:hi] = score
+            self._par[:, lo:hi] = self._front_index.repeat_interleave(b, dim=1)
+            best = score.topk(b, dim=1).indices  # [N, b], best first
+            self._front_score = score.gather(1, best)
+            self._front_index = lo + best
+            front_tok, parent = flat.gather(1, best), best // b
+        self._count, self.depth = hi, self.depth + 1
+        return Frontier(front_tok, parent)
 
-    def select(self, max_nodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(self, max_nodes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The best min(max_nodes, candidates) nodes of each tree, parents before children
         and siblings best first: tokens int64 [N, n], parents int64 [N, n] (a node's parent
-        as an index into the same row, -1 for the root) and depths int64 [N, n]."""
-        tok = torch.cat(self._tokens, 1)
-        par = torch.cat(self._parents, 1)
-        c = tok.shape[1]
+        as an index into the same row, -1 for the root), depths int64 [N, n] and ancestor
+        bits int64 [N, n] (DraftTree.ancestors_mask)."""
+        c = self._count
+        if self._kernels:
+            _, select = _tree_kernels()
+            return select(self._tok, self._score, self._par, c, self.branch, self.depth, max_nodes, TIE_EPS)
+        tok, par = self._tok[:, :c], self._par[:, :c]
         n = min(max_nodes, c)
-        key = torch.cat(self._scores, 1).double() - torch.arange(c, device=tok.device, dtype=torch.float64) * TIE_EPS
+        key = self._score[:, :c].double() - torch.arange(c, device=tok.device, dtype=torch.float64) * TIE_EPS
         # Candidate order is depth-major and, within a parent, best first; ascending candidate
         # index therefore puts parents before children and keeps siblings best first.
         sel = key.topk(n, dim=1).indices.sort(dim=1).values  # [N, n]
@@ -209,4 +231,16 @@ class TreeBuilder:
         # Candidates are depth-major: `branch` at depth 1, then branch^2 per depth.
         b = self.branch
         depth = torch.where(sel < b, 1, 2 + (sel - b) // (b * b))
-        return tok.gather(1, sel), parent, depth
+        return tok.gather(1, sel), parent, depth, ancestor_bits(parent, self.depth)
+
+
+@functools.cache
+def _tree_kernels():
+    """(kernels.tree_grow.tree_grow, kernels.tree_select.tree_select) where Triton is
+    installed, else None."""
+    try:
+        from kernels.tree_grow import tree_grow
+        from kernels.tree_select import tree_select
+    except ImportError:
+        return None
+    return tree_grow, tree_select
