@@ -67,3 +67,17 @@ def test_flashinfer_accepts_pool_views_and_refuses_what_it_cannot_address() -> N
     huge = torch.empty(2, 2**31, dtype=torch.bfloat16, device="meta").as_strided((2, 16, 8, 128), (2**31, 1024, 128, 1))
     with pytest.raises(ValueError, match="too large"):
         _check_cache(huge, huge)
+
+
+def test_attention_metadata_page_table_rows() -> None:
+    """AttentionMetadata.build's page table: row i holds page_lists[i], padded with page 0,
+    whether rows share one list object (decode-shape rows of a sequence), repeat its
+    contents in another object, or are empty."""
+    from runtime.engine.attention.base import AttentionMetadata
+
+    a, b = [3, 1, 4], [5]
+    lists = [a, a, [], b, a, [3, 1, 4], b]
+    meta = AttentionMetadata.build([1] * len(lists), [4] * len(lists), lists, PS, torch.device("cpu"))
+    assert meta.page_table.dtype == torch.int32
+    assert meta.page_table.tolist() == [p + [0] * (3 - len(p)) for p in lists]
+    assert meta.cu_q_lens.tolist() == list(range(len(lists) + 1))
