@@ -328,8 +328,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="score drafts over only the N tokens the target generates most (EAGLE-3's draft vocabulary: "
                         "a cheaper lm_head per draft step); 0: the whole vocabulary")
-    p.add_argument("--eval-k", type=int, default=5, help="draft depth of the simulated accept lengths")
-    p.add_argument("--eval-tree", default="8x48", help="tree (BxN, as --speculative-tree) of the simulated tree "
+    p.add_argument("--eval-k", type=int, default=6, help="draft depth of the simulated accept lengths")
+    p.add_argument("--eval-tree", default="6x32", help="tree (BxN, as --speculative-tree) of the simulated tree "
                                                       "accept length, or 'chain' to skip it")
     p.add_argument("--eval-batch-size", type=int, default=8, help="sequences per validation batch")
     a = p.parse_args(argv)

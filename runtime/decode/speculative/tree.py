@@ -43,10 +43,10 @@ class DraftVocab(NamedTuple):
 
 
 @functools.cache
-def _fused_head():
-    """kernels.lm_head_topk.lm_head_topk where Triton is installed, else None."""
+def _lm_head_kernels():
+    """The kernels.lm_head_topk module where Triton is installed, else None."""
     try:
-        from kernels.lm_head_topk import lm_head_topk
+        from kernels import lm_head_topk
     except ImportError:
         return None
     return lm_head_topk
@@ -54,12 +54,10 @@ def _fused_head():
 
 def _fused(hidden: torch.Tensor, k: int):
     """The fused lm_head + top-k kernel when it serves these rows (CUDA, k small), else None."""
-    if not hidden.is_cuda or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    mod = _lm_head_kernels() if hidden.is_cuda else None
+    if mod is None or k > mod.MAX_K or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None
-    fn = _fused_head()
-    from kernels.lm_head_topk import MAX_K  # importable once _fused_head found the kernel
-
-    return fn if fn is not None and k <= MAX_K else None
+    return mod.lm_head_topk
 
 
 def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
