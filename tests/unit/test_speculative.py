@@ -126,6 +126,35 @@ def test_verify_rows_capped_to_graph_capacity() -> None:
     assert cap_verify_rows(drafts, 6, 4)["b"] == [5]  # never below one draft token
 
 
+@pytest.mark.parametrize("policy", ["fixed", "adaptive"])
+def test_drafts_trimmed_to_the_decode_graphs_under_either_policy(tiny_model_dir: str, policy: str) -> None:
+    """With decode graphs of R rows, a step's drafts leave at most R verify rows, even under
+    the fixed policy (an eager verify of hundreds of rows costs more than it gains)."""
+    from types import SimpleNamespace
+
+    core = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4, speculative="ngram",
+                  num_draft_tokens=4, speculative_policy=policy).core
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for i in range(3):
+        core.add_request(f"c{i}", core.loaded.tokenizer(COPY)["input_ids"], params)
+    while len([r for r in core.scheduler.running if r.output_ids]) < 3:
+        core.step()
+    core.drafter.propose = lambda reqs, k: {r.rid: [7, 8, 9, 10][:k] for r in reqs}  # the tiny model copies nothing
+    untrimmed, k = core._propose()
+    assert k == 4 and all(len(d) == 4 for d in untrimmed.values()) and len(untrimmed) == 3
+    core.runner.graphs = SimpleNamespace(max_batch=9)  # only _propose reads it here
+    try:
+        drafts, _ = core._propose()
+    finally:
+        core.runner.graphs = None
+    assert sorted(drafts) == sorted(untrimmed) and all(len(d) == 2 for d in drafts.values())  # 3 x (1 + 2) rows
+    while core.has_work:
+        core.step()
+    core.scheduler.check_no_leak()
+    core.cache.reset()
+    core.pool.check_no_leak(0)
+
+
 def test_ngram_lookup() -> None:
     d = NgramDrafter(max_n=3)
     assert d.lookup([1, 2, 3, 4, 9, 1, 2, 3], 3) == [4, 9, 1]

@@ -15,7 +15,8 @@ to MAX_PROBE_EVERY (a drafter that never pays then costs PROBE_STEPS steps in
 MAX_PROBE_EVERY). The first drafting step after plain ones is not measured: stateful
 drafters (EAGLE, a draft model) catch up there on the tokens they skipped, a cost steady
 drafting does not pay. Above `max_batch` decoding requests it never drafts (the verify rows
-would not fit the captured graphs). `fixed` always drafts k.
+would not fit the captured graphs). `fixed` always drafts k. Under both, the engine trims
+drafts so that a verify step fits the decode graphs (EngineCore._propose).
 """
 from __future__ import annotations
 
