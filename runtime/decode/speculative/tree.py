@@ -52,10 +52,18 @@ def _lm_head_kernels():
     return lm_head_topk
 
 
+# Rows up to which the fused kernel serves: each block of 16 rows reads lm_head once, so
+# past a few hundred rows (train-draft's validation chunks) a GEMM and torch's top-k win.
+FUSED_MAX_ROWS = 256
+
+
 def _fused(hidden: torch.Tensor, k: int):
-    """The fused lm_head + top-k kernel when it serves these rows (CUDA, k small), else None."""
+    """The fused lm_head + top-k kernel when it serves these rows (CUDA, at most
+    FUSED_MAX_ROWS of them, k small), else None."""
     mod = _lm_head_kernels() if hidden.is_cuda else None
-    if mod is None or k > mod.MAX_K or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    rows = hidden.numel() // max(1, hidden.shape[-1])
+    if (mod is None or k > mod.MAX_K or rows > FUSED_MAX_ROWS
+            or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
         return None
     return mod.lm_head_topk
 
