@@ -149,8 +149,9 @@ class TreeBuilder:
     """N trees grown together, at most `max_depth` deep: `start`, then `grow` once per
     further depth, then `select`. Candidates live in [N, C] buffers, C = branch +
     (max_depth - 1) * branch^2. On CUDA, grow and select are one Triton kernel each
-    (kernels/tree_grow.py, kernels/tree_select.py): at batch 1 their torch ops cost a
-    launch each, about 150 per draft step for a tree of depth 5."""
+    (kernels/tree_grow.py, kernels/tree_select.py): at batch 1 the torch path's small ops
+    cost a launch each, 80 more per step than the kernels for an 8x48 tree of depth 5
+    (H200 trace: 585 launches and 1.61 ms of GPU time per step against 505 and 1.47 ms)."""
 
     def __init__(self, branch: int, max_depth: int, kernels: bool | None = None) -> None:
         """kernels: use the Triton kernels (None: on CUDA when Triton is installed; True:
