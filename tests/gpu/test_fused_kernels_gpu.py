@@ -1,4 +1,5 @@
-"""The fused Triton kernels (RMSNorm, rotary + KV store, SiLU-mul) compiled for the GPU,
+"""The fused Triton kernels (RMSNorm, rotary + KV store, SiLU-mul, the draft step's lm_head
+top-k and tree kernels) compiled for the GPU,
 against the model's torch ops on the same device: the interpreter cases of
 tests/unit/test_fused_kernels_interp.py, run natively; then inside a CUDA graph."""
 from __future__ import annotations

@@ -160,7 +160,8 @@ def _lm_head_case(name: str, dtype: torch.dtype, m: int, v: int, h: int, k: int,
     return "; ".join(fails) or None
 
 
-def _tree_case(name: str, n: int, branch: int, depth: int, nodes: int, certain: bool, seed: int) -> str | None:
+def _tree_case(name: str, n: int, branch: int, depth: int, nodes: int, certain: bool, seed: int,
+               device: str = "cpu") -> str | None:
     """TreeBuilder on the kernels against its torch path, fed the same children: every
     frontier and the final pick (tokens, parents, depths, ancestor bits) identical.
     `certain` gives some children log-probability 0, so they tie their parent's score."""
@@ -174,7 +175,7 @@ def _tree_case(name: str, n: int, branch: int, depth: int, nodes: int, certain: 
             logp[..., 0] = torch.where(torch.rand(shape[:-1], generator=gen) < 0.3, 0.0, logp[..., 0])
         logp = logp.sort(-1, descending=True).values  # siblings best first, as top_logprobs gives them
         tokens = torch.stack([torch.randperm(1000, generator=gen)[: shape[-1]] for _ in range(logp[..., 0].numel())])
-        return logp, tokens.view(shape)
+        return logp.to(device), tokens.view(shape).to(device)
 
     ref, got = TreeBuilder(branch, depth, kernels=False), TreeBuilder(branch, depth, kernels=True)
     first = children((n, branch))
@@ -244,7 +245,7 @@ def _run_cases(kernel: str) -> int:
     failures = []
     for case in cases:
         start = time.perf_counter()
-        msg = fn(*case)
+        msg = fn(*case, device="cpu")  # as tests/gpu/test_fused_kernels_gpu.py calls it, with "cuda"
         failures += [msg] if msg else []
         print(f"{case[0]}: {msg or 'ok'} ({time.perf_counter() - start:.2f} s)", flush=True)
     if failures:
