@@ -52,17 +52,28 @@ def _lm_head_kernels():
     return lm_head_topk
 
 
-# Rows up to which the fused kernel serves: each block of 16 rows reads lm_head once, so
-# past a few hundred rows (train-draft's validation chunks) a GEMM and torch's top-k win.
+# When the fused kernel serves: each block of 16 rows reads lm_head once, so more rows
+# favour a GEMM and torch's top-k. Measured on the H200 (bench_draft_kernels.py): SmolLM2's
+# head (28M weights) was faster fused up to 64 rows; Llama-3-8B's (525M) at 16 rows but
+# slower at 64 (457 against 354 us). Past a few hundred rows (train-draft's validation
+# chunks) torch wins for any head.
 FUSED_MAX_ROWS = 256
+FUSED_LARGE_HEAD = 64 * 2**20  # lm_head elements above which only FUSED_LARGE_HEAD_ROWS rows are fused
+FUSED_LARGE_HEAD_ROWS = 16
 
 
-def _fused(hidden: torch.Tensor, k: int):
-    """The fused lm_head + top-k kernel when it serves these rows (CUDA, at most
-    FUSED_MAX_ROWS of them, k small), else None."""
+def fused_serves(rows: int, head_numel: int) -> bool:
+    """Whether the fused lm_head + top-k kernel should serve `rows` rows over a head of
+    `head_numel` weights (the measured crossover above)."""
+    return rows <= (FUSED_LARGE_HEAD_ROWS if head_numel > FUSED_LARGE_HEAD else FUSED_MAX_ROWS)
+
+
+def _fused(hidden: torch.Tensor, weight: torch.Tensor, k: int):
+    """The fused lm_head + top-k kernel when it serves these rows (CUDA, fused_serves, k
+    small), else None."""
     mod = _lm_head_kernels() if hidden.is_cuda else None
     rows = hidden.numel() // max(1, hidden.shape[-1])
-    if (mod is None or k > mod.MAX_K or rows > FUSED_MAX_ROWS
+    if (mod is None or k > mod.MAX_K or not fused_serves(rows, weight.numel())
             or hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
         return None
     return mod.lm_head_topk
@@ -76,7 +87,7 @@ def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
     this without materialising the logits (kernels/lm_head_topk.py)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     shape = (*hidden.shape[:-1], k)
-    fused = _fused(flat, k)
+    fused = _fused(flat, vocab.weight, k)
     if fused is not None:
         v, t = fused(flat.to(vocab.weight.dtype).contiguous(), vocab.weight, k, vocab.ids)
         return v.view(shape), t.view(shape)
@@ -93,7 +104,7 @@ def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
 def best_tokens(hidden: torch.Tensor, vocab: DraftVocab) -> torch.Tensor:
     """hidden [..., H] -> the argmax token of lm_head(hidden) over the draft vocabulary,
     int64 [...]: a chain's next draft (a chain needs no log-probabilities)."""
-    fused = _fused(hidden, 1)
+    fused = _fused(hidden, vocab.weight, 1)
     if fused is not None:
         flat = hidden.reshape(-1, hidden.shape[-1]).to(vocab.weight.dtype).contiguous()
         return fused(flat, vocab.weight, 1, vocab.ids, logprobs=False)[1].view(hidden.shape[:-1])
