@@ -307,7 +307,7 @@ class EngineCore:
         if graphs is not None:
             # Keep the verify step inside the captured graphs, under either policy: an eager
             # step of many rows costs more than the extra draft nodes can gain (on the H200,
-            # 16 trees of 48 nodes took 18.9 ms of host time eagerly for 3.8 ms of GPU work).
+            # 16 trees of 48 nodes took 18.9 ms of wall time eagerly for 3.8 ms of GPU work).
             drafts = cap_verify_rows(drafts, len(reqs), graphs.max_batch)
         return drafts, k
 
