@@ -85,10 +85,12 @@ class Row:
     agree: float
 
 
-def _torch_topk(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(x, w).float()
+def _torch_topk(x: torch.Tensor, w: torch.Tensor, k: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The torch path the kernel replaced: tree.best_tokens for k 1 (an argmax over the
+    bf16 logits, no values), tree.top_logprobs otherwise."""
     if k == 1:
-        return logits.amax(-1, keepdim=True), logits.argmax(-1, keepdim=True)
+        return None, F.linear(x, w).argmax(-1, keepdim=True)
+    logits = F.linear(x, w).float()
     v, t = logits.topk(k, dim=-1)
     return v - logits.logsumexp(-1, keepdim=True), t
 

@@ -53,10 +53,11 @@ def _lm_head_kernels():
 
 
 # When the fused kernel serves: each block of 16 rows reads lm_head once, so more rows
-# favour a GEMM and torch's top-k. Measured on the H200 (bench_draft_kernels.py): SmolLM2's
-# head (28M weights) was faster fused up to 64 rows; Llama-3-8B's (525M) at 16 rows but
-# slower at 64 (457 against 354 us). Past a few hundred rows (train-draft's validation
-# chunks) torch wins for any head.
+# favour a GEMM and torch's top-k. Measured on the H200 (bench_draft_kernels.py; its argmax
+# reference then also ran an fp32 copy and an amax, so the k=1 margins are smaller than it
+# showed): SmolLM2's head (28M weights) was faster fused up to 64 rows, top-8 by 3x;
+# Llama-3-8B's (525M) at 16 rows but slower at 64 (457 against 354 us). Past a few hundred
+# rows (train-draft's validation chunks) torch wins for any head.
 FUSED_MAX_ROWS = 256
 FUSED_LARGE_HEAD = 64 * 2**20  # lm_head elements above which only FUSED_LARGE_HEAD_ROWS rows are fused
 FUSED_LARGE_HEAD_ROWS = 16

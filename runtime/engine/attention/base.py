@@ -69,7 +69,7 @@ class AttentionMetadata:
         width = max(1, max((len(p) for p in page_lists), default=1))
         # Decode-shape rows of one sequence (a verify tree, a catch-up) share its page list
         # object: build each distinct list's row once, then index (784 rows of 16 sequences
-        # took 15 ms of host time one row at a time, on the CI machine).
+        # took 15 ms of host time one row at a time, on the 2-core development machine).
         distinct: dict[int, int] = {}  # id of a page list -> its row in `lists`
         lists: list[list[int]] = []
         row_of = []
