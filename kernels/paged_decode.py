@@ -27,7 +27,7 @@ _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ptb"])  # the page-table width changes per eager step
 def _paged_decode_split_kernel(
     Q, K, V, PageTable, KvLens, TreeStart, TreeBits, MidO, MidLse, Out,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2

@@ -134,6 +134,35 @@ def test_paged_decode_kernel_is_cuda_graph_capturable() -> None:
         _assert_close(out, ref.forward(q.float(), k.float(), v.float(), big.scale), dtype)
 
 
+EXTEND_SHAPES = {
+    # name: (q_lens, kv_lens): prefixes on page boundaries (16, 32, 64) and not
+    "prefill": ([300, 17, 1], [300, 17, 1]),
+    "prefix_on_pages": ([48, 16, 100], [64, 48, 164]),
+    "prefix_off_pages": ([37, 5, 130, 1], [50, 26, 1031, 700]),
+    "mixed_decode_rows": ([1] * 20 + [257], [513] * 20 + [257]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128)], ids=["9-3-d64", "32-8-d128"])
+@pytest.mark.parametrize("shape", list(EXTEND_SHAPES))
+def test_extend_kernel(dtype: torch.dtype, heads: tuple, shape: str) -> None:
+    from kernels.extend_attention import ExtendPlan, extend_attention
+
+    q_lens, kv_lens = EXTEND_SHAPES[shape]
+    hq, hkv, d = heads
+    p = Paged(q_lens, kv_lens, hq, hkv, d, 16, dtype, seed=len(shape))
+    k, v = p.layer(1)
+    out = torch.full_like(p.q, float("nan"))
+    plan = ExtendPlan(q_lens, hq, hkv, d, dtype, DEV)
+    got = extend_attention(p.q, k, v, p.meta.page_table, p.meta.cu_q_lens, p.meta.kv_lens, p.scale, plan, out=out)
+    assert got is out
+    tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    ref = p.reference(1)
+    assert torch.isfinite(out).all(), "a row was not written"
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
 # --------------------------------------------------------------------------- the backends
 
 SCENARIOS = {

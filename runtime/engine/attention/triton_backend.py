@@ -1,16 +1,16 @@
-"""Attention with Triton kernels: the split-K paged decode kernel for decode batches,
-including speculative verification laid out as decode rows (one row per draft token or
-tree node, with the per-row tree rule).
+"""Attention with Triton kernels: the split-K paged decode kernel for decode batches
+(including speculative verification laid out as decode rows, with the per-row tree rule),
+and the extend kernel for every other batch (prefill, chunked prefill, mixed batches of
+prefill chunks and decode rows, tree rows among them).
 
-Batches with more than one new token per sequence (prefill, chunked prefill, speculative
-verification, tree masks) fall back to TorchAttention for now: it is exact and handles every
-mask, and prefill is compute-bound, so the fallback costs far less than decode would. A
-Triton extend kernel can replace it without changing this class's interface.
+Only a batch with a dense custom mask (tests; the engine lays trees out as decode rows
+with tree bits instead) falls back to TorchAttention.
 """
 from __future__ import annotations
 
 import torch
 
+from kernels.extend_attention import ExtendPlan, extend_attention
 from kernels.paged_decode import default_num_splits, paged_decode
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
 from runtime.engine.attention.torch_ref import TorchAttention
@@ -25,13 +25,18 @@ class TritonAttention(AttentionBackend):
         self._fixed_splits = num_splits
         self._fallback = TorchAttention()
         self._meta: AttentionMetadata | None = None
-        self._decode = False
+        self._mode = "decode"
+        self._plan: ExtendPlan | None = None
+        self._plan_key: tuple | None = None
 
     def prepare(self, meta: AttentionMetadata) -> None:
         self._meta = meta
-        self._decode = meta.is_decode and meta.custom_mask is None  # tree rows included
-        if not self._decode:
+        self._plan = self._plan_key = None
+        if meta.custom_mask is not None:
+            self._mode = "torch"
             self._fallback.prepare(meta)
+        else:
+            self._mode = "decode" if meta.is_decode else "extend"
 
     def forward(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
@@ -39,8 +44,15 @@ class TritonAttention(AttentionBackend):
         meta = self._meta
         if meta is None:
             raise RuntimeError("TritonAttention.forward called before prepare()")
-        if not self._decode:
+        if self._mode == "torch":
             return self._fallback.forward(q, k_cache, v_cache, scale)
+        if self._mode == "extend":
+            key = (q.shape[1], k_cache.shape[2], q.shape[2], q.dtype)
+            if key != self._plan_key:  # once per step: every layer shares the heads and dtype
+                self._plan = ExtendPlan(meta.q_lens_cpu, *key, q.device)
+                self._plan_key = key
+            return extend_attention(q, k_cache, v_cache, meta.page_table, meta.cu_q_lens, meta.kv_lens, scale,
+                                    self._plan, tree_start=meta.tree_start, tree_bits=meta.tree_bits)
         # Decode: T == B, one query row per sequence, already [B, Hq, D].
         splits = self._fixed_splits
         if splits is None:
