@@ -33,6 +33,12 @@ _VARS = {
     "cuda_visible_devices": _Var(
         "CUDA_VISIBLE_DEVICES", "", "CUDA's own; `runtime up` sets it per worker from --prefill-gpus/--decode-gpus"
     ),
+    "test_fail_alloc": _Var(
+        "RUNTIME_TEST_FAIL_ALLOC", "",
+        "TEST ONLY: make engine steps fail as if out of memory (torch.cuda.OutOfMemoryError after the forward): "
+        "'steps:3,5' (an engine's 3rd and 5th forwards, counted from 1) or 'tokens:N' (every forward of more than "
+        "N new tokens); empty: off",
+    ),
 }
 
 

@@ -16,11 +16,10 @@ import time
 import urllib.request
 
 from runtime.config import ClusterConfig
-from runtime.controller.controller import Controller
+from runtime.controller.controller import STARTUP_TIMEOUT_S, Controller
 from runtime.controller.process import WorkerProcess
 
 log = logging.getLogger("runtime.launcher")
-STARTUP_TIMEOUT_S = 600.0
 
 
 class StartupError(RuntimeError):

@@ -93,6 +93,7 @@ class KVDone:
     hidden: bytes = b""
     hidden_start: int = 0
     hidden_dtype: str = ""
+    code: int = 500  # when not ok: the HTTP status for the client (503: the prefill step ran out of memory)
 
 
 # ---- decode worker -> gateway ------------------------------------------------------------
@@ -112,7 +113,9 @@ class TokenDelta:
 class RequestError:
     rid: str
     message: str
-    code: int  # HTTP status the gateway should answer with
+    # HTTP status the gateway should answer with: 400 bad input, 503 retry later (no live
+    # worker; the request's engine step ran out of memory), 504 timeout, 500 the rest.
+    code: int
 
 
 # ---- workers -> controller ---------------------------------------------------------------

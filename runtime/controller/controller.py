@@ -9,6 +9,7 @@ import itertools
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq.asyncio
@@ -23,8 +24,23 @@ from runtime.messages import (
 )
 
 log = logging.getLogger("runtime.controller")
-MAX_RETRIES = 2
+# A request on a worker that died is sent again at most once (when no token of it reached
+# the client). Twice would let one request that kills its worker (an allocation the process
+# cannot survive, the host's OOM killer) take down three workers in turn; requests that fail
+# inside a worker that lives on (an engine step out of memory: a 503) are never sent again.
+MAX_RETRIES = 1
+# Restarts of one worker within RESTART_WINDOW_S before the controller stops restarting it:
+# a crash loop ends, while a long run that loses a worker now and then keeps healing.
 MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
+STARTUP_TIMEOUT_S = 600.0  # a worker's first start (model load, CUDA graphs); the launcher waits this long
+RESTART_MIN_S = 60.0  # a restart may take 3x the first start (a cold page cache, a busy host), at least this
+
+
+def restart_bound_s(first_start_s: float) -> float:
+    """How long a restarted worker may take to report ready before it is killed and started
+    again: three times its first start (model load), within [RESTART_MIN_S, STARTUP_TIMEOUT_S]."""
+    return min(STARTUP_TIMEOUT_S, max(RESTART_MIN_S, 3.0 * first_start_s))
 
 
 @dataclass
@@ -39,6 +55,11 @@ class WorkerState:
     restarts: int = 0
     ever_ready: bool = False
     device: str = ""  # from Ready: "cpu", "cuda:N"
+    spawned_at: float = field(default_factory=time.monotonic)  # of the current process
+    first_start_s: float = 0.0  # the first process's spawn -> Ready
+    ready_by: float | None = None  # a restarted process not ready by then is killed and restarted
+    restart_times: deque[float] = field(default_factory=deque)  # within RESTART_WINDOW_S
+    gave_up: bool = False  # MAX_RESTARTS within the window: not restarted until it passes
 
 
 @dataclass
@@ -131,7 +152,7 @@ class Controller(ipc.Actor):
         prefills, decodes = self._live("prefill"), self._live("decode")
         if not prefills or not decodes:
             role = "prefill" if not prefills else "decode"
-            await self.gateway.send(RequestError(g.rid, f"no live {role} worker; try again shortly", 503))
+            await self.gateway.send(RequestError(g.rid, self._no_worker(role), 503))
             return
         p = self.router.pick_prefill(g.prompt_ids, [w.load for w in prefills])
         d = self.router.pick_decode([w.load for w in decodes])
@@ -147,13 +168,21 @@ class Controller(ipc.Actor):
     async def _dispatch_colocated(self, g: Generate, retries: int) -> None:
         workers = self._live("decode")
         if not workers:
-            await self.gateway.send(RequestError(g.rid, "no live decode worker; try again shortly", 503))
+            await self.gateway.send(RequestError(g.rid, self._no_worker("decode"), 503))
             return
         # The worker prefills too: pick it as a prefill worker is picked (prefix affinity, load).
         w = self.router.pick_prefill(g.prompt_ids, [w.load for w in workers])
         self.flights[g.rid] = Flight(g, -1, w.id, 0, prefill_done=True, retries=retries)
         w.inflight += 1
         await self.out[("decode", w.id)].send(GenerateTask(g.rid, g.prompt_ids, g.params))
+
+    def _no_worker(self, role: str) -> str:
+        """The 503 message when no `role` worker is alive: when it is expected back, if known."""
+        now = time.monotonic()
+        back = [w.ready_by - now for w in self.workers.values()
+                if w.role == role and not w.alive and w.ready_by is not None]
+        when = f" (a restarted {role} worker is expected ready within {max(0.0, min(back)):.0f} s)" if back else ""
+        return f"no live {role} worker{when}; try again shortly"
 
     async def on_abort(self, a: Abort) -> None:
         f = self.flights.pop(a.rid, None)
@@ -196,9 +225,15 @@ class Controller(ipc.Actor):
         w = self.workers.get((r.role, r.id))
         if w is None:
             raise ValueError(f"Ready from unknown worker {r.role} {r.id}")
-        w.alive, w.ever_ready, w.last_beat, w.device = True, True, time.monotonic(), r.device
+        now = time.monotonic()
+        if w.ever_ready:
+            log.info("%s worker %d ready again after %.1f s (pid %d, %s; restart %d)",
+                     r.role, r.id, now - w.spawned_at, r.pid, r.device, w.restarts)
+        else:
+            w.first_start_s = now - w.spawned_at
+            log.info("%s worker %d ready (pid %d, %s) after %.1f s", r.role, r.id, r.pid, r.device, w.first_start_s)
+        w.alive, w.ever_ready, w.last_beat, w.device, w.ready_by = True, True, now, r.device, None
         w.load = Load(r.id, kv_free_pages=r.kv_total_pages, kv_total_pages=r.kv_total_pages)
-        log.info("%s worker %d ready (pid %d, %s)", r.role, r.id, r.pid, r.device)
 
     async def on_heartbeat(self, h: Heartbeat) -> None:
         w = self.workers.get((h.role, h.id))
@@ -223,13 +258,39 @@ class Controller(ipc.Actor):
                 w.proc.kill()
                 w.alive = False
                 await self._recover(w)
-            # Only workers that once started are restarted: a startup failure is the
-            # launcher's to report, not to loop on.
-            restartable = w.ever_ready and w.restarts < MAX_RESTARTS and self.cfg.restart_dead
-            if not w.alive and w.proc.exitcode() is not None and restartable and self.running:
-                w.restarts += 1
-                log.info("restarting %s worker %d (restart %d)", w.role, w.id, w.restarts)
-                w.proc = self.spawn(w.role, w.id)
+            if not w.alive and w.ready_by is not None and now > w.ready_by and w.proc.exitcode() is None:
+                log.error("%s worker %d (pid %d) is not ready %.0f s after its restart (expected within %.0f s); "
+                          "killing it to start it again", w.role, w.id, w.proc.pid, now - w.spawned_at,
+                          w.ready_by - w.spawned_at)
+                w.proc.kill()
+            if not w.alive and w.proc.exitcode() is not None and self._may_restart(w, now):
+                self._restart(w, now)
+
+    def _may_restart(self, w: WorkerState, now: float) -> bool:
+        # Only workers that once started are restarted: a startup failure is the launcher's
+        # to report, not to loop on.
+        if not (w.ever_ready and self.cfg.restart_dead and self.running):
+            return False
+        while w.restart_times and now - w.restart_times[0] > RESTART_WINDOW_S:
+            w.restart_times.popleft()
+        if len(w.restart_times) < MAX_RESTARTS:
+            w.gave_up = False
+            return True
+        if not w.gave_up:
+            w.gave_up = True
+            log.error("%s worker %d was restarted %d times in %.0f s; not restarting it for %.0f s (see its log above)",
+                      w.role, w.id, MAX_RESTARTS, RESTART_WINDOW_S, RESTART_WINDOW_S - (now - w.restart_times[0]))
+        return False
+
+    def _restart(self, w: WorkerState, now: float) -> None:
+        w.restarts += 1
+        w.restart_times.append(now)
+        w.proc = self.spawn(w.role, w.id)
+        w.spawned_at = now
+        bound = restart_bound_s(w.first_start_s)
+        w.ready_by = now + bound
+        log.warning("%s worker %d restarted (pid %d, restart %d); expect it ready within %.0f s (model load; its first "
+                    "start took %.1f s)", w.role, w.id, w.proc.pid, w.restarts, bound, w.first_start_s)
 
     async def _recover(self, dead: WorkerState) -> None:
         """Requests that touched a dead worker: retry those no token of which reached the

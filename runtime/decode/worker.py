@@ -15,6 +15,7 @@ import torch
 
 from runtime import ipc
 from runtime.config import ClusterConfig
+from runtime.engine.core import alloc_failure_detail, is_alloc_failure
 from runtime.engine.request import TokenLogprob
 from runtime.messages import (
     AbortTask, DecodeTask, GenerateTask, KVDestination, KVDone, RequestError, Streaming, TaskDone,
@@ -89,7 +90,7 @@ class DecodeWorker(Worker):
         if inc is None:
             return  # aborted or timed out already
         if not d.ok:
-            await self._drop_incoming(inc, d.error or "KV transfer failed", 500)
+            await self._drop_incoming(inc, d.error or "KV transfer failed", d.code)
             return
         inc.done = d
         try:
@@ -114,18 +115,29 @@ class DecodeWorker(Worker):
         lp = None
         if d.first_logprob is not None:
             lp = TokenLogprob(d.first_token, d.first_logprob[0], [tuple(x) for x in d.first_logprob[1]])
-        hidden = None
-        if d.hidden:  # the prompt's hidden states, for an EAGLE drafter here
-            h = torch.frombuffer(bytearray(d.hidden), dtype=getattr(torch, d.hidden_dtype))
-            hidden = h.view(-1, self.core.model_config.hidden_size).to(self.core.device, self.core.loaded.dtype)
         try:
+            hidden = None
+            if d.hidden:  # the prompt's hidden states, for an EAGLE drafter here
+                h = torch.frombuffer(bytearray(d.hidden), dtype=getattr(torch, d.hidden_dtype))
+                hidden = h.view(-1, self.core.model_config.hidden_size).to(self.core.device, self.core.loaded.dtype)
             out = self.core.add_prefilled(
                 t.rid, t.prompt_ids, params_from_dict(t.params), inc.pages, d.first_token, lp, d.cached_tokens,
                 prompt_hidden=hidden, hidden_start=d.hidden_start,
             )
-        except ValueError as e:  # inconsistent hidden states: fail this request only
-            self.core.pool.free(inc.pages)
-            await self._fail(t.rid, str(e), 500)
+        except Exception as e:
+            # Inconsistent hidden states, or no memory for them (the drafter's copy): fail
+            # this request only, and keep serving.
+            if not (isinstance(e, ValueError) or is_alloc_failure(e)):
+                raise
+            if t.rid in self.core.requests:  # admitted before the drafter failed: its pages are the scheduler's
+                self.core.abort(t.rid)
+            else:
+                self.core.pool.free(inc.pages)
+            oom = is_alloc_failure(e)
+            error = f"admitting the KV of request {t.rid} ran out of memory ({alloc_failure_detail(e)}); retry it" \
+                if oom else str(e)
+            log.warning("decode %d: request %s failed: %s", self.id, t.rid, error)
+            await self._fail(t.rid, error, 503 if oom else 500)
             return
         await self._emit(out)
 
@@ -145,6 +157,10 @@ class DecodeWorker(Worker):
 
     async def _emit(self, out) -> None:
         req = out.req
+        if out.error is not None:  # its step ran out of memory: the engine freed it, tell the client
+            log.warning("decode %d: request %s failed: %s", self.id, req.rid, out.error)
+            await self._fail(req.rid, out.error, 503, tokens_sent=bool(req.output_ids))
+            return
         if out.new_token_ids and len(req.output_ids) == len(out.new_token_ids):
             # The first token is about to reach the client: from now on the request can no
             # longer be retried transparently, so the controller must know before the client.
@@ -180,9 +196,11 @@ class DecodeWorker(Worker):
         self.receiver.release(inc.task.room)
         self.core.pool.free(inc.pages)
 
-    async def _fail(self, rid: str, error: str, code: int) -> None:
+    async def _fail(self, rid: str, error: str, code: int, tokens_sent: bool = False) -> None:
+        # The controller forgets the request on this TaskDone (it retries only the requests of
+        # workers that die), so a request failed here, out of memory or not, is not sent again.
         await self.gateway.send(RequestError(rid, error, code))
-        await self.controller.send(TaskDone(rid, self.role, self.id, False, False))
+        await self.controller.send(TaskDone(rid, self.role, self.id, False, tokens_sent))
 
     def idle_wait(self) -> float:
         # Poll transfers often while KV is landing; otherwise wake for heartbeats only.

@@ -3,8 +3,10 @@ forward over the scheduled batch and returns what each request gained. Shared by
 offline `Engine`, the prefill worker and the decode worker."""
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -15,14 +17,15 @@ from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
 from runtime.engine.h2d import to_device
-from runtime.engine.kv_pool import KVPool
+from runtime.engine.kv_pool import KVPool, OutOfPages
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req, TokenLogprob
 from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import Sampler, SamplingBatch, uniform_noise
 from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scheduler import Batch, Scheduler, SchedulerConfig
+from runtime.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
 from runtime.engine.weights import LoadedModel, load_model
+from runtime.env import ENV
 
 log = logging.getLogger("runtime.engine")
 
@@ -34,10 +37,49 @@ class StepOutput:
     req: Req
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob]
+    # Set when the request failed in this step (its step ran out of memory): what the client
+    # is told. The request is then finished with finish_reason "error" and holds no KV.
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.req.finished
+
+
+# RuntimeErrors whose message says an allocation failed: torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory", "not enough memory"), CUDA libraries and
+# kernels that report cudaErrorMemoryAllocation as text. Any other RuntimeError is a bug
+# and must still crash the step loudly.
+_ALLOC_FAILURE_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_alloc_failure(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure a step survives (see EngineCore.step)."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfPages)):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in _ALLOC_FAILURE_TEXT)
+
+
+def alloc_failure_detail(e: BaseException) -> str:
+    """What the client is told of an allocation failure: the size asked for ("tried to
+    allocate 8.12 GiB", CUDA's and the CPU allocator's wording), else the message's start.
+    The per-process memory breakdown CUDA appends is for the log, not the client."""
+    m = re.search(r"tried to allocate ([0-9.]+ ?[A-Za-z]+)", str(e), re.IGNORECASE)
+    return f"tried to allocate {m.group(1)}" if m else (" ".join(str(e).split()) or type(e).__name__)[:200]
+
+
+@functools.lru_cache(maxsize=8)
+def _injected_failures(spec: str) -> tuple[frozenset[int], int | None]:
+    """RUNTIME_TEST_FAIL_ALLOC parsed: (forward numbers that fail, token threshold or None)."""
+    kind, _, arg = spec.strip().partition(":")
+    try:
+        if kind == "steps":
+            return frozenset(int(x) for x in arg.split(",") if x.strip()), None
+        if kind == "tokens":
+            return frozenset(), int(arg)
+    except ValueError:
+        pass
+    raise ValueError(f"RUNTIME_TEST_FAIL_ALLOC must be 'steps:N[,N...]' or 'tokens:N' (got {spec!r})")
 
 
 def graph_rows(cfg: EngineConfig) -> int:
@@ -200,13 +242,22 @@ class EngineCore:
         return self.scheduler.has_work
 
     # ---- one step ------------------------------------------------------------------------
+    num_forwards = 0  # forwards run by step() (what RUNTIME_TEST_FAIL_ALLOC's steps count)
+    num_alloc_failures = 0  # steps that ran out of memory and failed requests instead of raising
+
     def step(self, drafts: Drafts | None = None) -> list[StepOutput]:
         """One forward. `drafts` (rid -> proposed next tokens, a chain or a DraftTree) makes
         a decoding request verify them in this forward (the speculative path); accepted
-        tokens are exact."""
+        tokens are exact.
+
+        A step that fails to allocate memory (`is_alloc_failure`: CUDA out of memory, the
+        CPU allocator, no KV page) does not raise: the requests it fails come back as
+        StepOutputs with `error` set (finished with finish_reason "error", pages freed), its
+        other requests run again next step unchanged, and requests outside the step never
+        notice (`_fail_alloc` says which fail). Any other exception propagates."""
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
-            drafts, drafted = self._propose()
+            drafts, drafted = self._propose_or_skip()
         trees = {rid: DraftTree.chain(d) if isinstance(d, list) else d for rid, d in (drafts or {}).items() if d}
         batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
         outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
@@ -219,59 +270,182 @@ class EngineCore:
             return outputs
         # Only pure-decode steps are timed for the policy (phases change below).
         timed = drafted is not None and all(s.req.phase is Phase.DECODE and s.num_logits for s in batch.seqs)
-        seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
-                     for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
         drafter_wants = self.drafter is not None and self.drafter.wants_prompt_hidden
-        want_prompt = ((drafter_wants or self.cfg.export_prompt_hidden)
-                       and any(s.req.phase is Phase.PREFILL for s in batch.seqs))
-        logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
-        sampled = [s for s in batch.seqs if s.num_logits]
-        if seq_trees:
-            accepted = self._accept(sampled, seq_trees, logits, hidden)
-            self._compact_tree_kv(sampled, seq_trees, accepted)
-        else:
-            accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
+        failed: list[StepOutput] | None = None
+        try:
+            logits, hidden, all_hidden, accepted = self._forward_and_accept(batch, trees, drafter_wants)
+        except Exception as e:
+            if not is_alloc_failure(e):
+                raise
+            failed = self._fail_alloc(batch.seqs, e, rerun_decode=True)
+        if failed is not None:  # outside the except block: its traceback held the step's tensors
+            self._empty_device_cache()
+            return outputs + failed
         row = 0
         token_row = 0
-        for s in batch.seqs:
-            req = s.req
-            if all_hidden is not None and req.phase is Phase.PREFILL:
-                chunk = all_hidden[token_row : token_row + s.q_len]
-                if drafter_wants:
-                    self.drafter.observe_prompt(req, s.start, chunk)
-                if self.cfg.export_prompt_hidden:
-                    req.keep_prompt_hidden(s.start, chunk.clone())
-            token_row += s.q_len
-            if not s.num_logits:
-                self.scheduler.advance(s, s.start + s.q_len)
-                continue
-            tokens, logprobs, path = accepted[req.rid]
-            if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run: a view
-                rows = hidden[row + path[0] : row + path[0] + len(path)]
-            else:
-                rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
-            row += s.num_logits
-            if req.phase is Phase.DECODE:
-                req.num_steps += 1
+        done = 0  # seqs fully applied
+        try:
+            for done, s in enumerate(batch.seqs):
+                req = s.req
+                if all_hidden is not None and req.phase is Phase.PREFILL:
+                    chunk = all_hidden[token_row : token_row + s.q_len]
+                    if drafter_wants:
+                        self.drafter.observe_prompt(req, s.start, chunk)
+                    if self.cfg.export_prompt_hidden:
+                        req.keep_prompt_hidden(s.start, chunk.clone())
+                token_row += s.q_len
+                if not s.num_logits:
+                    self.scheduler.advance(s, s.start + s.q_len)
+                    continue
+                tokens, logprobs, path = accepted[req.rid]
+                if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run: a view
+                    rows = hidden[row + path[0] : row + path[0] + len(path)]
+                else:
+                    rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
+                row += s.num_logits
+                if req.phase is Phase.DECODE:
+                    req.num_steps += 1
+                    if self.drafter is not None:
+                        self.accept_samples.append(len(tokens))
                 if self.drafter is not None:
-                    self.accept_samples.append(len(tokens))
-            if self.drafter is not None:
-                self.drafter.observe(req, tokens, rows)
-            kept, reason, stop_reason = self._append(req, tokens)
-            # KV is valid up to the token before the newest one (the last sampled token and
-            # the accepted drafts were inputs of this forward; the bonus token was not).
-            self.scheduler.advance(s, req.seq_len - 1)
-            if reason is not None:
-                self._finish(req, reason, stop_reason)
-            if logprobs:
-                req.output_logprobs += logprobs[: len(kept)]
-            outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
+                    self.drafter.observe(req, tokens, rows)
+                kept, reason, stop_reason = self._append(req, tokens)
+                # KV is valid up to the token before the newest one (the last sampled token and
+                # the accepted drafts were inputs of this forward; the bonus token was not).
+                self.scheduler.advance(s, req.seq_len - 1)
+                if reason is not None:
+                    self._finish(req, reason, stop_reason)
+                if logprobs:
+                    req.output_logprobs += logprobs[: len(kept)]
+                outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
+        except Exception as e:
+            if not is_alloc_failure(e):
+                raise
+            failed = self._fail_alloc(batch.seqs[done:], e, rerun_decode=False)
+        if failed is not None:
+            logits = hidden = all_hidden = rows = chunk = None  # views of the step's tensors: let them go
+            self._empty_device_cache()
+            return outputs + failed
         if timed:
             # What the policy weighs drafting by: the step's wall time (taken after the host
             # read of the sampled tokens, so the device work is in it) and tokens gained.
             gained = sum(len(accepted[s.req.rid][0]) for s in batch.seqs) / len(batch.seqs)
             self.policy.record_step(len(batch.seqs), drafted, time.perf_counter() - started, gained)
         return outputs
+
+    def _forward_and_accept(self, batch: Batch, trees: dict[str, DraftTree | PendingDraft], drafter_wants: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+        """The step's device work, which changes no request: the forward, then sampling or
+        speculative acceptance (and the tree KV compaction, which moves KV only at positions
+        past what the requests have computed). Returns (logits, hidden, the prompt rows'
+        hidden states or None, rid -> (tokens, logprobs, rows that produced them))."""
+        seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
+                     for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
+        want_prompt = ((drafter_wants or self.cfg.export_prompt_hidden)
+                       and any(s.req.phase is Phase.PREFILL for s in batch.seqs))
+        logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
+        self.num_forwards += 1
+        self._maybe_inject_alloc_failure(batch)
+        sampled = [s for s in batch.seqs if s.num_logits]
+        if seq_trees:
+            accepted = self._accept(sampled, seq_trees, logits, hidden)
+            self._compact_tree_kv(sampled, seq_trees, accepted)
+        else:
+            accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
+        return logits, hidden, all_hidden, accepted
+
+    def _maybe_inject_alloc_failure(self, batch: Batch) -> None:
+        """TEST ONLY (RUNTIME_TEST_FAIL_ALLOC): fail this forward as CUDA would when its
+        logits or activations do not fit. Raised after the forward, so the KV of the new
+        tokens was written, as a real failure late in the forward leaves it."""
+        spec = ENV.test_fail_alloc
+        if not spec:
+            return
+        steps, max_tokens = _injected_failures(spec)
+        if self.num_forwards in steps or (max_tokens is not None and batch.num_tokens > max_tokens):
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 8.12 GiB. (injected by RUNTIME_TEST_FAIL_ALLOC={spec!r} "
+                f"in forward {self.num_forwards} of {batch.num_tokens} new tokens)")
+
+    def _fail_alloc(self, seqs: list[ScheduledSeq], e: BaseException, rerun_decode: bool) -> list[StepOutput]:
+        """After an allocation failure in a step of `seqs`: finish the requests it fails with
+        finish_reason "error" (pages freed; full pages of KV computed before this step stay
+        in the prefix cache) and return their outputs, `error` set.
+
+        Which fail. With `rerun_decode` (the failure came before anything of the step was
+        applied) the step is halved: requests fail until what is left of it is at most half
+        its new tokens, prefill chunks first, biggest first, then decode rows, newest first
+        (as the scheduler retracts). A decode row is one token (a few with drafts), a
+        prefill chunk up to max_batch_tokens, and activations and logits grow with the
+        tokens, so the big chunks are what made the step too big; a small prompt that
+        happened to share their step is not failed with them. The rest are left exactly as
+        they were and run again next step: num_computed did not move, and whatever KV this
+        forward wrote at their new positions the rerun writes again (same tokens, same
+        positions) before anything reads it; sampling is seeded by position, so the rerun
+        gives the tokens a step that never failed would have (their drafter state starts
+        over, which costs acceptance, not tokens). Without `rerun_decode` (the failure came
+        while applying the results) every request not yet applied fails, as its state may
+        be half updated. Either way every failed step ends at least one request, so
+        repeated failures cannot loop."""
+        if rerun_decode:
+            order = sorted((s for s in seqs if s.req.phase is not Phase.DECODE), key=lambda s: -s.q_len)
+            order += sorted((s for s in seqs if s.req.phase is Phase.DECODE), key=lambda s: -s.req.arrival)
+            total = left = sum(s.q_len for s in seqs)
+            victims = []
+            for s in order:
+                if victims and 2 * left <= total:
+                    break
+                victims.append(s.req)
+                left -= s.q_len
+        else:
+            victims = [s.req for s in seqs if not s.req.finished]
+        self.num_alloc_failures += 1
+        detail = alloc_failure_detail(e)
+        log.warning(
+            "a step of %d requests (%d new tokens) ran out of memory on %s: %s. Failed: %s. Run again next step: "
+            "%d of its requests. Allocator: %s",
+            len(seqs), sum(s.q_len for s in seqs), self.device, detail, ", ".join(r.rid for r in victims),
+            len(seqs) - len(victims), " ".join(str(e).split()),
+        )
+        memory = "GPU" if self.device.type == "cuda" else "host"
+        outs = []
+        for req in victims:
+            req.hold_kv = False  # a prefill worker's request: nothing will be sent, free its pages
+            self._finish(req, "error")
+            outs.append(StepOutput(req, [], [], error=(
+                f"the engine step of request {req.rid} ran out of {memory} memory ({detail}); "
+                f"retry it (the server may be busy), or send a shorter prompt")))
+        if self.drafter is not None:
+            # The failed verify may have moved drafter state past the rows that run again (a
+            # drafter queues its next drafts before the host read).
+            for s in seqs:
+                if not s.req.finished:
+                    self.drafter.release(s.req)
+        return outs
+
+    def _empty_device_cache(self) -> None:
+        """After an allocation failure: hand the caching allocator's free blocks back, so the
+        next step does not fail on fragments of the one that did."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _propose_or_skip(self) -> tuple[Drafts, int | None]:
+        """`_propose`, or no drafts when drafting runs out of memory: the step then verifies
+        nothing (it loses speed, no request fails). Every decoding request's drafter state is
+        dropped, as the failure may have left it half updated; drafters start over from the
+        requests' tokens."""
+        try:
+            return self._propose()
+        except Exception as e:
+            if not is_alloc_failure(e):
+                raise
+            log.warning("drafting ran out of memory on %s (%s); this step verifies no drafts",
+                        self.device, alloc_failure_detail(e))
+        for r in self.scheduler.running:
+            if r.phase is Phase.DECODE:
+                self.drafter.release(r)
+        self._empty_device_cache()
+        return {}, None
 
     def _compact_tree_kv(self, seqs: list, trees: dict[str, DraftTree], accepted: dict) -> None:
         """Move the KV of accepted tree nodes to consecutive positions: node i was written

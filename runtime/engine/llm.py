@@ -19,12 +19,17 @@ Prompt = str | Sequence[int]
 class Result:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" (see `error`)
     prompt_tokens: int
     cached_tokens: int
     accept_length: float  # mean tokens per decode step; 1.0 without speculation
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None  # with finish_reason "error": what failed (its step ran out of memory)
+
+
+class GenerationError(RuntimeError):
+    """`Engine.stream`: the generation failed (its engine step ran out of memory)."""
 
 
 class Engine:
@@ -39,7 +44,12 @@ class Engine:
     # ---- the public API ------------------------------------------------------------------
     def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[Result]:
         """One result per prompt (n > 1: n consecutive results per prompt). All prompts are
-        scheduled together (continuous batching)."""
+        scheduled together (continuous batching).
+
+        A prompt whose engine step ran out of memory gets a result with finish_reason
+        "error", `error` saying so, and the tokens it had so far; the other prompts' results
+        are complete. It does not raise: one prompt's failure does not cost the batch the
+        rest of its work. Check finish_reason, and retry those alone or shorter."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         return self._run([self._encode(p) for p in prompts], params or SamplingParams())
@@ -50,11 +60,14 @@ class Engine:
         return self._run([self.apply_chat_template(c) for c in conversations], params or SamplingParams())
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one generation as they are produced."""
+        """Text deltas of one generation as they are produced. Raises GenerationError when
+        its engine step runs out of memory (after the deltas produced until then)."""
         params = params or SamplingParams()
         req, detok = self._add(self._encode(prompt), params)
         while not req.finished:
             for out in self.core.step():
+                if out.req is req and out.error is not None:
+                    raise GenerationError(out.error)
                 if out.req is req:
                     delta = detok.add(out.new_token_ids, final=req.finished)
                     if detok.stopped_by is not None and not req.finished:
@@ -98,6 +111,7 @@ class Engine:
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Result]:
         added = []
+        errors: dict[str, str] = {}  # rid -> why it failed
         try:
             for ids in prompts:
                 for i in range(params.n):
@@ -107,6 +121,9 @@ class Engine:
             watched = {req.rid: (req, detok) for req, detok in added if detok is not None and req.params.stop}
             while any(not req.finished for req, _ in added):
                 for out in self.core.step():
+                    if out.error is not None:
+                        errors[out.req.rid] = out.error
+                        continue
                     entry = watched.get(out.req.rid)
                     if entry is not None:
                         _, detok = entry
@@ -118,9 +135,9 @@ class Engine:
             for req, _ in added:
                 self.core.abort(req.rid)
             raise
-        return [self._result(req, detok) for req, detok in added]
+        return [self._result(req, detok, errors.get(req.rid)) for req, detok in added]
 
-    def _result(self, req: Req, detok: IncrementalDetokenizer | None) -> Result:
+    def _result(self, req: Req, detok: IncrementalDetokenizer | None, error: str | None = None) -> Result:
         text = ""
         stop_reason = req.stop_reason
         if detok is not None:
@@ -139,4 +156,5 @@ class Engine:
             accept_length=req.accept_length,
             stop_reason=stop_reason,
             logprobs=list(req.output_logprobs),
+            error=error,
         )

@@ -94,6 +94,9 @@ class PrefillWorker(Worker):
             if room is None or not out.req.finished:
                 continue
             job = self.jobs[room]
+            if out.error is not None:  # its step ran out of memory; the engine freed its pages
+                await self._finish(job, ok=False, error=out.error, code=503)
+                continue
             if out.req.finish_reason == "abort" or not out.new_token_ids:
                 await self._finish(job, ok=False, error="prefill failed: the KV pool cannot hold this prompt")
                 continue
@@ -140,7 +143,7 @@ class PrefillWorker(Worker):
         elif time.monotonic() - job.transfer_started > self.cfg.transfer_timeout_s:
             await self._finish(job, ok=False, error="KV transfer timed out")
 
-    async def _finish(self, job: Job, ok: bool, error: str = "") -> None:
+    async def _finish(self, job: Job, ok: bool, error: str = "", code: int = 500) -> None:
         t = job.task
         hidden, hidden_start, hidden_dtype = b"", 0, ""
         if ok and job.req.prompt_hidden:
@@ -150,6 +153,7 @@ class PrefillWorker(Worker):
         await self.peer(t.decode_addr).send(KVDone(
             t.room, t.rid, ok, error, job.first_token if job.first_token is not None else -1,
             job.first_logprob, job.req.cached_tokens, job.payload if ok else b"", hidden, hidden_start, hidden_dtype,
+            code,
         ))
         await self.controller.send(TaskDone(t.rid, self.role, self.id, ok, False))
         if ok:
