@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from runtime.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, SPECULATIVE
+from runtime.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, SPECULATIVE, ClusterConfig
 from runtime.env import ENV
 
 
@@ -84,7 +84,7 @@ def _gpus(text: str) -> tuple[int, ...]:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from runtime.config import ClusterConfig, EngineConfig
+    from runtime.config import EngineConfig
     from runtime.launcher import run_up
 
     kw = engine_kwargs(a)
@@ -99,7 +99,8 @@ def cmd_up(a: argparse.Namespace) -> int:
             engine=EngineConfig(**kw), num_prefill=a.prefill, num_decode=a.decode, host=a.host, port=a.port,
             api_key=a.api_key, served_model_name=a.served_model_name, transfer=a.transfer, routing=a.routing,
             prefill_gpus=_gpus(a.prefill_gpus), decode_gpus=_gpus(a.decode_gpus),
-            fail_transfer_rate=a.fail_transfer_rate,
+            fail_transfer_rate=a.fail_transfer_rate, max_prompts_per_request=a.max_prompts_per_request,
+            max_request_tokens=a.max_request_tokens, max_queued_requests=a.max_queued_requests,
         )
     except ValueError as e:
         print(f"runtime up: error: {e}", file=sys.stderr)
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--routing", default="prefix_aware", choices=("prefix_aware", "shortest_queue", "round_robin"))
     u.add_argument("--prefill-gpus", default="", help="CUDA device per prefill worker, e.g. 0,1")
     u.add_argument("--decode-gpus", default="", help="CUDA device per decode worker (colocated too), e.g. 2,3,4,5")
+    u.add_argument("--max-prompts-per-request", type=int, default=ClusterConfig.max_prompts_per_request,
+                   help="prompts in one /v1/completions batch; more is a 400")
+    u.add_argument("--max-request-tokens", type=int, default=ClusterConfig.max_request_tokens,
+                   help="prompt tokens in one request, over all its prompts x n; more is a 400")
+    u.add_argument("--max-queued-requests", type=int, default=ClusterConfig.max_queued_requests,
+                   help="sequences (prompts x n) in flight per live decode worker; beyond it new requests get 429")
     u.add_argument("--fail-transfer-rate", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
     add_engine_args(u)
     u.set_defaults(func=cmd_up)

@@ -142,8 +142,20 @@ class ClusterConfig:
     prefill_gpus: tuple[int, ...] = ()  # CUDA device per prefill worker (default: all on 0)
     decode_gpus: tuple[int, ...] = ()
     fail_transfer_rate: float = 0.0  # TEST ONLY: fraction of transfers the prefill side fails
+    # The gateway's bounds on one request, a 400 beyond them: prompts in a completions batch
+    # (n is at most 128 on its own), and prompt tokens over all prompts x n, as the workers
+    # admit them: 256 prompts of 1k tokens, or a 2k-token prompt at n = 128.
+    max_prompts_per_request: int = 256
+    max_request_tokens: int = 262_144
+    # Sequences (prompts x n) in flight per live decode worker before the gateway answers 429:
+    # 16 full batches of the engine's default max_running (256), so a concurrency-1024
+    # benchmark on one decode worker (n up to 4) is never refused.
+    max_queued_requests: int = 4096
 
     def __post_init__(self) -> None:
+        for name in ("max_prompts_per_request", "max_request_tokens", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.num_decode < 1:
             why = " (with --prefill 0 the decode workers serve every request, prefill included)" if self.colocated else ""
             raise ValueError(f"--decode must be at least 1, got {self.num_decode}{why}")

@@ -1,29 +1,93 @@
 """The gateway's FastAPI app: OpenAI routes under /v1 (API key checked when configured),
-/health and /metrics, and every error as an OpenAI error object with its HTTP status."""
+/health and /metrics, and every error as an OpenAI error object with its HTTP status:
+whatever the body holds, bad input is a 400, and a bug a 500 that closes the connection."""
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.tokenizer.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from runtime.tokenizer.serving import Serving
 from runtime.tokenizer.state import GatewayState
 
 log = logging.getLogger("runtime.gateway")
+R = TypeVar("R", bound=BaseModel)
+
+# What a union's failure names the field as (pydantic reports one error per member).
+_EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of {\"type\": \"text\", \"text\": ...} parts",
+}
 
 
 def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class InternalErrorMiddleware:
+    """A bug in a handler: a 500 with an OpenAI error object and `Connection: close`.
+    Without this, Starlette's ServerErrorMiddleware sends the app's 500 and then re-raises;
+    uvicorn, seeing an exception after the response started, drops the connection, and a
+    keep-alive client's next request on it fails with a reset."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[int], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = complete = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started, complete
+            started = started or message["type"] == "http.response.start"
+            complete = complete or (message["type"] == "http.response.body" and not message.get("more_body", False))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if complete:
+                return  # (a background task) the client has its whole answer: keep the connection
+            if started:
+                raise  # the status line is out: only closing the connection can tell the client
+            self.count(500)
+            err = APIError(500, f"internal error: {type(e).__name__}: {e}", headers={"Connection": "close"})
+            await error_response(err)(scope, receive, send)
+
+
+async def read_json(request: Request, model: type[R]) -> R:
+    """The request body as `model`. Parsed from the raw bytes by pydantic's JSON parser, which
+    refuses invalid UTF-8 and lone surrogates (`\\ud800`, which Python's json module would
+    pass on to the tokenizer) and nesting too deep to walk."""
+    ctype = request.headers.get("content-type", "")
+    mime = ctype.partition(";")[0].strip().lower()
+    if mime and mime != "application/json" and not mime.endswith("+json"):
+        raise APIError(400, f"the request body must be JSON, sent with Content-Type: application/json (got {ctype!r})")
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise APIError(499, "client disconnected") from None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e.errors()) from None
 
 
 class APIKeyMiddleware:
@@ -46,19 +110,33 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
+def _is_union_tag(x: Any) -> bool:
+    # Field names are snake_case; pydantic names union members by type: str, list[str], TextPart
+    return isinstance(x, str) and (not x.isidentifier() or x[:1].isupper() or x in ("str", "int", "float", "bool"))
+
+
+def _validation_error(errors: Any) -> APIError:
+    errors = list(errors)
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", first.get("msg"))
+        detail = str((first.get("ctx") or {}).get("error", first.get("msg")))
+        if "surrogate" in detail or "escape" in detail or "unicode" in detail:
+            detail += " (strings must be valid Unicode: UTF-8, and no lone UTF-16 surrogate such as \\ud800)"
         return APIError(400, f"the request body is not valid JSON: {detail}")
     parts, param = [], None
-    for e in errors[:3]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    for e in errors:
+        loc = [x for x in e.get("loc", ()) if x != "body"]
         if param is None and loc:
-            param = loc[0]
-        parts.append(f"{'.'.join(loc) or 'request body'}: {e.get('msg')}")
-    return APIError(400, "; ".join(parts), param)
+            param = str(loc[0])
+        # A union member's tag (`str`, `list[str]`, `TextPart`...) ends the field's path.
+        cut = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+        field = [str(x) for x in loc[:cut]] if cut is not None else [str(x) for x in loc]
+        name = field[-1] if field else ""
+        text = f"must be {_EXPECTED[name]}" if cut is not None and name in _EXPECTED else str(e.get("msg"))
+        part = f"{'.'.join(field) or 'request body'}: {text}"
+        if part not in parts:
+            parts.append(part)
+    return APIError(400, "; ".join(parts[:3]), param)
 
 
 def build_app(state: GatewayState) -> FastAPI:
@@ -71,11 +149,14 @@ def build_app(state: GatewayState) -> FastAPI:
             yield
         finally:
             await state.stop()
+            serving.close()
 
     app = FastAPI(title="runtime gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = state
     if state.cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.cfg.api_key)
+    # Added last, so outermost of the app's own middleware: it sees every exception.
+    app.add_middleware(InternalErrorMiddleware, count=lambda status: state.metrics.errors.labels(str(status)).inc())
 
     v1 = APIRouter(prefix="/v1")
 
@@ -93,12 +174,12 @@ def build_app(state: GatewayState) -> FastAPI:
         return Response(model_card().model_dump_json(), media_type="application/json")
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Response:
-        return await serving.completions(req, request)
+    async def completions(request: Request) -> Response:
+        return await serving.completions(await read_json(request, CompletionRequest), request)
 
     @v1.post("/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        return await serving.chat(req, request)
+    async def chat(request: Request) -> Response:
+        return await serving.chat(await read_json(request, ChatCompletionRequest), request)
 
     app.include_router(v1)
 
@@ -125,7 +206,7 @@ def build_app(state: GatewayState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return failed(_validation_error(e))
+        return failed(_validation_error(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -133,10 +214,5 @@ def build_app(state: GatewayState) -> FastAPI:
         if e.status_code == 404:
             detail = f"no route {request.method} {request.url.path}"
         return failed(APIError(e.status_code, detail))
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, e: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return failed(APIError(500, f"internal error: {type(e).__name__}: {e}"))
 
     return app

@@ -15,7 +15,7 @@ from runtime.engine.sampling_params import SamplingParams
 from runtime.messages import RequestError, TokenDelta, params_to_dict
 from runtime.tokenizer.detokenizer import IncrementalDetokenizer
 from runtime.tokenizer.protocol import APIError
-from runtime.tokenizer.state import GatewayState
+from runtime.tokenizer.state import GatewayState, Ticket
 
 log = logging.getLogger("runtime.gateway")
 
@@ -73,8 +73,10 @@ class Generation:
         request_id: str,
         prompts: list[tuple[list[int], SamplingParams]],
         arrival: float | None = None,
+        ticket: Ticket | None = None,  # the request's room in the queues, released by close()
     ) -> None:
         self.state = state
+        self.ticket = ticket
         self.request_id = request_id
         self.arrival = arrival if arrival is not None else time.monotonic()
         self.prompts = [ids for ids, _ in prompts]
@@ -129,6 +131,8 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        if self.ticket is not None:
+            self.ticket.release()
         if self.queue is None:  # never started: nothing was sent or counted
             return
         for c in self.choices:

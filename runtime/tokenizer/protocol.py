@@ -23,15 +23,26 @@ ERROR_TYPES = {
 class APIError(Exception):
     """An error the client sees as an OpenAI error object with HTTP status `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.type = type or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        # A message may quote client input (a path, a model name): invalid Unicode in it
+        # would make the error itself unencodable, a 500.
+        message = self.message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return {"error": {"message": message, "type": self.type, "param": self.param, "code": self.status}}
 
 
 # ---- requests ----------------------------------------------------------------------------
@@ -41,7 +52,10 @@ Int = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 class _Request(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, ...).
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Strict: JSON types as OpenAI documents them, so `true` is no token id or max_tokens and
+    # "yes" no boolean (an int is still a valid float). Requests are parsed from the raw
+    # body by `model_validate_json`, whose parser also refuses invalid Unicode.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -88,7 +102,7 @@ class TextPart(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, ... reach the template
+    model_config = ConfigDict(extra="allow", strict=True)  # tool_calls, tool_call_id, ... reach the template
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None

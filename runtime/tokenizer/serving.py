@@ -1,5 +1,6 @@
-"""The OpenAI completions and chat completions handlers: validate, tokenize (chat template),
-check the context length, run a Generation and answer as one JSON body or as SSE chunks."""
+"""The OpenAI completions and chat completions handlers: validate, admit (429 when the queues
+are full), tokenize (chat template), check the caps and the context length, run a Generation
+and answer as one JSON body or as SSE chunks."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from starlette.background import BackgroundTask
 from runtime.engine.sampling_params import SamplingParamError, SamplingParams
 from runtime.tokenizer.generation import ClientGone, Generation, Update
 from runtime.tokenizer.logprobs import TextOffsets, TokenText, chat_logprobs, completion_logprobs
+from runtime.tokenizer.prompts import PromptEncoder, prompt_count
 from runtime.tokenizer.protocol import (
     APIError,
     ChatChoice,
@@ -35,6 +37,7 @@ from runtime.tokenizer.state import GatewayState
 log = logging.getLogger("runtime.gateway")
 
 MAX_N = 128  # choices per request: a bound on what one request may ask of the cluster
+MAX_STOP = 64  # stop strings: the gateway searches each one after every token of every choice
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 DONE = "data: [DONE]\n\n"
 
@@ -52,6 +55,10 @@ class Serving:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.tt = TokenText(state.tokenizer)
+        self.encoder = PromptEncoder(state.tokenizer, state.vocab_size)
+
+    def close(self) -> None:
+        self.encoder.close()
 
     # ---- endpoints ---------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
@@ -63,9 +70,16 @@ class Serving:
             raise APIError(400, "suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of is not supported (use n)", "best_of")
-        prompts = self._completion_prompts(req.prompt)
-        plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt")) for ids in prompts]
-        gen = Generation(self.state, new_id("cmpl"), plan, arrival)
+        count = prompt_count(req.prompt)
+        cap = self.state.cfg.max_prompts_per_request
+        if count > cap:
+            raise APIError(400, f"a request may hold at most {cap} prompts (got {count}); split the batch "
+                           "or raise --max-prompts-per-request", "prompt")
+        with self.state.admit(count * req.n).released_on_error() as ticket:
+            prompts = await self.encoder.completion(req.prompt)
+            self._check_request_tokens(prompts, req.n, "prompt")
+            plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt")) for ids in prompts]
+            gen = Generation(self.state, new_id("cmpl"), plan, arrival, ticket)
         want_lp = req.logprobs is not None
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
@@ -111,14 +125,16 @@ class Serving:
             raise APIError(400, "only response_format type 'text' is supported", "response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
-        ids = self._chat_prompt(req)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         if req.max_completion_tokens is not None:
             max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
         else:
             max_tokens, max_param = req.max_tokens, "max_tokens"
-        params = self._params(req, ids, max_tokens, max_param, logprobs, {"logprobs": "top_logprobs"}, "messages")
-        gen = Generation(self.state, new_id("chatcmpl"), [(ids, params)], arrival)
+        with self.state.admit(req.n).released_on_error() as ticket:
+            ids = await self.encoder.chat(req)
+            self._check_request_tokens([ids], req.n, "messages")
+            params = self._params(req, ids, max_tokens, max_param, logprobs, {"logprobs": "top_logprobs"}, "messages")
+            gen = Generation(self.state, new_id("chatcmpl"), [(ids, params)], arrival, ticket)
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         first = await self._run(gen, request, req.stream)
@@ -191,8 +207,12 @@ class Serving:
                         u = await gen.next()
                     if usage is not None:
                         yield sse(usage())
-                except APIError as e:
-                    # Headers are already sent: report the error in the stream itself.
+                except Exception as e:
+                    # Headers are already sent: report the error in the stream itself, and
+                    # end the stream properly (an exception escaping here drops the connection).
+                    if not isinstance(e, APIError):
+                        log.exception("internal error streaming %s", gen.request_id)
+                        e = APIError(500, f"internal error: {type(e).__name__}: {e}")
                     self.state.metrics.errors.labels(str(e.status)).inc()
                     yield sse(e.body())
                 yield DONE
@@ -213,51 +233,18 @@ class Serving:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if req.n > MAX_N:
             raise APIError(400, f"n must be at most {MAX_N} (got {req.n})", "n")
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.state.tokenizer(text)["input_ids"])
-
-    def _check_ids(self, ids: list[int], param: str) -> list[int]:
-        if not ids:
-            raise APIError(400, "the prompt is empty", param)
+        if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
+            raise APIError(400, f"stop may hold at most {MAX_STOP} strings (got {len(req.stop)})", "stop")
         vocab = self.state.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param)
-        return ids
+        if req.stop_token_ids and not all(0 <= t < vocab for t in req.stop_token_ids):
+            raise APIError(400, f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
 
-    def _completion_prompts(self, prompt: Any) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [self._check_ids(self._encode(prompt), "prompt")]
-        if not prompt:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if isinstance(prompt[0], int):
-            return [self._check_ids(list(prompt), "prompt")]
-        if isinstance(prompt[0], str):
-            return [self._check_ids(self._encode(p), "prompt") for p in prompt]
-        return [self._check_ids(list(p), "prompt") for p in prompt]
-
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        tok = self.state.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
-        messages = []
-        for m in req.messages:
-            d = m.model_dump(exclude_none=True)
-            if isinstance(m.content, list):
-                texts = []
-                for part in m.content:
-                    if part.type != "text":
-                        raise APIError(400, f"message content of type {part.type!r} is not supported (text only)", "messages")
-                    texts.append(part.text or "")
-                d["content"] = "\n".join(texts)
-            messages.append(d)
-        try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=True)
-        except Exception as e:  # jinja raises its own types for templates that reject input
-            raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return self._check_ids(list(ids), "messages")
+    def _check_request_tokens(self, prompts: list[list[int]], n: int, param: str) -> None:
+        total, cap = sum(map(len, prompts)) * n, self.state.cfg.max_request_tokens
+        if total > cap:
+            times = f" x n = {n}" if n > 1 else ""
+            raise APIError(400, f"this request holds {total} prompt tokens ({sum(map(len, prompts))}{times}), more than "
+                           f"the {cap} one request may hold; send fewer or shorter prompts, or raise --max-request-tokens", param)
 
     def _params(
         self,
@@ -304,4 +291,6 @@ class Serving:
                 f"({n_prompt} in the prompt, {max_tokens} for the completion); reduce the prompt or {max_param}",
                 max_param,
             )
+        if req.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must not exceed {max_param} ({max_tokens})", "min_tokens")
         return dataclasses.replace(params, max_tokens=max_tokens)

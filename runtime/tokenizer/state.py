@@ -7,6 +7,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -16,8 +18,33 @@ from runtime import ipc
 from runtime.config import ClusterConfig
 from runtime.messages import Abort, ClusterStatus, Generate, RequestError, TokenDelta
 from runtime.tokenizer.metrics import GatewayMetrics
+from runtime.tokenizer.protocol import APIError
 
 log = logging.getLogger("runtime.gateway")
+
+
+class Ticket:
+    """The sequences (prompts x n) one admitted request holds in the decode workers' queues,
+    until `release()` (idempotent; Generation.close calls it)."""
+
+    def __init__(self, state: GatewayState, sequences: int) -> None:
+        self.state = state
+        self.sequences = sequences
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.state.admitted -= self.sequences
+
+    @contextmanager
+    def released_on_error(self) -> Iterator[Ticket]:
+        """Give the room back if the request fails before a Generation takes the ticket."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
 
 
 class GatewayState(ipc.Actor):
@@ -42,6 +69,7 @@ class GatewayState(ipc.Actor):
         self.status_timeout_s = status_timeout_s  # no ClusterStatus this long: the controller is gone
         self.metrics = GatewayMetrics()
         self.routes: dict[str, asyncio.Queue[TokenDelta | RequestError]] = {}
+        self.admitted = 0  # sequences of the requests in flight, from admission to their end
         self.status: ClusterStatus | None = None
         self.status_time = time.monotonic()  # startup counts as a status: a grace period
         self.handlers = {TokenDelta: self._route, RequestError: self._route, ClusterStatus: self._on_status}
@@ -82,6 +110,24 @@ class GatewayState(ipc.Actor):
             self._ctx = None
 
     # ---- requests ------------------------------------------------------------------------------
+    def admit(self, sequences: int) -> Ticket:
+        """Room for a request of `sequences` sequences, or a 429 when the requests in flight
+        would hold more than `max_queued_requests` per live decode worker. Counted from
+        admission (before tokenising) to the end of the request, so a burst is refused before
+        it costs tokenisation. An idle gateway admits any request the per-request caps allow,
+        so a request larger than the bound is slow, never refused forever."""
+        live = sum(1 for w in (self.status.workers if self.status else []) if w.get("role") == "decode" and w.get("alive"))
+        limit = self.cfg.max_queued_requests * max(1, live)
+        if self.admitted and self.admitted + sequences > limit:
+            raise APIError(
+                429,
+                f"the server is overloaded: {self.admitted} sequences are in flight for {live} decode worker(s), "
+                f"at most {self.cfg.max_queued_requests} each (--max-queued-requests); retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        self.admitted += sequences
+        return Ticket(self, sequences)
+
     def open(self, rids: list[str]) -> asyncio.Queue[TokenDelta | RequestError]:
         """One queue receives the messages of all of a request's sub-requests (n, batch)."""
         q: asyncio.Queue[TokenDelta | RequestError] = asyncio.Queue()
