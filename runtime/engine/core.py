@@ -18,6 +18,7 @@ from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
 from runtime.engine.h2d import to_device
 from runtime.engine.kv_pool import KVPool, OutOfPages
+from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req, TokenLogprob
 from runtime.engine.runner import ModelRunner
@@ -85,7 +86,7 @@ def _injected_failures(spec: str) -> tuple[frozenset[int], int | None]:
 def graph_rows(cfg: EngineConfig) -> int:
     """Rows the decode CUDA graphs cover: the batch, or with speculation the verify rows of
     the batches that draft (each request's last token plus its drafts)."""
-    rows = min(cfg.cuda_graph_max_batch, cfg.max_running)
+    rows = min(cfg.cuda_graph_max_batch or cfg.max_running, cfg.max_running)
     if cfg.speculative != "none":
         per_req = 1 + max(cfg.num_draft_tokens, cfg.draft_tree_nodes)
         rows = max(rows, min(cfg.max_running, cfg.speculative_max_batch) * per_req)
@@ -126,6 +127,11 @@ class EngineCore:
         dtype = next(self.loaded.model.parameters()).dtype
         if self.device.type == "cuda":
             self.loaded.model.model.rotary.prepare_table(self.max_model_len, dtype)
+        self.attn = make_attention_backend(
+            cfg.attention_backend, self.device, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim, dtype=dtype,
+        )
+        self.memory_plan: MemoryPlan | None = None  # CUDA without kv_cache_tokens: the profiled plan
         num_pages = self._num_pages(dtype)
         self.pool = KVPool(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype, self.device)
         self.cache = RadixCache(self.pool, cfg.page_size) if cfg.prefix_cache else NoPrefixCache(cfg.page_size)
@@ -139,12 +145,8 @@ class EngineCore:
             self.pool,
             self.cache,
         )
-        self.attn = make_attention_backend(
-            cfg.attention_backend, self.device, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim, dtype=dtype,
-        )
         graphs = None
-        if self.device.type == "cuda" and cfg.cuda_graph and self.attn.name != "torch":
+        if self._use_graphs:
             from runtime.engine.cuda_graph import CudaGraphDecoder
 
             graphs = CudaGraphDecoder(self.loaded.model, self.pool, graph_rows(cfg), self.max_model_len)
@@ -169,16 +171,25 @@ class EngineCore:
             self.loaded.name, self.device, dtype, self.pool.total_pages, cfg.page_size, self.attn.name,
         )
 
+    @property
+    def _use_graphs(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.cuda_graph and self.attn.name != "torch"
+
     def _num_pages(self, dtype: torch.dtype) -> int:
         cfg, mc = self.cfg, self.model_config
-        per_page = KVPool.bytes_per_page(mc.num_layers, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype)
         if cfg.kv_cache_tokens is not None:
             tokens = cfg.kv_cache_tokens
         elif self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            # Leave room for activations and the sampler's [batch, vocab] tensors.
-            budget = int(free * cfg.kv_mem_fraction) - (1 << 30)
-            return max(2, budget // per_page + 1)
+            plan = plan_kv_pages(
+                self.loaded.model, self.attn, num_layers=mc.num_layers, page_size=cfg.page_size,
+                num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, dtype=dtype, device=self.device,
+                max_batch_tokens=cfg.max_batch_tokens, max_running=cfg.max_running,
+                graph_rows=graph_rows(cfg) if self._use_graphs else 0, max_model_len=self.max_model_len,
+                vocab_size=mc.vocab_size, kv_mem_fraction=cfg.kv_mem_fraction,
+            )
+            log.info("%s", plan.describe(cfg.page_size))
+            self.memory_plan = plan
+            return plan.num_pages
         else:
             tokens = CPU_KV_TOKENS
         return -(-tokens // cfg.page_size) + 1  # +1: page 0 is reserved

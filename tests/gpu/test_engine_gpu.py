@@ -132,3 +132,26 @@ def test_speculation_with_graphs_identical(tiny_model_dir: str, method: str) -> 
     assert max(r.accept_length for r in got) > 1.0
     spec.shutdown()
     spec.core.pool.check_no_leak(0)
+
+
+def test_memory_plan_covers_the_largest_step(tiny_model_dir: str) -> None:
+    """The KV pool is sized after profiling the largest step; a mixed batch as large as the
+    scheduler admits (decode rows and a long prompt) then allocates no more than the plan kept
+    free for it."""
+    engine = Engine(tiny_model_dir, device="cuda", dtype="bfloat16", page_size=16, max_batch_tokens=512,
+                    max_running=64)
+    plan = engine.core.memory_plan
+    assert plan is not None and plan.eager_peak > 0 and plan.graph_peak > 0
+    assert engine.core.pool.num_pages == plan.num_pages
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 500, (64, 20), generator=g).tolist() + [torch.randint(3, 500, (900,), generator=g).tolist()]
+    params = SamplingParams(max_tokens=24, temperature=0.7, top_p=0.9, logprobs=3, ignore_eos=True)
+    results = engine.generate(prompts, params)
+    assert all(len(r.token_ids) == 24 for r in results)
+    used = torch.cuda.max_memory_allocated() - base
+    assert used <= plan.eager_peak + plan.graph_peak + (64 << 20), (used, plan)
+    engine.core.scheduler.check_no_leak()
+    engine.shutdown()
