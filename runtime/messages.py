@@ -110,6 +110,14 @@ class TokenDelta:
 
 
 @message
+class TokenDeltas:
+    """Every TokenDelta of one engine step, in one message: at 256 running requests one
+    send per request cost the decode worker milliseconds of host time per step."""
+
+    deltas: list[TokenDelta]
+
+
+@message
 class RequestError:
     rid: str
     message: str

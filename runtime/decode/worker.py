@@ -19,7 +19,7 @@ from runtime.engine.core import alloc_failure_detail, is_alloc_failure
 from runtime.engine.request import TokenLogprob
 from runtime.messages import (
     AbortTask, DecodeTask, GenerateTask, KVDestination, KVDone, RequestError, Streaming, TaskDone,
-    TokenDelta, params_from_dict,
+    TokenDelta, TokenDeltas, params_from_dict,
 )
 from runtime.prefill.worker import logprob_to_wire
 from runtime.transfer import TransferState, make_transfer
@@ -152,28 +152,38 @@ class DecodeWorker(Worker):
 
     # ---- engine ------------------------------------------------------------------------------
     async def after_step(self, outputs: list) -> None:
-        for out in outputs:
-            await self._emit(out)
+        await self._emit(*outputs)
 
-    async def _emit(self, out) -> None:
-        req = out.req
-        if out.error is not None:  # its step ran out of memory: the engine freed it, tell the client
-            log.warning("decode %d: request %s failed: %s", self.id, req.rid, out.error)
-            await self._fail(req.rid, out.error, 503, tokens_sent=bool(req.output_ids))
-            return
-        if out.new_token_ids and len(req.output_ids) == len(out.new_token_ids):
-            # The first token is about to reach the client: from now on the request can no
-            # longer be retried transparently, so the controller must know before the client.
-            await self.controller.send(Streaming(req.rid, self.id))
-        await self.gateway.send(TokenDelta(
-            req.rid, out.new_token_ids,
-            [logprob_to_wire(lp) for lp in out.new_logprobs] if req.params.logprobs is not None else None,
-            req.finish_reason if req.finished else None, req.stop_reason,
-            len(req.prompt_ids), req.cached_tokens, len(req.output_ids),
-        ))
-        if req.finished:
+    async def _emit(self, *outputs) -> None:
+        """Stream what the step produced: one TokenDeltas message for every request's new
+        tokens (one send per request cost milliseconds of host time per step at 256 running
+        requests), after the controller has heard of each request's first token."""
+        deltas, done = [], []
+        for out in outputs:
+            req = out.req
+            if out.error is not None:  # its step ran out of memory: the engine freed it, tell the client
+                log.warning("decode %d: request %s failed: %s", self.id, req.rid, out.error)
+                await self._fail(req.rid, out.error, 503, tokens_sent=bool(req.output_ids))
+                continue
+            if out.new_token_ids and len(req.output_ids) == len(out.new_token_ids):
+                # The first token is about to reach the client: from now on the request can no
+                # longer be retried transparently, so the controller must know before the client.
+                await self.controller.send(Streaming(req.rid, self.id))
+            deltas.append(TokenDelta(
+                req.rid, out.new_token_ids,
+                [logprob_to_wire(lp) for lp in out.new_logprobs] if req.params.logprobs is not None else None,
+                req.finish_reason if req.finished else None, req.stop_reason,
+                len(req.prompt_ids), req.cached_tokens, len(req.output_ids),
+            ))
+            if req.finished:
+                done.append(req.rid)
+        if len(deltas) == 1:
+            await self.gateway.send(deltas[0])
+        elif deltas:
+            await self.gateway.send(TokenDeltas(deltas))
+        for rid in done:
             self.served += 1
-            await self.controller.send(TaskDone(req.rid, self.role, self.id, True, True))
+            await self.controller.send(TaskDone(rid, self.role, self.id, True, True))
 
     async def tick(self) -> None:
         await self._admit()

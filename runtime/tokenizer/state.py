@@ -16,7 +16,7 @@ import zmq.asyncio
 
 from runtime import ipc
 from runtime.config import ClusterConfig
-from runtime.messages import Abort, ClusterStatus, Generate, RequestError, TokenDelta
+from runtime.messages import Abort, ClusterStatus, Generate, RequestError, TokenDelta, TokenDeltas
 from runtime.tokenizer.metrics import GatewayMetrics
 from runtime.tokenizer.protocol import APIError
 
@@ -72,7 +72,8 @@ class GatewayState(ipc.Actor):
         self.admitted = 0  # sequences of the requests in flight, from admission to their end
         self.status: ClusterStatus | None = None
         self.status_time = time.monotonic()  # startup counts as a status: a grace period
-        self.handlers = {TokenDelta: self._route, RequestError: self._route, ClusterStatus: self._on_status}
+        self.handlers = {TokenDelta: self._route, TokenDeltas: self._route_all, RequestError: self._route,
+                         ClusterStatus: self._on_status}
         self._ctx: zmq.asyncio.Context | None = None
         self._to_controller: ipc.Queue | None = None
         self._from_cluster: ipc.Queue | None = None
@@ -190,6 +191,10 @@ class GatewayState(ipc.Actor):
             log.debug("%s for unknown request %s (aborted or finished): ignored", type(msg).__name__, msg.rid)
             return
         q.put_nowait(msg)
+
+    def _route_all(self, msg: TokenDeltas) -> None:
+        for delta in msg.deltas:
+            self._route(delta)
 
     def _on_status(self, msg: ClusterStatus) -> None:
         self.status = msg
