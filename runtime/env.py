@@ -29,6 +29,11 @@ _VARS = {
     "attention_backend": _Var(
         "RUNTIME_ATTENTION_BACKEND", "auto", "auto | torch | triton | flashinfer"
     ),
+    "gemv": _Var(
+        "RUNTIME_GEMV", "off",
+        "auto | off: auto runs the model's projections for at most 16 rows (decode; CUDA, bf16/fp16) with "
+        "kernels/gemv.py instead of cuBLAS (issue 14)",
+    ),
     "log_level": _Var("RUNTIME_LOG_LEVEL", "info", "default log level"),
     "cuda_visible_devices": _Var(
         "CUDA_VISIBLE_DEVICES", "", "CUDA's own; `runtime up` sets it per worker from --prefill-gpus/--decode-gpus"

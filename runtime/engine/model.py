@@ -16,6 +16,7 @@ from torch import nn
 from runtime.engine.attention.base import AttentionBackend
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model_config import ModelConfig
+from runtime.env import ENV
 
 
 @dataclass
@@ -46,6 +47,34 @@ def fused_kernels(x: torch.Tensor) -> bool:
         except Exception:  # no Triton: stay on torch
             _KERNELS = False
     return _KERNELS
+
+
+_GEMV: bool | None = None  # RUNTIME_GEMV=auto and kernels/gemv.py imports; read on first CUDA use
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """module(x); with RUNTIME_GEMV=auto, a decode-shaped x (at most 16 rows, CUDA half
+    precision, no autograd: gemv_serves) runs kernels/gemv.py's single-pass kernel, which
+    reads the weight once with no split-K reduce launch (issue 14). CPU never gets here."""
+    global _GEMV
+    if not x.is_cuda:
+        return module(x)
+    if _GEMV is None:
+        mode = ENV.gemv
+        if mode not in ("auto", "off"):
+            raise ValueError(f"RUNTIME_GEMV must be 'auto' or 'off', got {mode!r}")
+        try:
+            import kernels.gemv  # noqa: F401
+
+            _GEMV = mode == "auto"
+        except Exception:  # no Triton: stay on torch
+            _GEMV = False
+    if _GEMV:
+        from kernels.gemv import gemv, gemv_serves
+
+        if gemv_serves(x, module.weight):
+            return gemv(x, module.weight, module.bias)
+    return module(x)
 
 
 class RMSNorm(nn.Module):
@@ -159,7 +188,7 @@ class Attention(nn.Module):
         """x [..., hidden] -> q [..., q_size], k, v [..., kv_size], fused or not."""
         cfg = self.cfg
         if hasattr(self, "qkv_proj"):
-            return self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            return linear(self.qkv_proj, x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
@@ -169,9 +198,9 @@ class Attention(nn.Module):
         if hasattr(self, "qkv_proj") and x.dim() == 2 and fused_kernels(x):
             from kernels.rope_kv import rope_store_kv
 
-            q = rope_store_kv(self.qkv_proj(x), *rope, k_cache, v_cache, ctx.out_slots,
+            q = rope_store_kv(linear(self.qkv_proj, x), *rope, k_cache, v_cache, ctx.out_slots,
                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            return self.o_proj(ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size))
+            return linear(self.o_proj, ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size))
         q, k, v = self.project(x)
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -182,7 +211,7 @@ class Attention(nn.Module):
         k_cache[page, slot] = k
         v_cache[page, slot] = v
         out = ctx.attn.forward(q, k_cache, v_cache, self.scale)
-        return self.o_proj(out.reshape(t, cfg.q_size))
+        return linear(self.o_proj, out.reshape(t, cfg.q_size))
 
 
 class MLP(nn.Module):
@@ -201,13 +230,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "gate_up_proj"):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = self.gate_up_proj(x)  # [T, 2 * I]
+        gate_up = linear(self.gate_up_proj, x)  # [T, 2 * I]
         if gate_up.dim() == 2 and fused_kernels(gate_up):
             from kernels.silu_mul import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            return linear(self.down_proj, silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,242 @@
+"""y[M, N] = x[M, K] @ W[N, K]^T (+ bias) for decode-shaped x (M <= 16 rows), in one Triton
+kernel that reads the nn.Linear weight W once (issue 14).
+
+At batch 1 a projection is a pure weight stream: W's bytes over the memory bandwidth. In a
+Llama-3-8B decode step on the H200, cuBLAS reached ~4.2 TB/s on gate_up but ~3.0-3.2 TB/s
+on qkv and o_proj, and ran o_proj and down_proj split-K with a second (reduce) launch.
+
+Design: one program owns BLOCK_N output columns (rows of W) and loops over all of K, so
+there is no reduce launch and no atomics; the grid, cdiv(N, BLOCK_N) programs, depends only
+on the shapes (CUDA-graph capturable). Rows of W past N re-read row N - 1 (in bounds, so
+W's loads carry no mask and stay 16-byte vectors) and are never stored.
+
+Two inner loops (GemvConfig.dot):
+* dot (default, any M): the [BLOCK_N, BLOCK_K] weight tile times x^T [BLOCK_K, BM] on the
+  tensor cores, BM = next_power_of_2(M), fp32 accumulation. This is the skinny-GEMM
+  "swap AB": N fills the MMA's 16-row side, and Triton pads the small M side. Triton
+  software-pipelines loads that feed a dot (cp.async into shared memory, num_stages deep),
+  which keeps num_stages tiles in flight per program with few registers. x's rows past M
+  are masked, so they cost no memory traffic (cp.async zero-fills them).
+* elementwise (M == 1 only): CUDA-core products accumulated per element in fp32 and
+  reduced across K once after the loop; no dot, no shared memory, plain 16-byte loads (not
+  pipelined: latency is hidden by resident programs). For M > 1 Triton 3.6 compiles the
+  [M, BLOCK_N, BLOCK_K] broadcast through shared-memory layout conversions, and at M 8-16
+  the fp32 FMAs (M per weight element) would need half to all of the SMs' FMA rate to keep
+  up with 4.5 TB/s of bf16 weights; the tensor cores do that work for free.
+
+Compiled offline with Triton 3.6 (the GPU image's) for sm_90a: the dot loops are 16-byte
+cp.async weight loads, ldmatrix and mma.sync (wgmma for 64-row tiles at 16 rows), with no
+local-memory spills (72-128 registers at one warp). The configs are reasoned, not measured:
+benchmarks/bench_gemv.py --sweep times every candidate on the 8B shapes.
+
+Rounding: the fp32 sum (plus bias) is rounded once to x's dtype, as cuBLAS's epilogue does;
+the order of the K sum differs from torch's, so results can differ from F.linear's by the
+usual accumulation-order error. Under Triton's interpreter bf16/fp16 tiles are upcast to
+fp32 before tl.dot (its dot multiplies half-precision bit patterns as integers), and
+round_to rounds to nearest even there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
+
+MAX_M = 16  # rows of x one program holds (BM <= 16); wider x is a GEMM, torch's job
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # rows of W (output columns) per program, a power of two
+    block_k: int  # columns of K per loop step, a power of two >= 16
+    num_warps: int = 1
+    num_stages: int = 4  # pipelined loads in flight (the dot loop); ignored by the elementwise loop
+    dot: bool = True  # tensor-core tile (any M); False: elementwise (M == 1 only)
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig: {name} must be a power of two, got {v}")
+        if self.block_k < 16:
+            raise ValueError(f"GemvConfig: block_k must be >= 16, got {self.block_k}")
+        if self.num_stages < 1:
+            raise ValueError(f"GemvConfig: num_stages must be >= 1, got {self.num_stages}")
+
+
+def default_config(m: int, n: int, k: int) -> GemvConfig:
+    """The tile for an [m, k] x [n, k] product (not yet measured; see the module note).
+
+    Narrow W (qkv 6144, o_proj and down_proj 4096 on Llama-3-8B): 16 rows per program and one
+    warp, so every program is resident at once (qkv: 384 programs, about 3 per SM, each with
+    three 8 KB weight tiles in flight); equal programs in one wave finish together, with no
+    tail wave. One warp also avoids Triton replicating the 16-row MMA (and its shared-memory
+    reads) across warps. Wide W (gate_up 28672, lm_head): 64 rows and 4 warps, fewer and
+    larger programs. block_k divides K where it can, so the loop needs no K mask."""
+    if n <= 16384:
+        bn, bk, warps = 16, 256, 1
+    else:
+        bn, bk, warps = 64, 128, 4
+    for cand in (bk, 128, 64, 32, 16):
+        if k % cand == 0:
+            bk = cand
+            break
+    return GemvConfig(bn, bk, warps, 4, True)
+
+
+# What benchmarks/bench_gemv.py --sweep times (and tests/gpu checks): around the defaults,
+# more rows or warps per program, deeper or shallower pipelines, and the elementwise loop.
+CANDIDATES = (
+    GemvConfig(8, 256, 1, 4),
+    GemvConfig(16, 256, 1, 4),
+    GemvConfig(16, 256, 1, 3),
+    GemvConfig(16, 256, 2, 4),
+    GemvConfig(16, 128, 1, 6),
+    GemvConfig(16, 512, 1, 3),
+    GemvConfig(32, 256, 1, 3),
+    GemvConfig(32, 256, 2, 4),
+    GemvConfig(64, 128, 4, 4),
+    GemvConfig(64, 128, 4, 3),
+    GemvConfig(4, 1024, 4, 1, dot=False),
+    GemvConfig(8, 512, 4, 1, dot=False),
+    GemvConfig(2, 1024, 4, 1, dot=False),
+)
+
+
+@triton.jit
+def _gemv_kernel(
+    X, W, B, Y,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,  # row strides; last dims are contiguous
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BK == 0: no K mask
+    HAS_BIAS: tl.constexpr,
+    DOT: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
+    UPCAST: tl.constexpr,  # the interpreter's dot mishandles half-precision inputs
+    MANUAL_BF16: tl.constexpr,
+):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rn_in = tl.minimum(rn, N - 1)  # rows past N re-read row N - 1: unmasked loads
+    w_rows = W + rn_in.to(tl.int64) * stride_wn  # [BN] row starts; N * K can pass 2**31
+    rk = tl.arange(0, BK)
+    rm = tl.arange(0, BM)
+    if DOT:
+        w_ptrs = w_rows[:, None] + rk[None, :]  # [BN, BK]
+        x_ptrs = X + rm[None, :] * stride_xm + rk[:, None]  # [BK, BM]: x^T
+        x_rows = rm[None, :] < M
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                xt = tl.load(x_ptrs, mask=x_rows, other=0.0)
+            else:
+                kin = (k0 + rk) < K
+                w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
+                xt = tl.load(x_ptrs, mask=x_rows & kin[:, None], other=0.0)
+            if UPCAST:
+                w = w.to(tl.float32)
+                xt = xt.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+            w_ptrs += BK
+            x_ptrs += BK
+    else:  # BM == 1
+        w_ptrs = w_rows[:, None] + rk[None, :]  # [BN, BK]
+        x_ptrs = X + rk  # [BK]
+        part = tl.zeros([BN, BK], dtype=tl.float32)  # reduced across K once, after the loop
+        for k0 in range(0, K, BK):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
+            else:
+                kin = (k0 + rk) < K
+                w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=kin, other=0.0)
+            part += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_ptrs += BK
+            x_ptrs += BK
+        acc = tl.sum(part, 1)[:, None]  # [BN, 1]
+    if HAS_BIAS:
+        acc += tl.load(B + rn_in).to(tl.float32)[:, None]
+    y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y^T
+    tl.store(y_ptrs, round_to(acc, Y.dtype.element_ty, MANUAL_BF16), mask=(rm[None, :] < M) & (rn[:, None] < N))
+
+
+def gemv_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `gemv` should compute F.linear(x, weight) in serving: CUDA half precision,
+    2-D x of 1..16 rows with a contiguous last dim, a contiguous weight of x's dtype on x's
+    device, and no autograd (the kernel has no backward). False under Triton's interpreter:
+    the tests call `gemv` directly there."""
+    return (
+        not INTERPRETED
+        and x.is_cuda
+        and x.dim() == 2
+        and weight.dim() == 2
+        and 1 <= x.shape[0] <= MAX_M
+        and x.dtype in HALF
+        and weight.dtype == x.dtype
+        and x.shape[1] == weight.shape[1]
+        and x.stride(1) == 1
+        and weight.is_contiguous()
+        and weight.device == x.device
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def gemv(
+    x: torch.Tensor,  # [M, K], M <= 16, last dim contiguous
+    weight: torch.Tensor,  # [N, K] (nn.Linear's [out, in]), x's dtype, last dim contiguous
+    bias: torch.Tensor | None = None,  # [N], x's dtype
+    out: torch.Tensor | None = None,  # [M, N], x's dtype, last dim contiguous
+    config: GemvConfig | None = None,  # None: default_config(M, N, K)
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) as one kernel launch; returns `out` (or a new [M, N] tensor)."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"gemv: x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"gemv: x has {m} rows, at most {MAX_M} are supported (use F.linear)")
+    if k == 0:
+        raise ValueError("gemv: K must be at least 1")
+    check_dtype("x", x)
+    check_dtype("weight", weight, x.dtype)
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"gemv: bias must be [N={n}], got {tuple(bias.shape)}")
+        check_dtype("bias", bias, x.dtype)
+        tensors["bias"] = bias
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        if out.shape != (m, n):
+            raise ValueError(f"gemv: out must be [M={m}, N={n}], got {tuple(out.shape)}")
+        check_dtype("out", out, x.dtype)
+        if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise ValueError("gemv: out must not share memory with x (programs read x while others write out)")
+        tensors["out"] = out
+    cfg = config or default_config(m, n, k)
+    if not cfg.dot and m != 1:
+        raise ValueError(f"gemv: the elementwise config (dot=False) serves one row, x has {m}")
+    check_placement("gemv", tensors)
+    if m == 0 or n == 0:
+        return out
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, bias if bias is not None else weight, out,
+        m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BM=triton.next_power_of_2(m), BN=cfg.block_n, BK=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, DOT=cfg.dot,
+        IEEE=x.dtype == torch.float32 or INTERPRETED, UPCAST=INTERPRETED and x.dtype != torch.float32,
+        MANUAL_BF16=manual_bf16(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,139 @@
+"""kernels/gemv.py compiled for the GPU: the model's projection shapes (Llama-3-8B and
+SmolLM2, fused as fuse_projections serves them) at decode row counts against an fp64
+reference, every sweep candidate, the interpreter cases natively, capture in a CUDA graph,
+and the model's `linear` hook."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.unit.test_gemv_interp import CASES, _case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# name -> (N, K) of the fused projections: qkv = q | k | v, gate_up = gate | up.
+SHAPES = {
+    "llama8b_qkv": (4096 + 2 * 1024, 4096),
+    "llama8b_o": (4096, 4096),
+    "llama8b_gate_up": (2 * 14336, 4096),
+    "llama8b_down": (4096, 14336),
+    "smollm2_qkv": (576 + 2 * 192, 576),
+    "smollm2_o": (576, 576),
+    "smollm2_gate_up": (2 * 1536, 576),
+    "smollm2_down": (576, 1536),
+}
+ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # decode batches, and the CUDA-graph buckets 12 and 16
+
+
+@functools.lru_cache(maxsize=None)  # ~0.5 GB of bf16 weights in all
+def _weight(n: int, k: int, bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    gen = torch.Generator(device="cuda").manual_seed(n * 7 + k)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=gen).to(torch.bfloat16) if bias else None
+    return w, b
+
+
+def _check(name: str, m: int, w: torch.Tensor, b: torch.Tensor | None, config=None) -> None:
+    """gemv within half a bf16 ulp (+1e-4 for fp32 accumulation over K up to 14336) of the
+    fp64 product: the exact result rounded once, as a user of F.linear expects."""
+    from kernels.gemv import gemv
+
+    x = torch.randn(m, w.shape[1], device="cuda").to(torch.bfloat16)
+    got = gemv(x, w, b, config=config)
+    ref = x.double() @ w.double().t() + (b.double() if b is not None else 0)
+    _, exp = torch.frexp(ref)
+    tol = 0.5 * torch.finfo(torch.bfloat16).eps * torch.exp2(exp.double() - 1) + 1e-4
+    err = (got.double() - ref).abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), f"{name} M={m} {config}: {int(bad.sum())} of {err.numel()} off, max error {err.max():.3g}"
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_gemv_matches_fp64_on_model_shapes(name: str, m: int) -> None:
+    pytest.importorskip("triton")
+    _check(name, m, *_weight(*SHAPES[name]))
+
+
+def test_gemv_with_bias_on_a_qkv_shape() -> None:  # Qwen2's q/k/v carry a bias
+    pytest.importorskip("triton")
+    w, b = _weight(*SHAPES["llama8b_qkv"], bias=True)
+    for m in (1, 5, 16):
+        _check("llama8b_qkv+bias", m, w, b)
+
+
+@pytest.mark.parametrize("name", ["llama8b_qkv", "smollm2_qkv", "llama8b_down"])
+def test_every_sweep_candidate_is_correct(name: str) -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import CANDIDATES
+
+    w, b = _weight(*SHAPES[name])
+    for cfg in CANDIDATES:
+        for m in ((1, 3, 8, 16) if cfg.dot else (1,)):
+            _check(name, m, w, b, cfg)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_interpreter_cases_on_cuda(case: tuple) -> None:
+    pytest.importorskip("triton")
+    assert _case(*case, device="cuda") is None
+
+
+def test_gemv_captures_in_a_cuda_graph() -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import gemv
+
+    w, _ = _weight(*SHAPES["llama8b_qkv"])
+    b = torch.randn(w.shape[0], device="cuda").to(torch.bfloat16)
+    xs = [torch.randn(m, w.shape[1], device="cuda").to(torch.bfloat16) for m in (1, 8)]
+    out = torch.empty(8, w.shape[0], device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # compile outside the capture
+        gemv(xs[0], w, b)
+        gemv(xs[1], w, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y1 = gemv(xs[0], w, b)
+        y8 = gemv(xs[1], w, out=out)
+    first = (y1.clone(), y8.clone())
+    for x in xs:
+        x.copy_(torch.randn_like(x, dtype=torch.float32))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y1, gemv(xs[0], w, b)) and not torch.equal(y1, first[0])
+    assert torch.equal(y8, gemv(xs[1], w)) and not torch.equal(y8, first[1])
+    assert y8.data_ptr() == out.data_ptr()
+
+
+def test_model_linear_routes_decode_rows_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import gemv
+    from runtime.engine import model
+
+    lin = torch.nn.Linear(576, 960, bias=True, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(model, "_GEMV", True)
+        x = torch.randn(4, 576, device="cuda").to(torch.bfloat16)
+        assert torch.equal(model.linear(lin, x), gemv(x, lin.weight, lin.bias))
+        wide = torch.randn(32, 576, device="cuda").to(torch.bfloat16)  # a prefill: torch's GEMM
+        assert torch.equal(model.linear(lin, wide), lin(wide))
+        monkeypatch.setattr(model, "_GEMV", False)
+        assert torch.equal(model.linear(lin, x), lin(x))
+    with torch.enable_grad():  # autograd (train-draft) stays on torch
+        monkeypatch.setattr(model, "_GEMV", True)
+        y = model.linear(lin, x)
+        assert y.requires_grad and torch.equal(y, lin(x))
+
+
+def test_model_linear_rejects_a_bad_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.engine import model
+
+    monkeypatch.setattr(model, "_GEMV", None)
+    monkeypatch.setenv("RUNTIME_GEMV", "on")
+    lin = torch.nn.Linear(16, 8, device="cuda")
+    with pytest.raises(ValueError, match="RUNTIME_GEMV must be 'auto' or 'off', got 'on'"):
+        model.linear(lin, torch.randn(1, 16, device="cuda"))

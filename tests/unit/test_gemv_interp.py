@@ -1,0 +1,181 @@
+"""kernels/gemv.py run by Triton's interpreter on CPU, against an fp64 torch reference.
+
+TRITON_INTERPRET=1 must be set before triton is imported and would change every later
+Triton kernel in the process, so the kernel runs in a child process (this file run as a
+script); the pytest process checks the wrapper's input validation and the serving rule.
+
+A result must be the fp64 product rounded once to the nearest value of the dtype, up to the
+fp32 accumulation: within half an ulp of the dtype at the reference value, plus 1e-5.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _case(name: str, dtype: torch.dtype, m: int, n: int, k: int, bias: bool, config: tuple | None,
+          seed: int, device: str = "cpu") -> str | None:
+    """Runs one case; returns a failure message or None. config: GemvConfig's fields, or None
+    for the default."""
+    from kernels.gemv import GemvConfig, gemv
+
+    gen = torch.Generator().manual_seed(seed)
+    # x as the first K columns of a wider buffer (a row stride that is not K); values ~N(0, 1)
+    # and W ~N(0, 1/K), so y ~N(0, 1).
+    x = torch.randn(m, k + 5, generator=gen).to(dtype)[:, :k].to(device)
+    w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype).to(device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    # out as a strided view too, pre-filled with NaN: every element must be written.
+    out = torch.full((m, n + 3), float("nan"), dtype=dtype, device=device)[:, :n]
+    cfg = GemvConfig(*config) if config else None
+    got = gemv(x, w, b, out=out, config=cfg)
+    if got.data_ptr() != out.data_ptr():
+        return f"{name}: the result is not written into `out`"
+    ref = x.double() @ w.double().t()
+    if bias:
+        ref = ref + b.double()
+    _, exp = torch.frexp(ref)
+    tol = 0.5 * torch.finfo(dtype).eps * torch.exp2(exp.double() - 1) + 1e-5
+    err = (got.double() - ref).abs()
+    if got.shape != (m, n) or got.dtype != dtype:
+        return f"{name}: got {got.dtype} {tuple(got.shape)}, expected {dtype} {(m, n)}"
+    bad = ~(err <= tol)  # NaN included
+    if bool(bad.any()):
+        worst = int(torch.where(bad, err - tol, -1.0).nan_to_num(float("inf")).argmax())
+        return (f"{name}: {int(bad.sum())} of {err.numel()} elements off, worst {err.flatten()[worst]:.3g} "
+                f"at {divmod(worst, n)} (tolerance {tol.flatten()[worst]:.3g})")
+    return None
+
+
+# (name, dtype, M, N, K, bias, config or None, seed). Blocks of 16 rows and 16-128 columns:
+# N and K that are not multiples of them (masked K tail, clamped rows past N), and K < BK.
+CASES = [
+    ("m1_bf16_default", torch.bfloat16, 1, 37, 96, False, None, 0),
+    ("m3_bf16_bias_odd", torch.bfloat16, 3, 45, 77, True, (16, 32, 1, 3), 1),
+    ("m16_bf16_odd", torch.bfloat16, 16, 19, 53, False, (16, 32, 1, 2), 2),
+    ("m1_fp16_bias_ktail", torch.float16, 1, 33, 100, True, (16, 64, 1, 2), 3),
+    ("m3_fp16_default", torch.float16, 3, 50, 64, False, None, 4),
+    ("m16_fp16_bias", torch.float16, 16, 24, 40, True, (32, 16, 1, 2), 5),
+    ("m1_fp32_bias", torch.float32, 1, 21, 99, True, (16, 32, 1, 2), 6),
+    ("m3_fp32_default", torch.float32, 3, 17, 48, False, None, 7),
+    ("m16_fp32_odd", torch.float32, 16, 9, 35, True, (16, 64, 1, 1), 8),
+    ("k_below_block", torch.bfloat16, 2, 20, 11, True, (16, 64, 1, 2), 9),
+    ("n_below_block", torch.bfloat16, 5, 3, 64, False, (64, 32, 4, 2), 10),
+    ("block_n_8", torch.bfloat16, 8, 29, 70, True, (8, 32, 1, 2), 14),
+    # The elementwise loop (M == 1): an exact and a masked K.
+    ("ew_bf16_even", torch.bfloat16, 1, 19, 128, True, (4, 64, 4, 1, False), 11),
+    ("ew_fp16_ktail", torch.float16, 1, 10, 83, False, (8, 32, 4, 1, False), 12),
+    ("ew_fp32_ktail", torch.float32, 1, 7, 45, True, (2, 64, 4, 1, False), 13),
+]
+
+
+def _main() -> int:
+    failures = []
+    for case in CASES:
+        msg = _case(*case)
+        if msg:
+            failures.append(msg)
+        print(f"{case[0]}: {msg or 'ok'}", flush=True)
+    if failures:
+        print("FAILED:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def test_gemv_matches_fp64_reference_under_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _args(m: int = 2, n: int = 8, k: int = 16) -> dict:
+    return dict(x=torch.randn(m, k, dtype=torch.bfloat16), weight=torch.randn(n, k, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(x=torch.randn(2, 3, 16, dtype=torch.bfloat16)), "x must be \\[M, K\\]"),
+        (dict(weight=torch.randn(8, 12, dtype=torch.bfloat16)), "x must be \\[M, K\\] and weight \\[N, K\\]"),
+        (dict(x=torch.randn(17, 16, dtype=torch.bfloat16)), "at most 16"),
+        (dict(x=torch.randn(2, 0, dtype=torch.bfloat16), weight=torch.randn(8, 0, dtype=torch.bfloat16)),
+         "K must be at least 1"),
+        (dict(x=torch.randn(2, 16, dtype=torch.float64)), "not supported"),
+        (dict(weight=torch.randn(8, 16, dtype=torch.float16)), "weight must be torch.bfloat16"),
+        (dict(bias=torch.randn(7, dtype=torch.bfloat16)), "bias must be \\[N=8\\]"),
+        (dict(bias=torch.randn(8)), "bias must be torch.bfloat16"),
+        (dict(out=torch.empty(2, 9, dtype=torch.bfloat16)), "out must be \\[M=2, N=8\\]"),
+        (dict(out=torch.empty(2, 8)), "out must be torch.bfloat16"),
+        (dict(x=torch.randn(2, 32, dtype=torch.bfloat16)[:, ::2]), "x must be contiguous in its last dim"),
+        (dict(weight=torch.randn(16, 8, dtype=torch.bfloat16).t()), "weight must be contiguous in its last dim"),
+        ({}, "needs CUDA tensors"),
+    ],
+)
+def test_gemv_rejects_bad_input(change: dict, message: str) -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import gemv
+
+    args = _args()
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        gemv(**args)
+
+
+def test_gemv_elementwise_config_takes_one_row() -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import GemvConfig, gemv
+
+    with pytest.raises(ValueError, match="serves one row, x has 2"):
+        gemv(**_args(m=2), config=GemvConfig(4, 64, 4, 1, dot=False))
+
+
+def test_gemv_rejects_out_aliasing_x() -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import gemv
+
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="must not share memory with x"):
+        gemv(x, torch.randn(8, 8, dtype=torch.bfloat16), out=x)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [((12, 64), "block_n must be a power of two"), ((16, 8), "block_k must be >= 16"),
+     ((16, 64, 3), "num_warps must be a power of two"), ((16, 64, 1, 0), "num_stages must be >= 1")],
+)
+def test_gemv_config_rejects_bad_tiles(fields: tuple, message: str) -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import GemvConfig
+
+    with pytest.raises(ValueError, match=message):
+        GemvConfig(*fields)
+
+
+def test_gemv_serves_only_cuda_half_precision_decode_shapes() -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import gemv_serves
+
+    # CPU tensors of a shape it would serve on CUDA: not served (the model keeps torch).
+    assert not gemv_serves(torch.randn(1, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16))
+
+
+def test_default_configs_divide_k_when_they_can() -> None:
+    pytest.importorskip("triton")
+    from kernels.gemv import default_config
+
+    for m, n, k in [(1, 6144, 4096), (8, 4096, 14336), (1, 960, 576), (4, 28672, 4096), (1, 100, 77)]:
+        cfg = default_config(m, n, k)
+        assert cfg.dot and (k % cfg.block_k == 0 or k % 16), (m, n, k, cfg)
+    assert default_config(1, 6144, 4096).block_n == 16 and default_config(1, 128256, 4096).block_n == 64
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
