@@ -277,7 +277,7 @@ class Controller(ipc.Actor):
             w.gave_up = False
             return True
         if not w.gave_up:
-            w.gave_up = True
+            w.gave_up, w.ready_by = True, None
             log.error("%s worker %d was restarted %d times in %.0f s; not restarting it for %.0f s (see its log above)",
                       w.role, w.id, MAX_RESTARTS, RESTART_WINDOW_S, RESTART_WINDOW_S - (now - w.restart_times[0]))
         return False

@@ -1,19 +1,26 @@
 """An engine step that runs out of memory fails the requests whose work made it big (the
 prefill chunks), frees their KV pages and keeps serving: decode requests of the same step
 run again and end with exactly the tokens of a run that never failed, later requests
-succeed, and errors that are not allocation failures still raise."""
+succeed, and errors that are not allocation failures still raise. A worker that does die
+is restarted within the bound the controller logs."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from runtime import Engine, SamplingParams
+from runtime.config import ClusterConfig
+from runtime.controller import controller as ctl
 from runtime.engine.core import EngineCore, is_alloc_failure
 from runtime.engine.kv_pool import OutOfPages
 from runtime.engine.llm import GenerationError
+from runtime.messages import Ready
 
 FAIL = "RUNTIME_TEST_FAIL_ALLOC"
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -250,3 +257,60 @@ def test_bad_injection_spec_is_a_clear_error(engine: Engine, monkeypatch) -> Non
         engine.generate([prompt(4)], GREEDY)
     monkeypatch.delenv(FAIL)
     assert_no_page_leaked(engine.core)
+
+
+class _Proc:
+    """A stand-in worker process: exits when killed (or told to)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.code = pid, None
+
+    def exitcode(self) -> int | None:
+        return self.code
+
+    def kill(self) -> None:
+        if self.code is None:
+            self.code = -9
+
+
+def test_controller_restarts_within_its_stated_bound(tmp_path, caplog) -> None:
+    """A restarted worker not ready within the logged bound is killed and started again;
+    restarts stop after MAX_RESTARTS within the window and resume once it has passed."""
+    pids = iter(range(100, 200))
+    c = ctl.Controller(ClusterConfig(num_prefill=0, num_decode=1, ipc_dir=str(tmp_path)),
+                       lambda role, wid: _Proc(next(pids)))
+    caplog.set_level(logging.INFO, "runtime.controller")
+    try:
+        c.start_workers()
+        w = c.workers[("decode", 0)]
+        w.spawned_at -= 4.0  # its first start took 4 s
+
+        async def ready() -> None:
+            await c.on_ready(Ready("decode", 0, w.proc.pid, 10, "cpu"))
+
+        asyncio.run(ready())
+        assert 3.9 < w.first_start_s < 5.0
+        w.proc.code = 1  # it dies
+        asyncio.run(c.check_health())
+        assert w.restarts == 1 and w.proc.pid == 101 and not w.alive
+        assert "decode worker 0 restarted (pid 101, restart 1); expect it ready within 60 s" in caplog.text
+        assert "expected ready within" in c._no_worker("decode")
+        w.ready_by = time.monotonic() - 1  # the bound passed: killed and started again
+        asyncio.run(c.check_health())
+        assert w.restarts == 2 and w.proc.pid == 102 and "is not ready" in caplog.text
+        asyncio.run(ready())
+        assert w.alive and w.ready_by is None and "decode worker 0 ready again after" in caplog.text
+        for _ in range(3):  # the 3rd..5th restarts within the window
+            w.proc.code = 1
+            asyncio.run(c.check_health())
+            asyncio.run(ready())
+        assert w.restarts == 5
+        w.proc.code = 1
+        asyncio.run(c.check_health())
+        assert w.restarts == 5 and not w.alive and "not restarting it for" in caplog.text
+        assert "expected ready" not in c._no_worker("decode")
+        w.restart_times = type(w.restart_times)(t - ctl.RESTART_WINDOW_S for t in w.restart_times)
+        asyncio.run(c.check_health())
+        assert w.restarts == 6
+    finally:
+        c.close()
