@@ -179,7 +179,9 @@ def launch_config(head_dim: int, group: int, dtype: torch.dtype) -> tuple[int, i
     if block_d <= 64:
         return 128, 64, 4, 3
     if block_d <= 128:
-        return 128, 64, 8, 3
+        # Swept on the H200 (Llama-3-8B heads, bf16, 5 serving shapes x 9 configs): within 8%
+        # of the best config on each shape; (128, 64, 8, 3) was 25% off on 32 prompts of 512.
+        return 128, 32, 4, 3
     return 64, 32, 4, 2
 
 
