@@ -24,6 +24,8 @@ class AttentionMetadata:
     cu_q_lens: torch.Tensor  # int32 [B+1] device, prefix sums of q_lens
     page_table: torch.Tensor  # int32 [B, max_pages] device, page ids (padded with 0)
     q_lens_cpu: list[int]
+    # Host copies of kv_lens for sizing launches; may be upper bounds of the device values
+    # (CUDA-graph capture and EAGLE's drafting pass bounds): masks must use kv_lens.
     kv_lens_cpu: list[int]
     page_size: int
     # bool [B, max_q, max_kv] device, True = may attend; ANDed with the causal rule. Used by
