@@ -11,7 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from runtime.tokenizer.protocol import APIError, ChatCompletionRequest
+from runtime.tokenizer.protocol import APIError, ChatCompletionRequest, Tool
+from runtime.tokenizer.tools import render_messages, template_handles_tools
 
 T = TypeVar("T")
 
@@ -61,7 +62,8 @@ class PromptEncoder:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _run(self, chars: int, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, chars: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, on the pool when `chars` of input make it worth the thread hop."""
         if chars <= INLINE_CHARS:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -79,16 +81,18 @@ class PromptEncoder:
             texts = prompt
         else:
             return [self.check_ids(list(p), "prompt") for p in prompt]
-        encoded = await self._run(sum(map(len, texts)), self._encode, texts)
+        encoded = await self.run(sum(map(len, texts)), self._encode, texts)
         return [self.check_ids(ids, "prompt") for ids in encoded]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in self.tokenizer(texts)["input_ids"]]
 
     # ---- chat ------------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest) -> list[int]:
-        """The token ids of the chat template applied to the request's messages."""
-        if not getattr(self.tokenizer, "chat_template", None):
+    async def chat(self, req: ChatCompletionRequest, tools: list[Tool] | None = None) -> list[int]:
+        """The token ids of the chat template applied to the request's messages (and tools,
+        see tools.py for how they are rendered)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
             raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt", "messages")
         messages = []
         for m in req.messages:
@@ -101,12 +105,15 @@ class PromptEncoder:
                     texts.append(part.text or "")
                 d["content"] = "\n".join(texts)
             messages.append(d)
-        ids = await self._run(text_size(messages, INLINE_CHARS), self._template, messages, req.add_generation_prompt)
+        messages, tool_list = render_messages(messages, tools or [], template_handles_tools(template))
+        size = text_size([messages, tool_list], INLINE_CHARS)
+        ids = await self.run(size, self._template, messages, req.add_generation_prompt, tool_list)
         return self.check_ids(ids, "messages")
 
-    def _template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    def _template(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                  tools: list[dict[str, Any]] | None = None) -> list[int]:
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True)
         except Exception as e:  # jinja raises its own types for templates that reject input
             raise APIError(400, f"the chat template rejected these messages: {e}", "messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):

@@ -62,6 +62,18 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Sampling(_Request):
     """The sampling fields shared by completions and chat completions. Ranges are checked
     by SamplingParams (one place, with the field named in the error)."""
@@ -86,6 +98,9 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # choices carry `token_ids` (as vLLM's extension)
     logit_bias: dict[str, float] | None = None  # refused when non-empty (not supported)
+    response_format: ResponseFormat | None = None
+    regex: str | None = None  # SGLang's extra fields: the output fullmatches the regex / grammar
+    ebnf: str | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -108,15 +123,35 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class FunctionDef(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Int | None = None
     logprobs: bool = False
     top_logprobs: Int | None = None
     add_generation_prompt: bool = True
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -184,9 +219,24 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] = Field(default_factory=list)
 
 
-class ChatResponseMessage(BaseModel):
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatResponseMessage(_Choice):
+    """`tool_calls` appears only when the model called a tool (content is then often null)."""
+
+    _omit_if_none: ClassVar[tuple[str, ...]] = ("tool_calls",)
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Choice):
@@ -209,7 +259,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatStreamChoice(_Choice):
     index: int
-    delta: dict[str, str]  # {"role": "assistant"} first, then {"content": "..."}
+    delta: dict[str, Any]  # {"role": "assistant"} first, then {"content": "..."} or {"tool_calls": [...]}
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -3,6 +3,7 @@ are full), tokenize (chat template), check the caps and the context length, run 
 and answer as one JSON body or as SSE chunks."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -33,6 +34,8 @@ from runtime.tokenizer.protocol import (
     new_id,
 )
 from runtime.tokenizer.state import GatewayState
+from runtime.tokenizer.structured import INLINE_CHARS, Constraint, GrammarChecker, request_constraint, schema_text, with_constraint
+from runtime.tokenizer.tools import FORCED, ToolOutput, call_schema, check_tools, tool_mode
 
 log = logging.getLogger("runtime.gateway")
 
@@ -56,6 +59,7 @@ class Serving:
         self.state = state
         self.tt = TokenText(state.tokenizer)
         self.encoder = PromptEncoder(state.tokenizer, state.vocab_size)
+        self.grammars = GrammarChecker()
 
     def close(self) -> None:
         self.encoder.close()
@@ -75,10 +79,11 @@ class Serving:
         if count > cap:
             raise APIError(400, f"a request may hold at most {cap} prompts (got {count}); split the batch "
                            "or raise --max-prompts-per-request", "prompt")
+        constraint = await self._constraint(request_constraint(req))
         with self.state.admit(count * req.n).released_on_error() as ticket:
             prompts = await self.encoder.completion(req.prompt)
             self._check_request_tokens(prompts, req.n, "prompt")
-            plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt")) for ids in prompts]
+            plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt", constraint)) for ids in prompts]
             gen = Generation(self.state, new_id("cmpl"), plan, arrival, ticket)
         want_lp = req.logprobs is not None
         opts = req.stream_options
@@ -119,10 +124,16 @@ class Serving:
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         arrival, created = time.monotonic(), int(time.time())
         self._check_common(req)
-        if req.tools and req.tool_choice != "none":
-            raise APIError(400, "tool calling is not supported", "tools")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported", "response_format")
+        tools = check_tools(req)
+        mode = tool_mode(req)
+        constraint = request_constraint(req)
+        if mode in FORCED:
+            if constraint is not None:
+                raise APIError(400, f"tool_choice {req.tool_choice if mode == 'required' else 'naming a function'} "
+                               f"constrains the output already; drop {constraint.param}", constraint.param)
+            name = req.tool_choice.function.name if mode == "named" else None
+            constraint = Constraint("json_schema", schema_text(call_schema(tools, name), "tools"), "tools")
+        constraint = await self._constraint(constraint, "function parameters schema" if mode in FORCED else None)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -131,26 +142,27 @@ class Serving:
         else:
             max_tokens, max_param = req.max_tokens, "max_tokens"
         with self.state.admit(req.n).released_on_error() as ticket:
-            ids = await self.encoder.chat(req)
+            ids = await self.encoder.chat(req, tools if mode != "off" else None)
             self._check_request_tokens([ids], req.n, "messages")
-            params = self._params(req, ids, max_tokens, max_param, logprobs, {"logprobs": "top_logprobs"}, "messages")
+            params = self._params(req, ids, max_tokens, max_param, logprobs, {"logprobs": "top_logprobs"}, "messages", constraint)
             gen = Generation(self.state, new_id("chatcmpl"), [(ids, params)], arrival, ticket)
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         first = await self._run(gen, request, req.stream)
         model = self.state.served_name
+        outputs = {c.index: ToolOutput(mode) for c in gen.choices}
         if not req.stream:
-            choices = [
-                ChatChoice(
+            choices = []
+            for c in gen.choices:
+                content, calls, finish = outputs[c.index].message(c.text, c.finish_reason)
+                choices.append(ChatChoice(
                     index=c.index,
-                    message=ChatResponseMessage(content=c.text),
+                    message=ChatResponseMessage(content=content, tool_calls=calls),
                     logprobs=chat_logprobs(self.tt, c.token_ids, c.logprobs) if req.logprobs else None,
-                    finish_reason=c.finish_reason,
+                    finish_reason=finish,
                     stop_reason=c.stop_reason,
                     token_ids=c.token_ids if req.return_token_ids else None,
-                )
-                for c in gen.choices
-            ]
+                ))
             return json_response(ChatCompletionResponse(id=gen.request_id, created=created, model=model, choices=choices, usage=Usage(**gen.usage())))
 
         def wrap(choice: ChatStreamChoice) -> str:
@@ -161,11 +173,15 @@ class Serving:
         def chunk(u: Update) -> str | None:
             lp = chat_logprobs(self.tt, u.token_ids, u.logprobs or []) if req.logprobs and u.token_ids else None
             ids = u.token_ids if req.return_token_ids else None
-            if not u.text and lp is None and not ids and not u.finished:
+            deltas, finish = outputs[u.choice.index].stream(u.text, u.choice.text, u.finished, u.choice.finish_reason)
+            if not deltas and lp is None and not ids and not u.finished:
                 return None
-            return wrap(ChatStreamChoice(
-                index=u.choice.index, delta={"content": u.text} if u.text else {}, logprobs=lp,
-                finish_reason=u.choice.finish_reason if u.finished else None,
+            # Several deltas (a tool call's name, then its arguments) are several chunks; the
+            # last carries the update's logprobs, token ids and finish reason.
+            heads = [wrap(ChatStreamChoice(index=u.choice.index, delta=d)) for d in deltas[:-1]]
+            return "".join(heads) + wrap(ChatStreamChoice(
+                index=u.choice.index, delta=deltas[-1] if deltas else {}, logprobs=lp,
+                finish_reason=finish if u.finished else None,
                 stop_reason=u.choice.stop_reason if u.finished else None,
                 token_ids=ids,
             ))
@@ -226,6 +242,16 @@ class Serving:
         )
 
     # ---- validation --------------------------------------------------------------------------
+    async def _constraint(self, c: Constraint | None, what: str | None = None) -> Constraint | None:
+        """`c`, once xgrammar compiles it (400 otherwise); large new ones off the event loop."""
+        if c is None:
+            return None
+        if self.grammars.cached(c) or len(c.text) <= INLINE_CHARS:
+            self.grammars.check(c, what)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.encoder.pool, self.grammars.check, c, what)
+        return c
+
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest) -> None:
         if req.model is not None and req.model != self.state.served_name:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.state.served_name}`", "model")
@@ -255,6 +281,7 @@ class Serving:
         logprobs: int | None,
         rename: dict[str, str],
         prompt_param: str,
+        constraint: Constraint | None = None,
     ) -> SamplingParams:
         """SamplingParams for one prompt; max_tokens defaults to the rest of the context."""
         rename = {"max_tokens": max_param, **rename}
@@ -274,6 +301,10 @@ class Serving:
             )
         except SamplingParamError as e:
             raise APIError(400, str(e), rename.get(e.param, e.param)) from None
+        try:
+            params = with_constraint(params, constraint)
+        except ValueError as e:  # the engine's own check of a grammar the gateway let through
+            raise APIError(400, str(e), constraint.param if constraint else None) from None
         limit, n_prompt = self.state.max_model_len, len(ids)
         if n_prompt >= limit:
             raise APIError(

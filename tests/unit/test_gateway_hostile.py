@@ -225,7 +225,7 @@ BAD = [  # (path, body, param or None)
     (CHAT_PATH, H(tools=[5]), "tools"),
     (CHAT_PATH, H(tools=[{"type": "function"}]), "tools"),
     (CHAT_PATH, H(response_format="json"), "response_format"),
-    (CHAT_PATH, H(response_format={"type": "json_object"}), "response_format"),
+    (CHAT_PATH, H(response_format={"type": "xml"}), "response_format"),
     (CHAT_PATH, H(n=129), "n"),
 ]
 
