@@ -17,13 +17,15 @@ from runtime.tokenizer.structured import ENGINE_HAS_GRAMMARS
 pytestmark = pytest.mark.skipif(not ENGINE_HAS_GRAMMARS, reason="the engine has no grammar support yet (issue 15)")
 
 MODEL = "tiny"
+# Strings bounded by a pattern, not maxLength: xgrammar 0.2.9 compiles maxLength strings to a
+# character class that admits raw control characters, which strict JSON parsers refuse.
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
-                   "likes": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 2}},
+    "properties": {"name": {"type": "string", "pattern": "^[A-Za-z ]{1,8}$"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                   "likes": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,6}$"}, "maxItems": 2}},
     "required": ["name", "age", "likes"],
 }
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "maximum": 9}},
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,10}$"}, "days": {"type": "integer", "maximum": 9}},
            "required": ["city", "days"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
