@@ -16,6 +16,7 @@ import torch
 from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
+from runtime.engine.grammar import GrammarCompiler, GrammarError
 from runtime.engine.h2d import to_device
 from runtime.engine.kv_pool import KVPool, OutOfPages
 from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
@@ -156,6 +157,9 @@ class EngineCore:
         tok = self.loaded.tokenizer
         if tok is not None and tok.eos_token_id is not None:
             self.eos_ids.add(tok.eos_token_id)
+        # Compiled once per distinct grammar; xgrammar allows the stop tokens only where the
+        # grammar may end.
+        self.grammars = GrammarCompiler(tok, mc.vocab_size, sorted(self.eos_ids), self.device)
         self.requests: dict[str, Req] = {}
         from runtime.decode.speculative import SpeculationPolicy, make_drafter
 
@@ -203,8 +207,10 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        grammar = self.grammars.matcher(params)  # GrammarError (a ValueError) when it does not compile
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Req(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed, arrival=self._arrivals)
+        req = Req(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed, arrival=self._arrivals,
+                  grammar=grammar)
         self._arrivals += 1
         self.scheduler.add(req)
         self.requests[rid] = req
@@ -224,14 +230,20 @@ class EngineCore:
         if prompt_hidden is not None and hidden_start + len(prompt_hidden) != len(prompt_ids):
             raise ValueError(f"{rid}: hidden states for positions {hidden_start}..{hidden_start + len(prompt_hidden) - 1}"
                              f" do not end at the prompt's last position {len(prompt_ids) - 1}")
+        grammar = self.grammars.matcher(params)
+        # The prefill worker sampled the first token under the same grammar; the matcher
+        # starts past it (_append then does not accept it again).
+        if grammar is not None and not grammar.accept(first_token):
+            raise GrammarError(grammar.param, f"{rid}: the first token {first_token} (from the prefill worker) "
+                               f"is not allowed by the request's {grammar.param}")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Req(rid=rid, prompt_ids=list(prompt_ids), params=params, seed=seed, arrival=self._arrivals,
-                  cached_tokens=cached_tokens)
+                  cached_tokens=cached_tokens, grammar=grammar)
         self._arrivals += 1
         self.requests[rid] = req
         self.scheduler.add_prefilled(req, pages)
         if prompt_hidden is not None and len(prompt_hidden) and self.drafter is not None \
-                and self.drafter.wants_prompt_hidden:
+                and self.drafter.wants_prompt_hidden and grammar is None:
             self.drafter.observe_prompt(req, hidden_start, prompt_hidden)
             self.drafter.observe(req, [first_token], prompt_hidden[-1:])
         kept, reason, stop_reason = self._append(req, [first_token])
@@ -269,11 +281,13 @@ class EngineCore:
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
             drafts, drafted = self._propose_or_skip()
-        trees = {rid: DraftTree.chain(d) if isinstance(d, list) else d for rid, d in (drafts or {}).items() if d}
+        trees = {rid: DraftTree.chain(d) if isinstance(d, list) else d for rid, d in (drafts or {}).items()
+                 if d and not self._constrained(rid)}
         batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
         outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
         for r in self.scheduler.ended:
             self.requests.pop(r.rid, None)
+            r.grammar = None
             if self.drafter is not None:
                 self.drafter.release(r)
         self.scheduler.ended.clear()
@@ -300,7 +314,7 @@ class EngineCore:
                 req = s.req
                 if all_hidden is not None and req.phase is Phase.PREFILL:
                     chunk = all_hidden[token_row : token_row + s.q_len]
-                    if drafter_wants:
+                    if drafter_wants and req.grammar is None:
                         self.drafter.observe_prompt(req, s.start, chunk)
                     if self.cfg.export_prompt_hidden:
                         req.keep_prompt_hidden(s.start, chunk.clone())
@@ -318,7 +332,7 @@ class EngineCore:
                     req.num_steps += 1
                     if self.drafter is not None:
                         self.accept_samples.append(len(tokens))
-                if self.drafter is not None:
+                if self.drafter is not None and req.grammar is None:
                     self.drafter.observe(req, tokens, rows)
                 kept, reason, stop_reason = self._append(req, tokens)
                 # KV is valid up to the token before the newest one (the last sampled token and
@@ -358,12 +372,29 @@ class EngineCore:
         self.num_forwards += 1
         self._maybe_inject_alloc_failure(batch)
         sampled = [s for s in batch.seqs if s.num_logits]
+        self._mask_grammar_rows(sampled, logits)
         if seq_trees:
             accepted = self._accept(sampled, seq_trees, logits, hidden)
             self._compact_tree_kv(sampled, seq_trees, accepted)
         else:
             accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
         return logits, hidden, all_hidden, accepted
+
+    def _mask_grammar_rows(self, sampled: list[ScheduledSeq], logits: torch.Tensor) -> None:
+        """Mask, in place, the logits rows of constrained requests to what their grammar
+        allows next (before greedy argmax, sampling or verification alike). Constrained
+        requests never draft, so each has one row. Changes no request (a step run again
+        after an allocation failure masks the same way)."""
+        rows, row = [], 0
+        for s in sampled:
+            if s.req.grammar is not None:
+                rows.append((row, s.req.grammar))
+            row += s.num_logits
+        self.grammars.mask_logits(logits, rows)
+
+    def _constrained(self, rid: str) -> bool:
+        req = self.requests.get(rid)
+        return req is not None and req.grammar is not None
 
     def _maybe_inject_alloc_failure(self, batch: Batch) -> None:
         """TEST ONLY (RUNTIME_TEST_FAIL_ALLOC): fail this forward as CUDA would when its
@@ -477,7 +508,8 @@ class EngineCore:
 
     def _propose(self) -> tuple[Drafts, int]:
         """Drafts for this step's decoding requests, and the policy's k (0: no drafting)."""
-        reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE]
+        # Constrained requests do not draft (drafts would need checking against the grammar).
+        reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE and r.grammar is None]
         k = self.policy.num_draft_tokens(len(reqs))
         if not k or not reqs:
             return {}, 0
@@ -499,6 +531,7 @@ class EngineCore:
     def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:
         self.scheduler.finish(req, reason, stop_reason)
         self.requests.pop(req.rid, None)
+        req.grammar = None
         if self.drafter is not None:
             self.drafter.release(req)
 
@@ -649,14 +682,24 @@ class EngineCore:
 
     def _append(self, req: Req, tokens: list[int]) -> tuple[list[int], str | None, int | None]:
         """Append sampled tokens up to the first stop condition; returns (kept tokens,
-        finish reason or None, the stop token id if one ended it)."""
+        finish reason or None, the stop token id if one ended it). A constrained request's
+        matcher accepts each token once (tokens it accepted already, the first token of
+        add_prefilled, are not accepted again) and ends the request when its grammar is
+        complete: xgrammar allows a stop token only where the grammar may end."""
         p = req.params
+        g = req.grammar
         for i, t in enumerate(tokens):
+            if g is not None and len(req.output_ids) >= g.num_accepted and not g.accept(t):
+                # Only a row whose every token was masked gets here (a bug, not bad input).
+                log.warning("%s: token %d is not allowed by the request's %s; ending it", req.rid, t, g.param)
+                return tokens[:i], "stop", None
             req.output_ids.append(t)
             n = len(req.output_ids)
             if n >= p.min_tokens and not p.ignore_eos and t in self.eos_ids:
                 return tokens[: i + 1], "stop", t
             if n >= p.min_tokens and t in p.stop_token_ids:
+                return tokens[: i + 1], "stop", t
+            if g is not None and g.terminated:
                 return tokens[: i + 1], "stop", t
             if n >= p.max_tokens or req.seq_len >= self.max_model_len:
                 return tokens[: i + 1], "length", None

@@ -50,6 +50,9 @@ class Req:
     # computed here (chunks, consecutive from prompt_hidden_start), for a decode worker's drafter.
     prompt_hidden: list[Any] = field(default_factory=list)
     prompt_hidden_start: int = 0
+    # The grammar matcher of a constrained request (runtime.engine.grammar.RequestGrammar):
+    # it has accepted exactly output_ids; None when unconstrained or finished.
+    grammar: Any = None
 
     def keep_prompt_hidden(self, start: int, chunk: Any) -> None:
         """Add the hidden states of positions start..start+len(chunk)-1; a chunk that does

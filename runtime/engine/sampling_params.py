@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The grammar fields (at most one per request), in the order they are checked.
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +25,11 @@ class SamplingParams:
     min_tokens: int = 0
     n: int = 1
     skip_special_tokens: bool = True
+    # Grammar-constrained decoding (runtime/engine/grammar.py), at most one: a JSON Schema as
+    # JSON text (OpenAI's json_object is '{"type": "object"}'), a regex, or xgrammar EBNF.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +56,12 @@ class SamplingParams:
         for name, ok, why in checks:
             if not ok:
                 raise SamplingParamError(name, f"{name} {why} (got {getattr(self, name)!r})")
+        given = [name for name in GRAMMAR_FIELDS if getattr(self, name) is not None]
+        for name in given:
+            if not isinstance(getattr(self, name), str):
+                raise SamplingParamError(name, f"{name} must be a string (got {type(getattr(self, name)).__name__})")
+        if len(given) > 1:
+            raise SamplingParamError(given[1], f"at most one of json_schema, regex and ebnf may be set (got {', '.join(given)})")
 
     @property
     def greedy(self) -> bool:
