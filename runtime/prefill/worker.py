@@ -64,8 +64,8 @@ class PrefillWorker(Worker):
         params = replace(params_from_dict(t.params), max_tokens=1, stop=[], n=1)
         try:
             req = self.core.add_request(t.rid, t.prompt_ids, params)
-        except ValueError as e:
-            await self._fail_task(t, f"prefill rejected the request: {e}")
+        except ValueError as e:  # bad input (a grammar that does not compile): the client's 400
+            await self._fail_task(t, f"prefill rejected the request: {e}", 400)
             return
         req.hold_kv = True
         job = self.jobs[t.room] = Job(t, req)
@@ -162,8 +162,8 @@ class PrefillWorker(Worker):
             log.warning("prefill %d: request %s failed: %s", self.id, t.rid, error)
         self._drop(job)
 
-    async def _fail_task(self, t: PrefillTask, error: str) -> None:
-        await self.peer(t.decode_addr).send(KVDone(t.room, t.rid, False, error, -1, None, 0, b""))
+    async def _fail_task(self, t: PrefillTask, error: str, code: int = 500) -> None:
+        await self.peer(t.decode_addr).send(KVDone(t.room, t.rid, False, error, -1, None, 0, b"", code=code))
         await self.controller.send(TaskDone(t.rid, self.role, self.id, False, False))
 
     def _drop(self, job: Job) -> None:
