@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from runtime.engine.request import TokenLogprob
 from runtime.engine.sampling_params import SamplingParams
 from runtime.ipc import message
 
@@ -94,6 +95,11 @@ class KVDone:
     hidden_start: int = 0
     hidden_dtype: str = ""
     code: int = 500  # when not ok: the HTTP status for the client (503: the prefill step ran out of memory)
+
+
+def logprob_to_wire(lp: TokenLogprob | None) -> list | None:
+    """A sampled token's logprob as TokenDelta / KVDone carry it: [logprob, [[id, logprob], ...]]."""
+    return None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
 
 
 # ---- decode worker -> gateway ------------------------------------------------------------

@@ -19,9 +19,8 @@ from runtime.engine.core import alloc_failure_detail, is_alloc_failure
 from runtime.engine.request import TokenLogprob
 from runtime.messages import (
     AbortTask, DecodeTask, GenerateTask, KVDestination, KVDone, RequestError, Streaming, TaskDone,
-    TokenDelta, TokenDeltas, params_from_dict,
+    TokenDelta, TokenDeltas, logprob_to_wire, params_from_dict,
 )
-from runtime.prefill.worker import logprob_to_wire
 from runtime.transfer import TransferState, make_transfer
 from runtime.worker_base import Worker
 

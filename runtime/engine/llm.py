@@ -10,7 +10,7 @@ from runtime.config import EngineConfig
 from runtime.engine.core import EngineCore
 from runtime.engine.request import Req, TokenLogprob
 from runtime.engine.sampling_params import SamplingParams
-from runtime.tokenizer.detokenizer import IncrementalDetokenizer
+from runtime.engine.detokenizer import IncrementalDetokenizer
 
 Prompt = str | Sequence[int]
 

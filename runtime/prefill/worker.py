@@ -16,18 +16,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from runtime.config import ClusterConfig
-from runtime.engine.request import Req, TokenLogprob
+from runtime.engine.request import Req
 from runtime.messages import (
-    AbortTask, KVDestination, KVDone, PrefillTask, TaskDone, params_from_dict,
+    AbortTask, KVDestination, KVDone, PrefillTask, TaskDone, logprob_to_wire, params_from_dict,
 )
 from runtime.transfer import TransferState, make_transfer
 from runtime.worker_base import Worker
 
 log = logging.getLogger("runtime.prefill")
-
-
-def logprob_to_wire(lp: TokenLogprob | None) -> list | None:
-    return None if lp is None else [lp.logprob, [list(t) for t in lp.top]]
 
 
 @dataclass

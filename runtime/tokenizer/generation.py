@@ -13,7 +13,7 @@ from typing import Any
 
 from runtime.engine.sampling_params import SamplingParams
 from runtime.messages import RequestError, TokenDelta, params_to_dict
-from runtime.tokenizer.detokenizer import IncrementalDetokenizer
+from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.tokenizer.protocol import APIError
 from runtime.tokenizer.state import GatewayState, Ticket
 

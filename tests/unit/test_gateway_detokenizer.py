@@ -9,7 +9,7 @@ import random
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from runtime.tokenizer.detokenizer import IncrementalDetokenizer
+from runtime.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -6,15 +6,12 @@ script); the pytest process only checks the wrapper's input validation.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.unit._interp import run_cases, run_self_interpreted  # noqa: E402
 
 
 def _case(
@@ -97,25 +94,12 @@ CASES = [
 
 
 def _main() -> int:
-    failures = []
-    for case in CASES:
-        msg = _case(*case)
-        if msg:
-            failures.append(msg)
-        print(f"{case[0]}: {msg or 'ok'}", flush=True)
-    if failures:
-        print("FAILED:\n" + "\n".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return run_cases(CASES, _case)
 
 
 def test_paged_decode_matches_torch_reference_under_interpreter() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_self_interpreted(__file__, timeout=300)
 
 
 def _inputs(bsz: int = 2, hq: int = 4, hkv: int = 2, d: int = 16, ps: int = 4) -> dict:
