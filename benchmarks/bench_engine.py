@@ -116,7 +116,10 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="16")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--attention-backend", default="auto",
+                    help="one backend, or several comma-separated: each runs in this process against the same "
+                         "transformers baseline")
+    ap.add_argument("--max-batch-tokens", type=int, default=None, help="the scheduler's prefill chunk (tokens per step)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", default="bench_engine.json")
@@ -128,8 +131,11 @@ def main() -> None:
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(PRESETS[a.preset], f)
         model, load_format = folder, "dummy"
-    engine = Engine(model, device=a.device, dtype=a.dtype, load_format=load_format,
-                    attention_backend=a.attention_backend, kv_cache_tokens=a.kv_cache_tokens)
+    backends = a.attention_backend.split(",")
+    opts = dict(device=a.device, dtype=a.dtype, load_format=load_format, kv_cache_tokens=a.kv_cache_tokens)
+    if a.max_batch_tokens:
+        opts["max_batch_tokens"] = a.max_batch_tokens
+    engine = Engine(model, attention_backend=backends[0], **opts)
     device = engine.core.device
     dtype = resolve_dtype(a.dtype, device)
     cfg = engine.core.model_config
@@ -145,35 +151,48 @@ def main() -> None:
         else:
             hf = reference_hf_model(engine.core.loaded.path, dtype).to(device)
     bw = copy_bandwidth(device) if device.type == "cuda" else None
-    rows = []
-    for bs in [int(x) for x in a.batch_sizes.split(",")]:
-        prompts = prompts_for(bs, a.input_len, cfg.vocab_size, seed=bs)
-        e = bench_engine(engine, prompts, a.output_len)
-        h = bench_hf(hf, prompts, a.output_len, device) if hf is not None else None
-        row = dict(batch=bs, engine=e, hf=h, speedup=e["tok_s"] / h["tok_s"] if h else None)
-        if bw:
-            # Reading every weight once per step at the measured copy bandwidth (bytes read +
-            # written per second: a pure read stream moves about as many bytes per second).
-            row["floor_step_ms"] = 1000 * weight_bytes / bw
-            row["step_over_floor"] = e["step_ms_median"] / row["floor_step_ms"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
+    hf_rows = {bs: bench_hf(hf, prompts_for(bs, a.input_len, cfg.vocab_size, seed=bs), a.output_len, device)
+               for bs in batch_sizes} if hf is not None else {}
+    rows, attention = [], []
+    for i, backend in enumerate(backends):
+        if i:
+            engine.shutdown()
+            del engine
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+            engine = Engine(model, attention_backend=backend, **opts)
+        attention.append(engine.core.attn.name)
+        for bs in batch_sizes:
+            e = bench_engine(engine, prompts_for(bs, a.input_len, cfg.vocab_size, seed=bs), a.output_len)
+            h = hf_rows.get(bs)
+            row = dict(attention=engine.core.attn.name, batch=bs, engine=e, hf=h,
+                       speedup=e["tok_s"] / h["tok_s"] if h else None)
+            if bw:
+                # Reading every weight once per step at the measured copy bandwidth (bytes read +
+                # written per second: a pure read stream moves about as many bytes per second).
+                row["floor_step_ms"] = 1000 * weight_bytes / bw
+                row["step_over_floor"] = e["step_ms_median"] / row["floor_step_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     result = dict(
         model=engine.core.loaded.name, preset=a.preset, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        dtype=str(dtype), attention=engine.core.attn.name, input_len=a.input_len, output_len=a.output_len,
+        dtype=str(dtype), attention=attention, input_len=a.input_len, output_len=a.output_len,
+        max_batch_tokens=engine.core.cfg.max_batch_tokens,
         weight_bytes=weight_bytes, copy_bandwidth_Bps=bw, rows=rows,
     )
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{result['model']} on {result['device_name']} ({result['dtype']}, attention={result['attention']}), "
-          f"input {a.input_len}, output {a.output_len}")
-    print(f"{'batch':>5} {'engine tok/s':>13} {'HF tok/s':>10} {'speedup':>8} {'step ms':>8} {'floor ms':>9}")
+    print(f"\n{result['model']} on {result['device_name']} ({result['dtype']}), "
+          f"input {a.input_len}, output {a.output_len}, max_batch_tokens {result['max_batch_tokens']}")
+    print(f"{'attention':>10} {'batch':>5} {'engine tok/s':>13} {'HF tok/s':>10} {'speedup':>8} {'prefill s':>9} "
+          f"{'step ms':>8} {'floor ms':>9}")
     for r in rows:
         hf_s = f"{r['hf']['tok_s']:10.1f}" if r["hf"] else f"{'-':>10}"
         sp = f"{r['speedup']:7.2f}x" if r["speedup"] else f"{'-':>8}"
         fl = f"{r['floor_step_ms']:9.2f}" if "floor_step_ms" in r else f"{'-':>9}"
-        print(f"{r['batch']:>5} {r['engine']['tok_s']:13.1f} {hf_s} {sp} {r['engine']['step_ms_median']:8.2f} {fl}")
+        print(f"{r['attention']:>10} {r['batch']:>5} {r['engine']['tok_s']:13.1f} {hf_s} {sp} "
+              f"{r['engine']['prefill_s']:9.3f} {r['engine']['step_ms_median']:8.2f} {fl}")
     engine.shutdown()
 
 

@@ -48,6 +48,8 @@ CASES = [
     Case("smollm2_64x1024", 64, 1024, 9, 3, 64, 30),
     Case("llama8b_1x4096", 1, 4096, 32, 8, 128, 32),
     Case("llama8b_32x2048", 32, 2048, 32, 8, 128, 32),
+    # Serving at concurrency 256, 1024-token prompts half-way through 256 new tokens.
+    Case("llama8b_256x1152", 256, 1152, 32, 8, 128, 32),
 ]
 
 
@@ -119,9 +121,46 @@ def _flashinfer_decode(c: Case, s: dict):
     return lambda: wrapper.run(s["q"], (s["k"], s["v"]), out=out)
 
 
+def _sweep(c: Case, s: dict, peak: float) -> list[dict]:
+    """Graph time of each launch configuration of the split kernel on this case, best first."""
+    import kernels.paged_decode as pd
+
+    chosen = pd._launch_config
+    out = torch.empty_like(s["q"])
+    base = default_num_splits(c.batch, c.hkv, s["q"].device, c.kv_len)
+    found = []
+    try:
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    for splits in sorted({1, 2, base}):
+                        pd._launch_config = lambda _d, cfg=(block_n, warps, stages): cfg
+                        try:
+                            ms = time_graph(lambda: paged_decode(s["q"], s["k"], s["v"], s["table"], s["lens"],
+                                                                 s["scale"], out=out, num_splits=splits), reps=50)
+                        except Exception as e:  # out of shared memory for this tile
+                            print(f"  skip {block_n}/{warps}/{stages}/{splits}: {str(e).splitlines()[0][:80]}")
+                            torch.cuda.synchronize()
+                            continue
+                        found.append(dict(case=asdict(c), impl="sweep", block_n=block_n, num_warps=warps,
+                                          num_stages=stages, num_splits=splits, graph_time_us=ms * 1e3,
+                                          fraction_of_copy_bw=s["kv_bytes"] / (ms * 1e-3) / peak))
+    finally:
+        pd._launch_config = chosen
+    found.sort(key=lambda r: r["graph_time_us"])
+    print(f"{c.name} sweep, best 8 of {len(found)} (BLOCK_N/warps/stages/splits: us, % copy bw):")
+    for r in found[:8]:
+        print(f"   {r['block_n']}/{r['num_warps']}/{r['num_stages']}/{r['num_splits']}: "
+              f"{r['graph_time_us']:.1f} us, {100 * r['fraction_of_copy_bw']:.0f}%")
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="bench_paged_decode.json")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time every (BLOCK_N, warps, stages, splits) of the split kernel per case")
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -135,7 +174,8 @@ def main() -> None:
               f"{'eager us':>9}")
     print(header)
     print("-" * len(header))
-    for c in CASES:
+    cases = [c for c in CASES if args.cases is None or c.name in args.cases.split(",")]
+    for c in cases:
         s = _setup(c)
         out = torch.empty_like(s["q"])
         splits = default_num_splits(c.batch, c.hkv, s["q"].device, c.kv_len)
@@ -165,6 +205,10 @@ def main() -> None:
             graph = f"{ms * 1e3:>9.1f}" if ms else f"{'n/a':>9}"
             print(f"{c.name:<18} {impl:<18} {str(n_split or '-'):>6} {graph} {bw / 1e12:>6.2f} "
                   f"{100 * bw / peak:>8.0f}% {eager_ms * 1e3:>9.1f}")
+        if args.sweep:
+            rows.extend(_sweep(c, s, peak))
+        del s
+        torch.cuda.empty_cache()
     result = dict(gpu=gpu, torch=torch.__version__, triton=importlib.import_module("triton").__version__,
                   copy_bandwidth_bytes_per_s=peak, rows=rows)
     Path(args.json).write_text(json.dumps(result, indent=2))

@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--specs", default="none,eagle:chain,eagle:8x48,ngram")
+    ap.add_argument("--kv-cache-tokens", type=int, default=65536,
+                    help="at least batch x (prompt-len + steps + 64), or the steps queue instead of decoding")
     ap.add_argument("--num-draft-tokens", type=int, default=5)
     ap.add_argument("--host-profile", action="store_true", help="also print a cProfile of the steps")
     ap.add_argument("--out", default=None)
@@ -108,7 +110,8 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix=f"runtime-{a.preset}-")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(PRESETS[a.preset], f)
-    base = dict(model=folder, load_format="dummy", dtype="bfloat16", max_model_len=4096, kv_cache_tokens=65536)
+    base = dict(model=folder, load_format="dummy", dtype="bfloat16", max_model_len=4096,
+                kv_cache_tokens=a.kv_cache_tokens)
     head = None
     results = {}
     for spec in a.specs.split(","):
