@@ -30,9 +30,9 @@ _VARS = {
         "RUNTIME_ATTENTION_BACKEND", "auto", "auto | torch | triton | flashinfer"
     ),
     "gemv": _Var(
-        "RUNTIME_GEMV", "off",
-        "auto | off: auto runs the model's projections for at most 16 rows (decode; CUDA, bf16/fp16) with "
-        "kernels/gemv.py instead of cuBLAS (issue 14)",
+        "RUNTIME_GEMV", "attn",
+        "auto | attn | off: auto runs the model's projections for at most 16 rows (decode; CUDA, bf16/fp16) "
+        "with kernels/gemv.py instead of cuBLAS, attn only the attention block's (qkv_proj, o_proj) (issue 14)",
     ),
     "log_level": _Var("RUNTIME_LOG_LEVEL", "info", "default log level"),
     "cuda_visible_devices": _Var(

@@ -323,17 +323,18 @@ class EngineCore:
                     self.scheduler.advance(s, s.start + s.q_len)
                     continue
                 tokens, logprobs, path = accepted[req.rid]
-                if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run: a view
-                    rows = hidden[row + path[0] : row + path[0] + len(path)]
-                else:
-                    rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
-                row += s.num_logits
                 if req.phase is Phase.DECODE:
                     req.num_steps += 1
                     if self.drafter is not None:
                         self.accept_samples.append(len(tokens))
                 if self.drafter is not None and req.grammar is None:
+                    # Views only where a drafter reads them: a few us each, per request per step.
+                    if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run
+                        rows = hidden[row + path[0] : row + path[0] + len(path)]
+                    else:
+                        rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
                     self.drafter.observe(req, tokens, rows)
+                row += s.num_logits
                 kept, reason, stop_reason = self._append(req, tokens)
                 # KV is valid up to the token before the newest one (the last sampled token and
                 # the accepted drafts were inputs of this forward; the bonus token was not).

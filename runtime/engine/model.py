@@ -49,27 +49,28 @@ def fused_kernels(x: torch.Tensor) -> bool:
     return _KERNELS
 
 
-_GEMV: bool | None = None  # RUNTIME_GEMV=auto and kernels/gemv.py imports; read on first CUDA use
+_GEMV: str | None = None  # RUNTIME_GEMV ("off" without kernels/gemv.py); read on first CUDA use
 
 
-def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """module(x); with RUNTIME_GEMV=auto, a decode-shaped x (at most 16 rows, CUDA half
-    precision, no autograd: gemv_serves) runs kernels/gemv.py's single-pass kernel, which
-    reads the weight once with no split-K reduce launch (issue 14). CPU never gets here."""
+def linear(module: nn.Linear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
+    """module(x); with RUNTIME_GEMV=auto (or =attn, for the attention block's projections
+    alone), a decode-shaped x (at most 16 rows, CUDA half precision, no autograd:
+    gemv_serves) runs kernels/gemv.py's single-pass kernel, which reads the weight once with
+    no split-K reduce launch (issue 14). CPU never gets here."""
     global _GEMV
     if not x.is_cuda:
         return module(x)
     if _GEMV is None:
         mode = ENV.gemv
-        if mode not in ("auto", "off"):
-            raise ValueError(f"RUNTIME_GEMV must be 'auto' or 'off', got {mode!r}")
+        if mode not in ("auto", "attn", "off"):
+            raise ValueError(f"RUNTIME_GEMV must be 'auto', 'attn' or 'off', got {mode!r}")
         try:
             import kernels.gemv  # noqa: F401
 
-            _GEMV = mode == "auto"
+            _GEMV = mode
         except Exception:  # no Triton: stay on torch
-            _GEMV = False
-    if _GEMV:
+            _GEMV = "off"
+    if _GEMV == "auto" or (_GEMV == "attn" and attn_block):
         from kernels.gemv import gemv, gemv_serves
 
         if gemv_serves(x, module.weight):
@@ -188,7 +189,7 @@ class Attention(nn.Module):
         """x [..., hidden] -> q [..., q_size], k, v [..., kv_size], fused or not."""
         cfg = self.cfg
         if hasattr(self, "qkv_proj"):
-            return linear(self.qkv_proj, x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            return linear(self.qkv_proj, x, attn_block=True).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
@@ -198,9 +199,10 @@ class Attention(nn.Module):
         if hasattr(self, "qkv_proj") and x.dim() == 2 and fused_kernels(x):
             from kernels.rope_kv import rope_store_kv
 
-            q = rope_store_kv(linear(self.qkv_proj, x), *rope, k_cache, v_cache, ctx.out_slots,
+            q = rope_store_kv(linear(self.qkv_proj, x, attn_block=True), *rope, k_cache, v_cache, ctx.out_slots,
                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-            return linear(self.o_proj, ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size))
+            attn = ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size)
+            return linear(self.o_proj, attn, attn_block=True)
         q, k, v = self.project(x)
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -211,7 +213,7 @@ class Attention(nn.Module):
         k_cache[page, slot] = k
         v_cache[page, slot] = v
         out = ctx.attn.forward(q, k_cache, v_cache, self.scale)
-        return linear(self.o_proj, out.reshape(t, cfg.q_size))
+        return linear(self.o_proj, out.reshape(t, cfg.q_size), attn_block=True)
 
 
 class MLP(nn.Module):

@@ -77,6 +77,19 @@ def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_s
         pages = s.req.pages
         tree = drafts.get(s.req.rid)
         first = len(r.tokens)
+        if tree is None and s.q_len == 1:  # plain decode, the common row: no per-row lists
+            p = s.start
+            r.tokens.append(s.req.token_at(p))
+            r.positions.append(p)
+            r.q_lens.append(1)
+            r.kv_lens.append(p + 1)
+            r.tree_start.append(p + 1)
+            r.page_lists.append(pages)
+            r.tree_bits.append(0)
+            r.slots.append(pages[p // ps] * ps + p % ps)
+            if s.num_logits:
+                r.logit_rows.append(first)
+            continue
         if tree is not None:
             if s.q_len != 1 + len(tree):
                 raise ValueError(f"{s.req.rid}: {s.q_len} rows scheduled for a tree of {len(tree)} nodes")
@@ -107,9 +120,8 @@ def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_s
             r.tree_start += [base] * s.q_len
             r.page_lists += [pages] * s.q_len
         else:
-            ids = s.req.all_ids
             slot_pos = range(s.start, s.start + s.q_len)
-            r.tokens += ids[s.start : s.start + s.q_len]
+            r.tokens += s.req.ids_between(s.start, s.start + s.q_len)
             r.positions += slot_pos
             if s.q_len <= max_decode_q:
                 r.q_lens += [1] * s.q_len

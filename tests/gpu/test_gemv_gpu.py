@@ -116,15 +116,18 @@ def test_model_linear_routes_decode_rows_to_gemv(monkeypatch: pytest.MonkeyPatch
 
     lin = torch.nn.Linear(576, 960, bias=True, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        monkeypatch.setattr(model, "_GEMV", True)
+        monkeypatch.setattr(model, "_GEMV", "auto")
         x = torch.randn(4, 576, device="cuda").to(torch.bfloat16)
         assert torch.equal(model.linear(lin, x), gemv(x, lin.weight, lin.bias))
         wide = torch.randn(32, 576, device="cuda").to(torch.bfloat16)  # a prefill: torch's GEMM
         assert torch.equal(model.linear(lin, wide), lin(wide))
-        monkeypatch.setattr(model, "_GEMV", False)
+        monkeypatch.setattr(model, "_GEMV", "attn")  # the attention block's projections only
+        assert torch.equal(model.linear(lin, x, attn_block=True), gemv(x, lin.weight, lin.bias))
+        assert torch.equal(model.linear(lin, x), lin(x))
+        monkeypatch.setattr(model, "_GEMV", "off")
         assert torch.equal(model.linear(lin, x), lin(x))
     with torch.enable_grad():  # autograd (train-draft) stays on torch
-        monkeypatch.setattr(model, "_GEMV", True)
+        monkeypatch.setattr(model, "_GEMV", "auto")
         y = model.linear(lin, x)
         assert y.requires_grad and torch.equal(y, lin(x))
 
@@ -135,5 +138,5 @@ def test_model_linear_rejects_a_bad_switch(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(model, "_GEMV", None)
     monkeypatch.setenv("RUNTIME_GEMV", "on")
     lin = torch.nn.Linear(16, 8, device="cuda")
-    with pytest.raises(ValueError, match="RUNTIME_GEMV must be 'auto' or 'off', got 'on'"):
+    with pytest.raises(ValueError, match="RUNTIME_GEMV must be 'auto', 'attn' or 'off', got 'on'"):
         model.linear(lin, torch.randn(1, 16, device="cuda"))
