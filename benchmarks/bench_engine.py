@@ -52,7 +52,9 @@ def prompts_for(batch: int, input_len: int, vocab: int, seed: int) -> list[list[
 def bench_engine(engine: Engine, prompts: list[list[int]], output_len: int) -> dict:
     core = engine.core
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    engine.generate([p[:8] for p in prompts[:2]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    # Warm-up with a short and a full-length prompt: a backend's prefill kernels JIT-build or
+    # autotune on first use (flashinfer's sm90 prefill: ~75 s), which must not be timed.
+    engine.generate([prompts[0][:8], prompts[-1]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     core.cache.reset()
     reqs = [core.add_request(f"b{i}-{time.monotonic_ns()}", p, params) for i, p in enumerate(prompts)]
     sync(core.device)
