@@ -151,7 +151,9 @@ def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(folder: str, out: Path) -> None:
+def _write_tiny_gguf(folder: str, out: Path, quantize=None) -> None:
+    """The folder's model as a GGUF with llama.cpp's names and q/k permutation; `quantize`
+    (GGUF name, fp32 array) -> (data, block type or None) stores chosen tensors as blocks."""
     gguf = pytest.importorskip("gguf")
     cfg = json.loads((Path(folder) / "config.json").read_text())
     tok = json.loads((Path(folder) / "tokenizer.json").read_text())
@@ -194,7 +196,9 @@ def _write_tiny_gguf(folder: str, out: Path) -> None:
             a = _permute_for_gguf(a, cfg["num_attention_heads"])
         elif part == "self_attn.k_proj":
             a = _permute_for_gguf(a, cfg["num_key_value_heads"])
-        w.add_tensor(f"blk.{i}.{layer[part]}.weight", np.ascontiguousarray(a))
+        name = f"blk.{i}.{layer[part]}.weight"
+        data, qtype = quantize(name, np.ascontiguousarray(a)) if quantize else (np.ascontiguousarray(a), None)
+        w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

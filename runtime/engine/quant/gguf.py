@@ -57,14 +57,14 @@ def declared_scheme(reader) -> str:
 def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row permutation (HF's rotate-half layout back)."""
     n = rows.shape[0]
-    return rows.reshape(n_head, 2, n // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+    return rows.reshape(n_head, n // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def _blocks(raw: np.ndarray, kind: str) -> QWeight:
     """raw uint8 [N, bytes per row] of Q4_0 / Q4_1 / Q8_0 blocks -> QWeight."""
     n = raw.shape[0]
     size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
-    b = torch.from_numpy(np.ascontiguousarray(raw)).view(n, -1, size)  # [N, K/32, block bytes]
+    b = torch.from_numpy(np.array(raw, dtype=np.uint8)).view(n, -1, size)  # [N, K/32, block bytes]
     d = b[..., 0:2].contiguous().view(torch.float16)[..., 0].float()  # [N, K/32]
     if kind == "Q8_0":
         q = b[..., 2:].contiguous().view(torch.int8).reshape(n, -1)
@@ -100,5 +100,5 @@ def read_tensors(path: str, n_heads: int, n_kv_heads: int, keep_blocks: bool) ->
         a = a.reshape(tuple(int(x) for x in reversed(t.shape)))  # GGUF lists ne innermost first
         if heads and a.ndim >= 1:
             a = _unpermute(a, heads)
-        out[name] = torch.from_numpy(np.ascontiguousarray(a))
+        out[name] = torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy, off the mmap
     return out, declared_scheme(reader)

@@ -54,7 +54,7 @@ def fuse_payloads(parts: list[Payload]) -> Payload:
         return parts[0]
     first = parts[0]
     if isinstance(first, QWeight) and all(isinstance(p, QWeight) and p.kind == first.kind for p in parts):
-        widths = {tuple(t.shape[1] for t in p.tensors) for p in parts}  # type: ignore[union-attr]
+        widths = {tuple(t.shape[1:] for t in p.tensors) for p in parts}  # type: ignore[union-attr]
         if len(widths) == 1:
             return QWeight(first.kind, tuple(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))))  # type: ignore[union-attr]
     if all(isinstance(p, torch.Tensor) for p in parts):
