@@ -93,6 +93,11 @@ def bench_hf(hf: torch.nn.Module, prompts: list[list[int]], output_len: int, dev
     return dict(tok_s=new / total, total_s=total, step_ms=1000 * total / output_len)
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight, dense parameters and quantized layers' buffers alike."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device-memory bandwidth (bytes read + written per second)."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -117,6 +122,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--quantization", default="auto", help="auto | none | fp8 | int8 | int4 (quantized at load)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", default="bench_engine.json")
@@ -129,11 +135,12 @@ def main() -> None:
             json.dump(PRESETS[a.preset], f)
         model, load_format = folder, "dummy"
     engine = Engine(model, device=a.device, dtype=a.dtype, load_format=load_format,
-                    attention_backend=a.attention_backend, kv_cache_tokens=a.kv_cache_tokens)
+                    attention_backend=a.attention_backend, kv_cache_tokens=a.kv_cache_tokens,
+                    quantization=a.quantization)
     device = engine.core.device
     dtype = resolve_dtype(a.dtype, device)
     cfg = engine.core.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.core.loaded.model.parameters())
+    weight_bytes = model_bytes(engine.core.loaded.model)
     hf = None
     if not a.no_hf:
         if a.preset:  # the same random weights, so both compute the same function
@@ -161,7 +168,7 @@ def main() -> None:
     result = dict(
         model=engine.core.loaded.name, preset=a.preset, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        dtype=str(dtype), attention=engine.core.attn.name, input_len=a.input_len, output_len=a.output_len,
+        dtype=str(dtype), quantization=engine.core.loaded.model.quantization, attention=engine.core.attn.name, input_len=a.input_len, output_len=a.output_len,
         weight_bytes=weight_bytes, copy_bandwidth_Bps=bw, rows=rows,
     )
     with open(a.out, "w") as f:
