@@ -95,6 +95,11 @@ def bench_hf(hf: torch.nn.Module, prompts: list[list[int]], output_len: int, dev
     return dict(tok_s=new / total, total_s=total, step_ms=1000 * total / output_len)
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every weight, dense parameters and quantized layers' buffers alike."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device-memory bandwidth (bytes read + written per second)."""
     x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -122,6 +127,7 @@ def main() -> None:
                     help="one backend, or several comma-separated: each runs in this process against the same "
                          "transformers baseline")
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="the scheduler's prefill chunk (tokens per step)")
+    ap.add_argument("--quantization", default="auto", help="auto | none | fp8 | int8 | int4 (quantized at load)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", default="bench_engine.json")
@@ -134,14 +140,15 @@ def main() -> None:
             json.dump(PRESETS[a.preset], f)
         model, load_format = folder, "dummy"
     backends = a.attention_backend.split(",")
-    opts = dict(device=a.device, dtype=a.dtype, load_format=load_format, kv_cache_tokens=a.kv_cache_tokens)
+    opts = dict(device=a.device, dtype=a.dtype, load_format=load_format, kv_cache_tokens=a.kv_cache_tokens,
+                quantization=a.quantization)
     if a.max_batch_tokens:
         opts["max_batch_tokens"] = a.max_batch_tokens
     engine = Engine(model, attention_backend=backends[0], **opts)
     device = engine.core.device
     dtype = resolve_dtype(a.dtype, device)
     cfg = engine.core.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.core.loaded.model.parameters())
+    weight_bytes = model_bytes(engine.core.loaded.model)
     hf = None
     if not a.no_hf:
         if a.preset:  # the same random weights, so both compute the same function
@@ -179,8 +186,8 @@ def main() -> None:
     result = dict(
         model=engine.core.loaded.name, preset=a.preset, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        dtype=str(dtype), attention=attention, input_len=a.input_len, output_len=a.output_len,
-        max_batch_tokens=engine.core.cfg.max_batch_tokens,
+        dtype=str(dtype), quantization=engine.core.loaded.model.quantization, attention=attention,
+        input_len=a.input_len, output_len=a.output_len, max_batch_tokens=engine.core.cfg.max_batch_tokens,
         weight_bytes=weight_bytes, copy_bandwidth_Bps=bw, rows=rows,
     )
     with open(a.out, "w") as f:

@@ -6,7 +6,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from runtime.config import ATTENTION_BACKENDS, DEVICES, DTYPES, LOAD_FORMATS, SPECULATIVE, ClusterConfig
+from runtime.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, INT4_GROUP_SIZES, LOAD_FORMATS, QUANTIZATIONS,
+                            SPECULATIVE, ClusterConfig)
 from runtime.env import ENV
 
 
@@ -16,6 +17,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATIONS,
+                   help="auto: what the checkpoint declares (FP8 config on CUDA, GGUF Q4_0/Q4_1/Q8_0 on CPU), "
+                        "else none; fp8: e4m3 weights, per-token activation scales (CUDA); int8/int4: CPU "
+                        "weight-only. Dense weights are quantized at load")
+    p.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from memory)")
@@ -41,6 +47,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         device=a.device,
         dtype=a.dtype,
         load_format=a.load_format,
+        quantization=a.quantization,
+        int4_group_size=a.int4_group_size,
         max_model_len=a.max_model_len,
         page_size=a.page_size,
         kv_cache_tokens=a.kv_cache_tokens,

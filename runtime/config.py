@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from runtime.engine.draft_tree import MAX_TREE_NODES  # one bit per node in the tree rule
+from runtime.engine.quant.base import CPU_ONLY, QUANTIZATIONS
+from runtime.engine.quant.int4 import GROUP_SIZES as INT4_GROUP_SIZES
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -26,6 +28,10 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     load_format: str = "auto"
+    # auto: what the checkpoint declares (FP8 config on CUDA, GGUF Q4/Q8 blocks on CPU), else
+    # none; fp8 (CUDA _scaled_mm; a dequantizing reference on CPU), int8 / int4 (CPU only).
+    quantization: str = "auto"
+    int4_group_size: int = 32  # input channels per int4 scale (32, 64 or 128; 32 = GGUF's blocks)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     page_size: int = 16
     kv_cache_tokens: int | None = None  # None: sized from kv_mem_fraction (CUDA) or 32k (CPU)
@@ -58,6 +64,9 @@ class EngineConfig:
         _choose("device", self.device, DEVICES)
         _choose("dtype", self.dtype, DTYPES)
         _choose("load_format", self.load_format, LOAD_FORMATS)
+        _choose("quantization", self.quantization, QUANTIZATIONS)
+        if self.int4_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES} (got {self.int4_group_size})")
         _choose("speculative", self.speculative, SPECULATIVE)
         _choose("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.page_size < 1:
@@ -84,6 +93,9 @@ class EngineConfig:
                 )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+        if self.quantization in CPU_ONLY and self.torch_device.type != "cpu":
+            raise ValueError(f"quantization {self.quantization!r} runs on CPU only (torch's weight-only packed "
+                             f"ops); on {self.torch_device.type} use fp8 or none, or pass --device cpu")
 
     @property
     def draft_tree(self) -> tuple[int, int] | None:

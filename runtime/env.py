@@ -34,6 +34,9 @@ _VARS = {
         "auto | attn | off: auto runs the model's projections for at most 16 rows (decode; CUDA, bf16/fp16) "
         "with kernels/gemv.py instead of cuBLAS, attn only the attention block's (qkv_proj, o_proj) (issue 14)",
     ),
+    "cpu_threads": _Var(
+        "RUNTIME_CPU_THREADS", "", "torch intra-op threads on CPU; empty: the physical cores this process may use",
+    ),
     "log_level": _Var("RUNTIME_LOG_LEVEL", "info", "default log level"),
     "cuda_visible_devices": _Var(
         "CUDA_VISIBLE_DEVICES", "", "CUDA's own; `runtime up` sets it per worker from --prefill-gpus/--decode-gpus"

@@ -118,8 +118,13 @@ class EngineCore:
     def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.torch_device
+        if self.device.type == "cpu":
+            from runtime.engine.cpu import configure_cpu
+
+            configure_cpu()
         self.loaded = loaded or load_model(
-            cfg.model, device=self.device, dtype=cfg.dtype, load_format=cfg.load_format
+            cfg.model, device=self.device, dtype=cfg.dtype, load_format=cfg.load_format,
+            quantization=cfg.quantization, int4_group_size=cfg.int4_group_size,
         )
         mc = self.loaded.config
         self.loaded.model.fuse_projections()
@@ -171,8 +176,9 @@ class EngineCore:
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
         log.info(
-            "engine ready: %s on %s (%s), %d KV pages x %d tokens, attention=%s",
-            self.loaded.name, self.device, dtype, self.pool.total_pages, cfg.page_size, self.attn.name,
+            "engine ready: %s on %s (%s, quantization %s), %d KV pages x %d tokens, attention=%s",
+            self.loaded.name, self.device, dtype, self.loaded.model.quantization,
+            self.pool.total_pages, cfg.page_size, self.attn.name,
         )
 
     @property

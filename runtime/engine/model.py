@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 from runtime.engine.attention.base import AttentionBackend
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model_config import ModelConfig
+from runtime.engine.quant import Payload, QuantLinear, build_linear, fuse_payloads
 from runtime.env import ENV
 
 
@@ -52,13 +54,13 @@ def fused_kernels(x: torch.Tensor) -> bool:
 _GEMV: str | None = None  # RUNTIME_GEMV ("off" without kernels/gemv.py); read on first CUDA use
 
 
-def linear(module: nn.Linear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
+def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
     """module(x); with RUNTIME_GEMV=auto (or =attn, for the attention block's projections
     alone), a decode-shaped x (at most 16 rows, CUDA half precision, no autograd:
-    gemv_serves) runs kernels/gemv.py's single-pass kernel, which reads the weight once with
-    no split-K reduce launch (issue 14). CPU never gets here."""
+    gemv_serves) runs kernels/gemv.py's single-pass kernel on a dense weight, which reads it
+    once with no split-K reduce launch (issue 14). CPU and quantized layers never get there."""
     global _GEMV
-    if not x.is_cuda:
+    if not x.is_cuda or isinstance(module, QuantLinear):
         return module(x)
     if _GEMV is None:
         mode = ENV.gemv
@@ -241,6 +243,16 @@ class MLP(nn.Module):
         return linear(self.down_proj, F.silu(gate) * up)
 
 
+# (block, fused projection, its parts under HF names)
+_PROJECTIONS = (
+    ("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", "o_proj", ("o_proj",)),
+    ("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+    ("mlp", "down_proj", ("down_proj",)),
+)
+_PROJECTION_PARTS = frozenset(p for _, _, parts in _PROJECTIONS for p in parts)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -283,6 +295,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.quantization = "none"  # the projections' scheme (build_projections)
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -298,11 +311,45 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
+    def build_projections(self, read: Callable[[str], Payload], scheme: str, dtype: torch.dtype,
+                          group_size: int | None = None) -> None:
+        """Replace every layer's projections by fused layers of `scheme` (quant/payload.py),
+        reading each part's weight (and bias) under its HF name from `read`, one layer at a
+        time (the dense parts are freed as each fused layer is built)."""
+        cfg = self.config
+        for i, layer in enumerate(self.model.layers):
+            for block, fused, parts in _PROJECTIONS:
+                mod = getattr(layer, block)
+                pre = f"model.layers.{i}.{block}."
+                weight = fuse_payloads([read(pre + p + ".weight") for p in parts])
+                bias = None
+                if cfg.qkv_bias and fused == "qkv_proj":
+                    bias = torch.cat([read(pre + p + ".bias") for p in parts])  # type: ignore[misc]
+                for p in parts:
+                    if hasattr(mod, p):
+                        delattr(mod, p)
+                setattr(mod, fused, build_linear(weight, bias, scheme, dtype, group_size))
+
+    def projection_names(self) -> set[str]:
+        """The HF names of the parameters build_projections reads."""
+        return {k for k, _ in self.named_parameters() if any(f".{b}." in k for b, _, _ in _PROJECTIONS)
+                and k.rsplit(".", 2)[-2] in _PROJECTION_PARTS}
+
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under Hugging Face names (fused projections split back, as views)."""
+        """The weights under Hugging Face names (fused projections split back, as views;
+        quantized ones dequantized into the model's dtype)."""
         cfg = self.config
         out = {}
-        for name, t in self.state_dict().items():
+        state = self.state_dict()
+        dtype = self.lm_head.weight.dtype
+        for name, mod in self.named_modules():
+            if isinstance(mod, QuantLinear):
+                for k in [k for k in state if k.startswith(name + ".")]:
+                    del state[k]
+                state[name + ".weight"] = mod.dequantize(dtype)
+                if mod.bias is not None:
+                    state[name + ".bias"] = mod.bias
+        for name, t in state.items():
             if ".qkv_proj." in name:
                 for part, piece in zip(("q_proj", "k_proj", "v_proj"), t.split([cfg.q_size, cfg.kv_size, cfg.kv_size])):
                     out[name.replace("qkv_proj", part)] = piece

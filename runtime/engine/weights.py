@@ -7,6 +7,7 @@ materialised twice. Tensors are read only through safetensors or gguf: never pic
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from runtime.engine.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
 from runtime.engine.model import LlamaForCausalLM, rope_inv_freq
 from runtime.engine.model_config import ModelConfig
+from runtime.engine.quant import Payload, QWeight
+from runtime.engine.quant.checkpoint import SCALE_SUFFIXES, declared_quantization, read_projection, resolve_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DTYPES = {
@@ -51,9 +54,13 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": bfloat16 on CUDA, float32 elsewhere (CPU correctness tests want fp32)."""
+    """"auto": bfloat16 on CUDA and on CPUs that multiply bf16 natively (AVX-512 BF16 or
+    AMX: 3-5x fp32's GEMM rate), float32 elsewhere. Comparisons with transformers ask for
+    float32 explicitly."""
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        from runtime.engine.cpu import native_bf16
+
+        return torch.bfloat16 if torch.device(device).type == "cuda" or native_bf16() else torch.float32
     try:
         return _DTYPES[dtype]
     except KeyError:
@@ -73,6 +80,8 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str = "auto",
     load_format: str = "auto",
+    quantization: str = "auto",
+    int4_group_size: int | None = None,
 ) -> LoadedModel:
     """Load `model`: None / "SmolLM2-135M-Instruct" (the embedded default), a local HF folder
     (config.json + *.safetensors + tokenizer) or a .gguf file.
@@ -80,6 +89,10 @@ def load_model(
     load_format "dummy" needs only the config (config.json or the GGUF metadata) and fills
     the weights with seeded N(0, 0.02) values (norm weights 1, biases 0); the tokenizer is
     loaded when its files are present and is None otherwise.
+
+    quantization: "none", "fp8", "int8", "int4", or "auto" (what the checkpoint declares:
+    an FP8 config.json, a GGUF's Q4/Q8 blocks on CPU). With a scheme, the projections are
+    fused and quantized here (quant/); the loaded model's `quantization` says which.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
@@ -98,33 +111,47 @@ def load_model(
         name = Path(path).stem if os.path.isfile(path) else Path(path).name
     fmt = _detect_format(path) if load_format in ("auto", "dummy") else load_format
 
+    tensors: dict[str, Payload] | None = None
     if fmt == "gguf":
         gguf_file = path if os.path.isfile(path) else _single_gguf(path)
+        hf_config = gguf_config(gguf_file)
+        declared = "none" if load_format == "dummy" else declared_quantization(gguf_file=gguf_file)
+        scheme = resolve_quantization(quantization, declared, dev)
         if load_format == "dummy":
-            hf_config = gguf_config(gguf_file)
             tokenizer = _load_tokenizer(gguf_file, required=False)
-            tensors = None
+        elif scheme == "none":
+            hf_config, tokenizer, tensors = read_gguf(gguf_file, torch_dtype)  # type: ignore[assignment]
         else:
-            hf_config, tokenizer, tensors = read_gguf(gguf_file, torch_dtype)
+            from runtime.engine.quant.gguf import read_tensors
+
+            mc = ModelConfig.from_hf(hf_config)
+            tokenizer = _load_tokenizer(gguf_file, required=True)
+            tensors, _ = read_tensors(gguf_file, mc.num_heads, mc.num_kv_heads, keep_blocks=True)
     else:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
         hf_config = AutoConfig.from_pretrained(path)
         tokenizer = _load_tokenizer(path, required=load_format != "dummy")
-        tensors = None
+        scheme = resolve_quantization(quantization, declared_quantization(hf_config=hf_config), dev)
     cfg = ModelConfig.from_hf(hf_config)
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
 
+    keep = net.projection_names() if scheme != "none" else set()
     if load_format == "dummy":
         state = _dummy_state(net, dev, torch_dtype)
+        projections = {k: (lambda t=state.pop(k): t) for k in keep}
     elif tensors is not None:
-        state = _assignable_state(net, {k: (tuple(v.shape), (lambda v=v: v)) for k, v in tensors.items()},
-                                  dev, torch_dtype, where=path)
+        state, projections = _assignable_state(
+            net, {k: (v.shape, (lambda v=v: v)) for k, v in tensors.items()}, dev, torch_dtype, where=path, keep=keep)
         del tensors
     else:
-        state = _load_safetensors(net, path, dev, torch_dtype)
+        state, projections = _load_safetensors(net, path, dev, torch_dtype, keep)
     _materialise(net, cfg, state, dev)
+    if scheme != "none":
+        net.build_projections(lambda k: projections.pop(k)(), scheme, torch_dtype, int4_group_size)
+    _check_loaded(net)
+    net.quantization = scheme
     return LoadedModel(model=net, config=cfg, hf_config=hf_config, tokenizer=tokenizer, path=path, name=name)
 
 
@@ -194,11 +221,13 @@ def read_gguf(gguf_file: str, dtype: torch.dtype) -> tuple[PretrainedConfig, Pre
     return hf_config, tokenizer, tensors
 
 
-# name -> (shape, function that reads the tensor)
-_Source = dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]
+# name -> (shape, function that reads the tensor or quantized payload)
+_Source = dict[str, tuple[tuple[int, ...], Callable[[], Payload]]]
+_Lazy = dict[str, Callable[[], Payload]]  # projections, read when their layer is built
 
 
-def _load_safetensors(net: LlamaForCausalLM, folder: str, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _load_safetensors(net: LlamaForCausalLM, folder: str, dev: torch.device, dtype: torch.dtype,
+                      keep: set[str]) -> tuple[dict[str, torch.Tensor], _Lazy]:
     from safetensors import safe_open
 
     files = _safetensors_files(folder)
@@ -213,7 +242,7 @@ def _load_safetensors(net: LlamaForCausalLM, folder: str, dev: torch.device, dty
             if k in source:
                 raise ValueError(f"tensor {k} appears in more than one file of {folder}")
             source[k] = (tuple(h.get_slice(k).get_shape()), (lambda h=h, k=k: h.get_tensor(k)))
-    return _assignable_state(net, source, dev, dtype, where=folder)
+    return _assignable_state(net, source, dev, dtype, where=folder, keep=keep)
 
 
 def _safetensors_files(folder: str) -> list[str]:
@@ -238,13 +267,17 @@ def _safetensors_files(folder: str) -> list[str]:
 
 
 def _assignable_state(
-    net: LlamaForCausalLM, source: _Source, dev: torch.device, dtype: torch.dtype, where: str
-) -> dict[str, torch.Tensor]:
+    net: LlamaForCausalLM, source: _Source, dev: torch.device, dtype: torch.dtype, where: str, keep: set[str]
+) -> tuple[dict[str, torch.Tensor], _Lazy]:
     """Check the checkpoint's names and shapes against the model, then read each tensor
-    onto `dev` in `dtype`. Raises naming every missing, unexpected or misshapen tensor."""
+    onto `dev` in `dtype`; the names in `keep` (projections to quantize) are returned as
+    readers of their payloads instead, not cast. FP8 weights come with their scales
+    (`*.weight_scale`): kept as e4m3 for `keep`, dequantized into `dtype` otherwise.
+    Raises naming every missing, unexpected or misshapen tensor."""
     cfg = net.config
     expected = {k: tuple(p.shape) for k, p in net.named_parameters()}  # tied lm_head is deduplicated
     ckpt = {k: v for k, v in source.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    scales = {k: ckpt.pop(k)[1] for k in [k for k in ckpt if k.endswith(SCALE_SUFFIXES)]}
     if cfg.tie_word_embeddings:
         ckpt.pop("lm_head.weight", None)  # some checkpoints store the tied copy too
     missing = sorted(set(expected) - set(ckpt))
@@ -263,11 +296,15 @@ def _assignable_state(
         problems.append(f"shape mismatch: {_names(mismatched)}")
     if problems:
         raise ValueError(f"checkpoint {where} does not fit the model config: " + "; ".join(problems))
-    state = {}
+    state, lazy = {}, {}
     for k in expected:
-        t = ckpt[k][1]()
-        state[k] = t.to(device=dev, dtype=dtype if t.is_floating_point() else t.dtype)
-    return state
+        read = functools.partial(read_projection, ckpt[k][1], scales, k, dev)
+        if k in keep:
+            lazy[k] = read
+        else:
+            t = read()
+            state[k] = (t.dequantize() if isinstance(t, QWeight) else t).to(dtype)
+    return state, lazy
 
 
 def _names(names: list[str], limit: int = 12) -> str:
@@ -297,11 +334,14 @@ def _materialise(net: LlamaForCausalLM, cfg: ModelConfig, state: dict[str, torch
         net.lm_head.weight = net.model.embed_tokens.weight
     # Non-persistent buffers are not in any checkpoint; rope frequencies stay fp32.
     net.model.rotary.inv_freq = rope_inv_freq(cfg).to(dev)
+    net.eval()
+    net.requires_grad_(False)
+
+
+def _check_loaded(net: LlamaForCausalLM) -> None:
     left = [k for k, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left unloaded: {_names(left)}")
-    net.eval()
-    net.requires_grad_(False)
 
 
 def reference_hf_model(path: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -27,7 +27,10 @@ class Server:
     def __init__(self, args: list[str], timeout: float = 240.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "runtime.cli", "up", "--port", str(self.port), "--device", "cpu", *args]
+        # fp32: outputs are compared with the fp32 reference engine (dtype auto is bf16 on
+        # CPUs with AVX-512 BF16); a test's own --dtype comes later and wins.
+        cmd = [sys.executable, "-m", "runtime.cli", "up", "--port", str(self.port), "--device", "cpu",
+               "--dtype", "float32", *args]
         # Own process group: teardown kills the launcher and every worker, even on failure.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []

@@ -49,7 +49,7 @@ def hf_logits(ref: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_qwen2_dir", "tiny_tied_model_dir"])
 def test_logits_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(fixture)
-    lm = load_model(path)
+    lm = load_model(path, dtype="float32")
     ref = reference_hf_model(path)
     assert lm.dtype == torch.float32 and lm.name == Path(path).name
     assert not any(p.requires_grad for p in lm.model.parameters())
@@ -64,10 +64,10 @@ def test_fixture_variants_cover_loader_paths(tiny_qwen2_dir: str, tiny_tied_mode
     # Sharded checkpoint with an index, and a tied checkpoint without lm_head.weight.
     index = json.loads((Path(tiny_qwen2_dir) / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    qwen = load_model(tiny_qwen2_dir)
+    qwen = load_model(tiny_qwen2_dir, dtype="float32")
     assert qwen.config.qkv_bias and qwen.model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
     assert "lm_head.weight" not in load_file(str(Path(tiny_tied_model_dir) / "model.safetensors"))
-    tied = load_model(tiny_tied_model_dir)
+    tied = load_model(tiny_tied_model_dir, dtype="float32")
     assert tied.model.lm_head.weight.data_ptr() == tied.model.model.embed_tokens.weight.data_ptr()
 
 
@@ -83,7 +83,7 @@ def _copy_with_tensors(src: str, dst: Path, edit) -> str:
 def test_missing_tensor_is_named(tiny_model_dir: str, tmp_path: Path) -> None:
     path = _copy_with_tensors(tiny_model_dir, tmp_path / "m", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
-        load_model(path)
+        load_model(path, dtype="float32")
 
 
 def test_unexpected_and_misshapen_tensors_are_named(tiny_model_dir: str, tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_unexpected_and_misshapen_tensors_are_named(tiny_model_dir: str, tmp_pat
 
     path = _copy_with_tensors(tiny_model_dir, tmp_path / "m", edit)
     with pytest.raises(ValueError) as err:
-        load_model(path)
+        load_model(path, dtype="float32")
     msg = str(err.value)
     assert "unexpected tensors: model.layers.0.self_attn.extra.weight" in msg
     assert "model.norm.weight: checkpoint [65] vs model [64]" in msg
@@ -105,7 +105,7 @@ def test_bfloat16_load(tiny_model_dir: str) -> None:
     lm = load_model(tiny_model_dir, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
     assert lm.model.model.rotary.inv_freq.dtype == torch.float32  # rope angles stay exact
-    ref = load_model(tiny_model_dir)
+    ref = load_model(tiny_model_dir, dtype="float32")
     ids = lm.tokenizer(PROMPTS[1])["input_ids"]
     torch.testing.assert_close(prefill_logits(lm, ids), prefill_logits(ref, ids), atol=0.15, rtol=0.05)
 
@@ -113,29 +113,36 @@ def test_bfloat16_load(tiny_model_dir: str) -> None:
 def test_dummy_load_needs_only_config(tiny_model_dir: str, tmp_path: Path) -> None:
     (tmp_path / "cfg").mkdir()
     shutil.copy(Path(tiny_model_dir) / "config.json", tmp_path / "cfg" / "config.json")
-    lm = load_model(str(tmp_path / "cfg"), load_format="dummy")
+    lm = load_model(str(tmp_path / "cfg"), load_format="dummy", dtype="float32")
     assert lm.tokenizer is None
-    real = load_model(tiny_model_dir)
+    real = load_model(tiny_model_dir, dtype="float32")
     ours = dict(lm.model.named_parameters())
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in real.model.named_parameters()}
     assert 0.015 < ours["model.layers.0.mlp.up_proj.weight"].std().item() < 0.025
     logits = prefill_logits(lm, list(range(1, 40)))
     assert logits.shape == (39, 512) and torch.isfinite(logits).all()
     # Seeded: every process (prefill and decode workers) builds the same dummy weights.
-    again = load_model(str(tmp_path / "cfg"), load_format="dummy")
+    again = load_model(str(tmp_path / "cfg"), load_format="dummy", dtype="float32")
     assert all(torch.equal(v, dict(again.model.named_parameters())[k]) for k, v in ours.items())
     # With tokenizer files present, a dummy load keeps the tokenizer.
-    assert load_model(tiny_model_dir, load_format="dummy").tokenizer is not None
+    assert load_model(tiny_model_dir, load_format="dummy", dtype="float32").tokenizer is not None
 
 
-def test_bad_inputs_give_clear_errors(tiny_model_dir: str, tmp_path: Path) -> None:
+def test_bad_inputs_give_clear_errors(tiny_model_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
-        load_model(str(tmp_path / "nope"))
+        load_model(str(tmp_path / "nope"), dtype="float32")
     with pytest.raises(ValueError, match="load_format"):
-        load_model(tiny_model_dir, load_format="pt")
+        load_model(tiny_model_dir, load_format="pt", dtype="float32")
     with pytest.raises(ValueError, match="dtype"):
         load_model(tiny_model_dir, dtype="int8")
+    from runtime.engine import cpu
+
+    # auto on CPU: bf16 where the CPU multiplies it natively (AVX-512 BF16 / AMX), else fp32.
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu.native_bf16() else torch.float32)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     (tmp_path / "pickled").mkdir()
     shutil.copy(Path(tiny_model_dir) / "config.json", tmp_path / "pickled")
@@ -143,7 +150,7 @@ def test_bad_inputs_give_clear_errors(tiny_model_dir: str, tmp_path: Path) -> No
     shutil.copy(Path(tiny_model_dir) / "tokenizer_config.json", tmp_path / "pickled")
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="pickle checkpoints are not loaded"):
-        load_model(str(tmp_path / "pickled"))
+        load_model(str(tmp_path / "pickled"), dtype="float32")
 
 
 def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -151,7 +158,9 @@ def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny_gguf(folder: str, out: Path) -> None:
+def _write_tiny_gguf(folder: str, out: Path, quantize=None) -> None:
+    """The folder's model as a GGUF with llama.cpp's names and q/k permutation; `quantize`
+    (GGUF name, fp32 array) -> (data, block type or None) stores chosen tensors as blocks."""
     gguf = pytest.importorskip("gguf")
     cfg = json.loads((Path(folder) / "config.json").read_text())
     tok = json.loads((Path(folder) / "tokenizer.json").read_text())
@@ -194,7 +203,9 @@ def _write_tiny_gguf(folder: str, out: Path) -> None:
             a = _permute_for_gguf(a, cfg["num_attention_heads"])
         elif part == "self_attn.k_proj":
             a = _permute_for_gguf(a, cfg["num_key_value_heads"])
-        w.add_tensor(f"blk.{i}.{layer[part]}.weight", np.ascontiguousarray(a))
+        name = f"blk.{i}.{layer[part]}.weight"
+        data, qtype = quantize(name, np.ascontiguousarray(a)) if quantize else (np.ascontiguousarray(a), None)
+        w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -204,8 +215,8 @@ def _write_tiny_gguf(folder: str, out: Path) -> None:
 def test_gguf_file_loads_like_the_hf_folder(tiny_model_dir: str, tmp_path: Path) -> None:
     gguf_path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(tiny_model_dir, gguf_path)
-    lm = load_model(str(gguf_path))
-    hf = load_model(tiny_model_dir)
+    lm = load_model(str(gguf_path), dtype="float32")
+    hf = load_model(tiny_model_dir, dtype="float32")
     assert lm.name == "tiny" and lm.config == hf.config
     for prompt in PROMPTS:
         ids = hf.tokenizer(prompt)["input_ids"]
@@ -229,9 +240,9 @@ def test_default_model_fetch_failure_names_the_command(monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 def test_default_model_matches_transformers(smollm2_dir: str) -> None:
-    lm = load_model(None)
+    lm = load_model(None, dtype="float32")
     assert lm.path == smollm2_dir and lm.name == "SmolLM2-135M-Instruct"
-    assert load_model("HuggingFaceTB/SmolLM2-135M-Instruct").path == smollm2_dir
+    assert load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32").path == smollm2_dir
     cfg = lm.config
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings and cfg.eos_token_ids == (2,) and cfg.rope_theta == 1e5
