@@ -16,7 +16,8 @@ import torch
 from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
-from runtime.engine.grammar import GrammarCompiler, GrammarError, compile_failures, constrained_trees, plan_jump
+from runtime.engine.grammar import (GrammarCompiler, GrammarError, compile_failures, constrained_trees, plan_jump,
+                                    wait_compiles)
 from runtime.engine.h2d import to_device
 from runtime.engine.jump_forward import MAX_JUMP_TOKENS, JumpForward
 from runtime.engine.kv_pool import KVPool, OutOfPages
@@ -288,12 +289,13 @@ class EngineCore:
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
             drafts, drafted = self._propose_or_skip()
-        trees, forced = constrained_trees(drafts or {}, self.requests)
-        batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
-        outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
-        for r, e in compile_failures(self.compiling, wait=not batch.seqs):
+        outputs = []
+        for r, e in compile_failures(self.compiling):
             self._finish(r, "error")
             outputs.append(StepOutput(r, [], [], error=str(e), code=400))
+        trees, forced = constrained_trees(drafts or {}, self.requests)
+        batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
+        outputs += [StepOutput(r, [], []) for r in self.scheduler.ended]
         for r in self.scheduler.ended:
             self.requests.pop(r.rid, None)
             r.grammar = None
@@ -301,6 +303,7 @@ class EngineCore:
                 self.drafter.release(r)
         self.scheduler.ended.clear()
         if not batch.seqs:
+            wait_compiles(self.compiling)
             return outputs
         # Only pure-decode steps are timed for the policy (phases change below).
         timed = drafted is not None and not forced and all(s.req.phase is Phase.DECODE and s.num_logits
@@ -384,27 +387,13 @@ class EngineCore:
         self.num_forwards += 1
         self._maybe_inject_alloc_failure(batch)
         sampled = [s for s in batch.seqs if s.num_logits]
-        self._mask_grammar_rows(sampled, logits, seq_trees)
+        self.grammars.mask_batch(sampled, logits, seq_trees)
         if seq_trees:
             accepted = self._accept(sampled, seq_trees, logits, hidden, forced)
             self._compact_tree_kv(sampled, seq_trees, accepted)
         else:
             accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
         return logits, hidden, all_hidden, accepted
-
-    def _mask_grammar_rows(self, sampled: list[ScheduledSeq], logits: torch.Tensor, trees: dict) -> None:
-        """Mask, in place, the logits rows of constrained requests to what their grammar
-        allows at each row (before greedy argmax, sampling or verification alike): a
-        verified tree's row 1+i with the grammar's state after the path to node i, so
-        acceptance stays lossless. Changes no request (a step run again after an allocation
-        failure masks the same way)."""
-        rows, row = [], 0
-        for s in sampled:
-            if s.req.grammar is not None:
-                t = trees.get(s.req.rid)
-                rows.append((row, s.req.grammar, t.resolve() if isinstance(t, PendingDraft) else t))
-            row += s.num_logits
-        self.grammars.mask_logits(logits, rows)
 
     def _maybe_inject_alloc_failure(self, batch: Batch) -> None:
         """TEST ONLY (RUNTIME_TEST_FAIL_ALLOC): fail this forward as CUDA would when its

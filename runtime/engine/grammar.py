@@ -84,7 +84,12 @@ class RequestGrammar:
 
     @property
     def ready(self) -> bool:
-        """Compiled (or failed to): the matcher can be had without waiting."""
+        """Compiled: the matcher can be had without waiting (never, if the compile failed)."""
+        return self._compiled.done() and self._compiled.exception() is None
+
+    @property
+    def settled(self) -> bool:
+        """The compile has finished, one way or the other."""
         return self._compiled.done()
 
     def failure(self) -> GrammarError | None:
@@ -205,20 +210,25 @@ def constrained_trees(drafts: dict, requests: dict[str, Req]) -> tuple[dict[str,
     return trees, forced
 
 
-def compile_failures(compiling: list[Req], wait: bool) -> list[tuple[Req, GrammarError]]:
-    """Drop from `compiling` the requests whose grammar is ready and return those whose
-    compile failed (to be failed with a 400). `wait`: the step has nothing to run, so wait a
-    little for a compile instead of spinning the step loop against the compile thread."""
-    if wait and compiling and not any(r.grammar is None or r.grammar.ready for r in compiling):
-        futures_wait([r.grammar._compiled for r in compiling], timeout=0.01, return_when=FIRST_COMPLETED)
+def wait_compiles(compiling: list[Req], timeout: float = 0.01) -> None:
+    """A step with nothing to run while grammars compile: wait a little for one instead of
+    spinning the step loop against the compile thread."""
+    pending = [r.grammar._compiled for r in compiling if r.grammar is not None]
+    if pending:
+        futures_wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+
+
+def compile_failures(compiling: list[Req]) -> list[tuple[Req, GrammarError]]:
+    """Drop from `compiling` the requests whose compile has finished and return those whose
+    compile failed (to be failed with a 400)."""
     failed, still = [], []
     for r in compiling:
         g = r.grammar
         if g is None or r.finished:
             continue
-        if not g.ready:
+        if not g.settled:
             still.append(r)
-        elif g.failure() is not None:
+        elif g.failure() is not None:  # the scheduler held it back: nothing of it was sampled
             failed.append((r, g.failure()))
     compiling[:] = still
     return failed
@@ -316,6 +326,21 @@ class GrammarCompiler:
         if spec is None:
             return None
         return RequestGrammar(self.compile_async(*spec), spec[0])
+
+    def mask_batch(self, sampled: list, logits: torch.Tensor, trees: dict) -> None:
+        """Mask, in place, the logits rows of the constrained requests among `sampled` (the
+        step's ScheduledSeqs with logits, their rows in order) to what their grammar allows
+        at each row, before greedy argmax, sampling or verification alike: a verified tree's
+        row 1+i with the grammar's state after the path to node i, so acceptance stays
+        lossless. Changes no request (a step run again after an allocation failure masks
+        the same way)."""
+        rows, row = [], 0
+        for s in sampled:
+            if s.req.grammar is not None:
+                t = trees.get(s.req.rid)
+                rows.append((row, s.req.grammar, t.resolve() if isinstance(t, PendingDraft) else t))
+            row += s.num_logits
+        self.mask_logits(logits, rows)
 
     @torch.inference_mode()
     def mask_logits(self, logits: torch.Tensor, rows: list[tuple[int, RequestGrammar, DraftTree | None]]) -> None:
