@@ -50,7 +50,8 @@ def random_head(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.mark.parametrize("method,tree,jump", [("ngram", "chain", False), ("ngram", "chain", True),
-                                              ("eagle", "chain", False), ("eagle", "4x12", False)])
+                                              ("eagle", "chain", False), ("eagle", "chain", True),
+                                              ("eagle", "4x12", False)])
 def test_speculation_keeps_constrained_greedy_outputs(tiny_model_dir: str, random_head: str, method: str, tree: str,
                                                       jump: bool) -> None:
     extra = dict(draft_model=random_head, speculative_tree=tree) if method == "eagle" else {}
