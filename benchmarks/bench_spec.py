@@ -57,16 +57,13 @@ def make_draft(target: str, out: str, layers: int) -> None:
     save_file(keep, os.path.join(out, "model.safetensors"))
 
 
-def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
-        ignore_eos: bool) -> tuple[dict, list[list[int]]]:
+def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams) -> tuple[list, float, int]:
     """Every prompt, in groups of `batch` run one after another (a group finishes before the
-    next starts): tokens and wall time summed over the groups, accept length the mean over
-    all requests."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    next starts): the results, the wall time and the engine forwards summed over the groups."""
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     cuda = engine.core.device.type == "cuda"
     warmed: set[tuple[int, ...]] = set()
-    dt, res = 0.0, []
+    dt, forwards, res = 0.0, 0, []
     for group in groups:
         # Warm-up on the same prompt lengths: Triton compiles a kernel variant the first
         # time a shape class appears (e.g. one split vs several), which must not be timed.
@@ -76,11 +73,20 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
             warmed.add(shape)
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        f0, t0 = engine.core.num_forwards, time.perf_counter()
         res += engine.generate(group, params)
         if cuda:
             torch.cuda.synchronize()
         dt += time.perf_counter() - t0
+        forwards += engine.core.num_forwards - f0
+    return res, dt, forwards
+
+
+def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
+        ignore_eos: bool) -> tuple[dict, list[list[int]]]:
+    """timed_generate's tokens/s; accept length the mean over all requests."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    res, dt, _ = timed_generate(engine, prompts, batch, params)
     n = sum(len(r.token_ids) for r in res)  # what was generated: fewer than max_tokens at EOS
     stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt,
                  tokens=n, requests=len(res))

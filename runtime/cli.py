@@ -38,6 +38,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-tree", default="chain",
                    help="eagle: 'chain', or BxN: a draft tree expanding the B best tokens per node, "
                         "keeping the N best nodes (N <= 63; depth up to --num-draft-tokens)")
+    p.add_argument("--no-jump-forward", action="store_true",
+                   help="constrained decoding samples every token (default: tokens the grammar forces are "
+                        "appended without sampling, several per step)")
     p.add_argument("--log-level", default=ENV.log_level)
 
 
@@ -61,6 +64,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         draft_model=a.draft_model,
         speculative_policy=a.speculative_policy,
         speculative_tree=a.speculative_tree,
+        jump_forward=not a.no_jump_forward,
     )
 
 

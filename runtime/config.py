@@ -58,6 +58,9 @@ class EngineConfig:
     # Keep each request's prompt hidden states (a prefill worker whose decode workers draft
     # with EAGLE sends them along with the KV).
     export_prompt_hidden: bool = False
+    # Constrained requests append the tokens their grammar forces without sampling them
+    # (runtime/engine/jump_forward.py); off: every token is sampled.
+    jump_forward: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -68,6 +68,10 @@ class DecodeWorker(Worker):
         if len(t.prompt_ids) >= self.core.max_model_len:
             await self._fail(t.rid, f"prompt has {len(t.prompt_ids)} tokens; the context holds {self.core.max_model_len}", 400)
             return
+        try:  # compile the grammar while the prefill worker runs (add_prefilled needs it)
+            self.core.grammars.matcher(params_from_dict(t.params))
+        except ValueError:
+            pass  # the prefill worker rejects it with a 400
         self.pending.append(t)
         await self._admit()
 
@@ -160,9 +164,9 @@ class DecodeWorker(Worker):
         deltas, done = [], []
         for out in outputs:
             req = out.req
-            if out.error is not None:  # its step ran out of memory: the engine freed it, tell the client
+            if out.error is not None:  # its step ran out of memory (or its grammar failed): the engine freed it
                 log.warning("decode %d: request %s failed: %s", self.id, req.rid, out.error)
-                await self._fail(req.rid, out.error, 503, tokens_sent=bool(req.output_ids))
+                await self._fail(req.rid, out.error, out.code, tokens_sent=bool(req.output_ids))
                 continue
             if out.new_token_ids and len(req.output_ids) == len(out.new_token_ids):
                 # The first token is about to reach the client: from now on the request can no

@@ -16,8 +16,10 @@ import torch
 from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
-from runtime.engine.grammar import GrammarCompiler, GrammarError
+from runtime.engine.grammar import (GrammarCompiler, GrammarError, compile_failures, constrained_trees, plan_jump,
+                                    wait_compiles)
 from runtime.engine.h2d import to_device
+from runtime.engine.jump_forward import MAX_JUMP_TOKENS, JumpForward
 from runtime.engine.kv_pool import KVPool, OutOfPages
 from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
@@ -42,6 +44,7 @@ class StepOutput:
     # Set when the request failed in this step (its step ran out of memory): what the client
     # is told. The request is then finished with finish_reason "error" and holds no KV.
     error: str | None = None
+    code: int = 503  # the HTTP status of `error`: 503 out of memory, 400 a grammar that does not compile
 
     @property
     def finished(self) -> bool:
@@ -165,6 +168,8 @@ class EngineCore:
         # Compiled once per distinct grammar; xgrammar allows the stop tokens only where the
         # grammar may end.
         self.grammars = GrammarCompiler(tok, mc.vocab_size, sorted(self.eos_ids), self.device)
+        self.jumper = JumpForward(tok) if cfg.jump_forward and tok is not None else None
+        self.compiling: list[Req] = []  # constrained requests whose grammar is still compiling
         self.requests: dict[str, Req] = {}
         from runtime.decode.speculative import SpeculationPolicy, make_drafter
 
@@ -220,6 +225,8 @@ class EngineCore:
         self._arrivals += 1
         self.scheduler.add(req)
         self.requests[rid] = req
+        if grammar is not None and not grammar.ready:
+            self.compiling.append(req)
         return req
 
     def add_prefilled(
@@ -249,13 +256,14 @@ class EngineCore:
         self.requests[rid] = req
         self.scheduler.add_prefilled(req, pages)
         if prompt_hidden is not None and len(prompt_hidden) and self.drafter is not None \
-                and self.drafter.wants_prompt_hidden and grammar is None:
+                and self.drafter.wants_prompt_hidden:
             self.drafter.observe_prompt(req, hidden_start, prompt_hidden)
             self.drafter.observe(req, [first_token], prompt_hidden[-1:])
         kept, reason, stop_reason = self._append(req, [first_token])
         req.num_computed = len(req.prompt_ids)
         if reason is not None:
             self._finish(req, reason, stop_reason)
+        plan_jump(req, self.jumper, self.max_model_len, MAX_JUMP_TOKENS)
         lps = [first_logprob] if first_logprob is not None else []
         req.output_logprobs += lps
         return StepOutput(req, kept, lps)
@@ -287,10 +295,13 @@ class EngineCore:
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
             drafts, drafted = self._propose_or_skip()
-        trees = {rid: DraftTree.chain(d) if isinstance(d, list) else d for rid, d in (drafts or {}).items()
-                 if d and not self._constrained(rid)}
+        outputs = []
+        for r, e in compile_failures(self.compiling):
+            self._finish(r, "error")
+            outputs.append(StepOutput(r, [], [], error=str(e), code=400))
+        trees, forced = constrained_trees(drafts or {}, self.requests)
         batch = self.scheduler.schedule({rid: len(t) + 1 for rid, t in trees.items()})
-        outputs = [StepOutput(r, [], []) for r in self.scheduler.ended]
+        outputs += [StepOutput(r, [], []) for r in self.scheduler.ended]
         for r in self.scheduler.ended:
             self.requests.pop(r.rid, None)
             r.grammar = None
@@ -298,13 +309,15 @@ class EngineCore:
                 self.drafter.release(r)
         self.scheduler.ended.clear()
         if not batch.seqs:
+            wait_compiles(self.compiling)
             return outputs
         # Only pure-decode steps are timed for the policy (phases change below).
-        timed = drafted is not None and all(s.req.phase is Phase.DECODE and s.num_logits for s in batch.seqs)
+        timed = drafted is not None and not forced and all(s.req.phase is Phase.DECODE and s.num_logits
+                                                           for s in batch.seqs)
         drafter_wants = self.drafter is not None and self.drafter.wants_prompt_hidden
         failed: list[StepOutput] | None = None
         try:
-            logits, hidden, all_hidden, accepted = self._forward_and_accept(batch, trees, drafter_wants)
+            logits, hidden, all_hidden, accepted = self._forward_and_accept(batch, trees, forced, drafter_wants)
         except Exception as e:
             if not is_alloc_failure(e):
                 raise
@@ -320,7 +333,7 @@ class EngineCore:
                 req = s.req
                 if all_hidden is not None and req.phase is Phase.PREFILL:
                     chunk = all_hidden[token_row : token_row + s.q_len]
-                    if drafter_wants and req.grammar is None:
+                    if drafter_wants:
                         self.drafter.observe_prompt(req, s.start, chunk)
                     if self.cfg.export_prompt_hidden:
                         req.keep_prompt_hidden(s.start, chunk.clone())
@@ -331,9 +344,9 @@ class EngineCore:
                 tokens, logprobs, path = accepted[req.rid]
                 if req.phase is Phase.DECODE:
                     req.num_steps += 1
-                    if self.drafter is not None:
+                    if self.drafter is not None and req.rid not in forced:
                         self.accept_samples.append(len(tokens))
-                if self.drafter is not None and req.grammar is None:
+                if self.drafter is not None:
                     # Views only where a drafter reads them: a few us each, per request per step.
                     if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run
                         rows = hidden[row + path[0] : row + path[0] + len(path)]
@@ -347,6 +360,7 @@ class EngineCore:
                 self.scheduler.advance(s, req.seq_len - 1)
                 if reason is not None:
                     self._finish(req, reason, stop_reason)
+                plan_jump(req, self.jumper, self.max_model_len, MAX_JUMP_TOKENS)
                 if logprobs:
                     req.output_logprobs += logprobs[: len(kept)]
                 outputs.append(StepOutput(req, kept, logprobs[: len(kept)]))
@@ -365,12 +379,13 @@ class EngineCore:
             self.policy.record_step(len(batch.seqs), drafted, time.perf_counter() - started, gained)
         return outputs
 
-    def _forward_and_accept(self, batch: Batch, trees: dict[str, DraftTree | PendingDraft], drafter_wants: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    def _forward_and_accept(self, batch: Batch, trees: dict[str, DraftTree | PendingDraft], forced: set[str],
+                            drafter_wants: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
         """The step's device work, which changes no request: the forward, then sampling or
         speculative acceptance (and the tree KV compaction, which moves KV only at positions
         past what the requests have computed). Returns (logits, hidden, the prompt rows'
-        hidden states or None, rid -> (tokens, logprobs, rows that produced them))."""
+        hidden states or None, rid -> (tokens, logprobs, rows that produced them)). `forced`:
+        the requests whose tree is a jump-forward run (accepted whole)."""
         seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
                      for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
         want_prompt = ((drafter_wants or self.cfg.export_prompt_hidden)
@@ -379,29 +394,13 @@ class EngineCore:
         self.num_forwards += 1
         self._maybe_inject_alloc_failure(batch)
         sampled = [s for s in batch.seqs if s.num_logits]
-        self._mask_grammar_rows(sampled, logits)
+        self.grammars.mask_batch(sampled, logits, seq_trees)
         if seq_trees:
-            accepted = self._accept(sampled, seq_trees, logits, hidden)
+            accepted = self._accept(sampled, seq_trees, logits, hidden, forced)
             self._compact_tree_kv(sampled, seq_trees, accepted)
         else:
             accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
         return logits, hidden, all_hidden, accepted
-
-    def _mask_grammar_rows(self, sampled: list[ScheduledSeq], logits: torch.Tensor) -> None:
-        """Mask, in place, the logits rows of constrained requests to what their grammar
-        allows next (before greedy argmax, sampling or verification alike). Constrained
-        requests never draft, so each has one row. Changes no request (a step run again
-        after an allocation failure masks the same way)."""
-        rows, row = [], 0
-        for s in sampled:
-            if s.req.grammar is not None:
-                rows.append((row, s.req.grammar))
-            row += s.num_logits
-        self.grammars.mask_logits(logits, rows)
-
-    def _constrained(self, rid: str) -> bool:
-        req = self.requests.get(rid)
-        return req is not None and req.grammar is not None
 
     def _maybe_inject_alloc_failure(self, batch: Batch) -> None:
         """TEST ONLY (RUNTIME_TEST_FAIL_ALLOC): fail this forward as CUDA would when its
@@ -515,8 +514,10 @@ class EngineCore:
 
     def _propose(self) -> tuple[Drafts, int]:
         """Drafts for this step's decoding requests, and the policy's k (0: no drafting)."""
-        # Constrained requests do not draft (drafts would need checking against the grammar).
-        reqs = [r for r in self.scheduler.running if r.phase is Phase.DECODE and r.grammar is None]
+        # Drafts of constrained requests are cut to what the grammar allows (constrained_trees);
+        # a request with jump-forward tokens pending verifies those instead.
+        reqs = [r for r in self.scheduler.running
+                if r.phase is Phase.DECODE and (r.grammar is None or not r.grammar.pending_jump(len(r.output_ids)))]
         k = self.policy.num_draft_tokens(len(reqs))
         if not k or not reqs:
             return {}, 0
@@ -602,7 +603,8 @@ class EngineCore:
         return drafts.fetch()
 
     def _accept(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor,
-                hidden: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
+                hidden: torch.Tensor, forced: set[str] = frozenset()
+                ) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
         """Speculative acceptance. A sequence with a draft tree has rows [root, node 0, ...];
         from the root, the children of the current row are tried in order: child c is
         accepted with probability p'(c), where p' is the row's target distribution with the
@@ -612,7 +614,8 @@ class EngineCore:
         rejection sampling with min(1, p/q) and residual max(0, p - q) applied child by
         child, so the output keeps the target's distribution exactly; under greedy it is
         exact match plus the target's own token. Returns rid -> (tokens, logprobs, the
-        rows, relative to the sequence's first row, that produced the tokens)."""
+        rows, relative to the sequence's first row, that produced the tokens). A request in
+        `forced` accepts its chain whole and samples the token after it."""
         greedy = all(_plain_greedy(s.req.params) for s in seqs)
         best = self._read_drafts(seqs, trees, logits, hidden, greedy)
         trees = {rid: t.resolve() if isinstance(t, PendingDraft) else t for rid, t in trees.items()}
@@ -657,7 +660,9 @@ class EngineCore:
             r, path, tokens = 0, [0], []
             while True:
                 nxt = None
-                if greedy:
+                if s.req.rid in forced:
+                    nxt = kids[row0 + r][0] if kids[row0 + r] else None
+                elif greedy:
                     for c, tok in zip(kids[row0 + r], row_tokens[row0 + r]):
                         if tok == best[row0 + r]:
                             nxt = c

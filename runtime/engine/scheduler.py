@@ -155,6 +155,12 @@ class Scheduler:
                     break
                 self._match_prefix(req)
             remaining = req.seq_len - req.num_computed
+            if req.grammar is not None and not req.grammar.ready:
+                # Its last token's logits need the compiled grammar: prefill the rest meanwhile.
+                remaining -= 1
+                if remaining <= 0:
+                    self._undo_admission(req)
+                    continue
             if remaining > budget and not (self.cfg.chunked_prefill or (batch_empty and not out)):
                 self._undo_admission(req)
                 break

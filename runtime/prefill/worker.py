@@ -90,8 +90,8 @@ class PrefillWorker(Worker):
             if room is None or not out.req.finished:
                 continue
             job = self.jobs[room]
-            if out.error is not None:  # its step ran out of memory; the engine freed its pages
-                await self._finish(job, ok=False, error=out.error, code=503)
+            if out.error is not None:  # its step ran out of memory (or its grammar failed); its pages are freed
+                await self._finish(job, ok=False, error=out.error, code=out.code)
                 continue
             if out.req.finish_reason == "abort" or not out.new_token_ids:
                 await self._finish(job, ok=False, error="prefill failed: the KV pool cannot hold this prompt")

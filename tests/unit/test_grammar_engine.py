@@ -1,7 +1,7 @@
 """Grammar-constrained decoding in the engine (xgrammar): the tiny random model produces
 valid JSON, regex matches and grammar sentences only when constrained; constrained and
-free requests share a batch; speculation is off for constrained requests and leaves their
-greedy outputs unchanged; bad grammars are a ValueError naming the field."""
+free requests share a batch (speculation and jump-forward: test_grammar_speculative.py);
+bad grammars are a ValueError naming the field."""
 from __future__ import annotations
 
 import json
@@ -140,30 +140,6 @@ def test_params_validate_and_travel() -> None:
     for k in ("json_schema", "regex", "ebnf"):
         del old[k]
     assert params_from_dict(old).json_schema is None  # a peer without the fields
-
-
-@pytest.mark.parametrize("method", ["ngram", "eagle"])
-def test_speculation_keeps_constrained_greedy_outputs(engine: Engine, tiny_model_dir: str, tmp_path,
-                                                      method: str) -> None:
-    extra = {}
-    if method == "eagle":
-        torch.manual_seed(0)
-        head = EagleHead.for_target(engine.core.loaded.model)
-        save_head(str(tmp_path / "h"), head.eval(), {"target_model": "tiny"})
-        extra = dict(draft_model=str(tmp_path / "h"))
-    spec = Engine(tiny_model_dir, **KW, speculative=method, num_draft_tokens=4, speculative_policy="fixed", **extra)
-    ref = run_mixed(engine, 0.0)
-    got = run_mixed(spec, 0.0)
-    assert [r.output_ids for r in got] == [r.output_ids for r in ref]
-    check_valid(spec, got)
-    assert all(r.num_steps == len(r.output_ids) - 1 for r in got[:4])  # one token per step: never drafted
-    if method == "ngram":
-        assert got[-1].accept_length > 1.0  # the free copy prompt did draft, in the same batches
-    else:
-        assert not spec.core.drafter.states
-        spec.core.drafter.pool.check_no_leak(0)
-    spec.shutdown()
-    spec.core.pool.check_no_leak(0)
 
 
 def test_retraction_recompute_keeps_the_matcher_in_step(tiny_model_dir: str) -> None:
