@@ -31,8 +31,9 @@ from zmq.utils.monitor import parse_monitor_message
 log = logging.getLogger("runtime.security")
 ZAP_DOMAIN = "runtime"
 REFUSAL_LOG_EVERY_S = 30.0  # a refused peer reconnects every 100 ms: one log line per peer per this
-# Protocol failures only: an auth failure is the ZAP handler's to log (with the peer's address),
-# and "no detail" is a peer hanging up mid-handshake.
+# An auth failure is the ZAP handler's to log (with the peer's address). A peer without CURVE
+# shows as a protocol failure (mechanism mismatch) or, when it noticed first and hung up, as a
+# failure with no detail (an errno): both are logged.
 _WHY = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "the peer does not use CURVE (no --curve-keys?)",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "its CURVE handshake does not decrypt (it expects another server key)",
@@ -147,7 +148,7 @@ class Guard:
 
     def watch(self, sock: zmq.Socket, addr: str) -> None:
         endpoint = f"inproc://runtime-monitor-{id(sock)}"
-        sock.monitor(endpoint, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+        sock.monitor(endpoint, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         t = threading.Thread(target=self._watch, args=(endpoint, addr), name="curve-monitor", daemon=True)
         t.start()
         self._watchers.append((sock, t))
@@ -165,7 +166,10 @@ class Guard:
                 event: dict[str, Any] = parse_monitor_message(pair.recv_multipart())
                 if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                     return
-                why = _WHY.get(event["value"], f"the handshake failed (ZMTP protocol error {event['value']:#x})")
+                if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    why = f"the peer hung up during the CURVE handshake (errno {event['value']}): no CURVE, or other keys?"
+                else:
+                    why = _WHY.get(event["value"], f"the handshake failed (ZMTP protocol error {event['value']:#x})")
                 refuse_log(self._last, str(event["value"]), f"{self.what}: refused a peer on {addr}: {why}")
         finally:
             pair.close(0)
