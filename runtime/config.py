@@ -117,7 +117,7 @@ class EngineConfig:
 TRANSFER_BACKENDS = ("auto", "zmq", "nixl")
 
 
-def _split_tcp(url: str | None) -> tuple[str, int]:
+def split_tcp(url: str | None) -> tuple[str, int]:
     """("HOST", PORT) of tcp://HOST:PORT, or a clear error."""
     rest = (url or "").removeprefix("tcp://")
     host, _, port = rest.rpartition(":")
@@ -196,7 +196,7 @@ class ClusterConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.distributed:
-            _split_tcp(self.controller_url)
+            split_tcp(self.controller_url)
             if self.curve_keys is None and not self.insecure:
                 raise ValueError("tcp:// links need CURVE keys: pass --curve-keys DIR (create them with "
                                  "`runtime keys --out DIR`), or --insecure on a network you trust")
@@ -235,7 +235,7 @@ class ClusterConfig:
         return f"ipc://{self.ipc_dir}/{name}"
 
     def _remote(self, offset: int, bind: bool) -> str:
-        host, port = _split_tcp(self.controller_url)
+        host, port = split_tcp(self.controller_url)
         if not bind and host in ("0.0.0.0", "*"):
             host = "127.0.0.1"  # this host's own listener, reached from this host
         return f"tcp://{host}:{port + offset}"

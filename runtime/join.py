@@ -20,7 +20,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from runtime.config import ClusterConfig, JoinConfig, _split_tcp
+from runtime.config import ClusterConfig, JoinConfig, split_tcp
 from runtime.fingerprint import model_fingerprint
 from runtime.messages import Refused, Register, Registered
 from runtime.transfer.base import kv_layout
@@ -38,7 +38,7 @@ class JoinRefused(RuntimeError):
 def route_host(controller_url: str) -> str:
     """This host's address on the route to the controller: what peers on that network reach
     (no packet is sent; a UDP connect only picks the source address)."""
-    host, port = _split_tcp(controller_url)
+    host, port = split_tcp(controller_url)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((host, port))
         return s.getsockname()[0]
@@ -47,7 +47,7 @@ def route_host(controller_url: str) -> str:
 def advertised(bound: str, join: JoinConfig, controller_url: str) -> str:
     """The inbox address peers use: the bound port, on --advertise-host when the bind
     address is a wildcard."""
-    host, port = _split_tcp(bound)
+    host, port = split_tcp(bound)
     if join.advertise_host:
         host = join.advertise_host
     elif host in ("0.0.0.0", "*"):

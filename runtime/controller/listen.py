@@ -11,7 +11,7 @@ import logging
 import time
 from collections import deque
 
-from runtime.config import ClusterConfig, JoinConfig, _split_tcp
+from runtime.config import ClusterConfig, JoinConfig, split_tcp
 from runtime.controller.controller import MAX_RESTARTS, RESTART_WINDOW_S, STARTUP_TIMEOUT_S, Controller
 from runtime.controller.process import WorkerProcess
 from runtime.launcher import Cluster, StartupError, _http_ok
@@ -29,7 +29,7 @@ def cluster_transfer(kind: str) -> str:
 class ListeningCluster(Cluster):
     def __init__(self, cfg: ClusterConfig, log_level: str = "info", advertise_host: str | None = None) -> None:
         super().__init__(dataclasses.replace(cfg, transfer=cluster_transfer(cfg.transfer)), log_level)
-        host, _ = _split_tcp(self.cfg.controller_url)
+        host, _ = split_tcp(self.cfg.controller_url)
         wildcard = host in ("0.0.0.0", "*")
         if wildcard and not advertise_host and cfg.num_prefill + cfg.num_decode:
             log.warning("--listen %s without --advertise-host: local workers advertise 127.0.0.1, which workers "
