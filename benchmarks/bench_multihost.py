@@ -36,7 +36,7 @@ def bench(url: str, a: argparse.Namespace, out: str) -> dict:
            "--concurrency", str(a.concurrency), "--input-len", str(a.input_len), "--output-len", str(a.output_len),
            "--out", out]
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    return json.loads(Path(out).read_text())
+    return json.loads(Path(out).read_text())["summary"]
 
 
 def wait_health(url: str, timeout: float) -> None:
@@ -104,7 +104,7 @@ def main() -> int:
     results["netns 1+1 tcp:// no CURVE"] = run_netns(a, engine, work, secure=False)
     print(f"\n{a.num_prompts} prompts, concurrency {a.concurrency}, input {a.input_len}, output {a.output_len}, "
           f"{a.device}, model {model or 'default'}")
-    print(f"{'':28s}" + "".join(f"{c:>14s}" for c in COLUMNS))
+    print(f"{'':28s}" + "".join(f"{c.removesuffix('_ms'):>14s}" for c in COLUMNS))
     for name, r in results.items():
         print(f"{name:28s}" + "".join(f"{(r.get(c) or 0.0):14.2f}" for c in COLUMNS)
               + ("" if not r.get("failed") else f"   ({r['failed']} failed)"))

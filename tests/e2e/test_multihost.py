@@ -162,7 +162,7 @@ def test_killed_worker_routed_around_and_new_one_used(net: NetCluster, reference
 
 
 def test_sigterm_drains_running_request(net: NetCluster, reference: Engine) -> None:
-    prompt, n = "Once upon a time", 120
+    prompt, n = "Once upon a time", 64
     expected = reference.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0].text
 
     async def run() -> tuple[str, str | None]:
