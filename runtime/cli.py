@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from runtime.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, INT4_GROUP_SIZES, LOAD_FORMATS, QUANTIZATIONS,
-                            SPECULATIVE, ClusterConfig)
+                            SPECULATIVE, ClusterConfig, JoinConfig)
 from runtime.env import ENV
 
 
@@ -95,29 +95,111 @@ def _gpus(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip()) if text else ()
 
 
-def cmd_up(a: argparse.Namespace) -> int:
-    from runtime.config import EngineConfig
-    from runtime.launcher import run_up
-
-    kw = engine_kwargs(a)
+def _cpu_pool(kw: dict) -> dict:
     if kw["kv_cache_tokens"] is None and kw["device"] in ("auto", "cpu"):
         import torch
 
         if kw["device"] == "cpu" or not torch.cuda.is_available():
             # Several workers share one host's memory: a smaller pool each by default.
             kw["kv_cache_tokens"] = 8192
+    return kw
+
+
+def _cluster_config(a: argparse.Namespace, **extra: object) -> ClusterConfig:
+    from runtime.config import EngineConfig
+
+    return ClusterConfig(
+        engine=EngineConfig(**_cpu_pool(engine_kwargs(a))), num_prefill=a.prefill, num_decode=a.decode, host=a.host,
+        port=a.port, api_key=a.api_key, served_model_name=a.served_model_name, transfer=a.transfer,
+        routing=a.routing, prefill_gpus=_gpus(a.prefill_gpus), decode_gpus=_gpus(a.decode_gpus),
+        fail_transfer_rate=a.fail_transfer_rate, max_prompts_per_request=a.max_prompts_per_request,
+        max_request_tokens=a.max_request_tokens, max_queued_requests=a.max_queued_requests, **extra,
+    )
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from runtime.launcher import run_up
+
     try:
-        cfg = ClusterConfig(
-            engine=EngineConfig(**kw), num_prefill=a.prefill, num_decode=a.decode, host=a.host, port=a.port,
-            api_key=a.api_key, served_model_name=a.served_model_name, transfer=a.transfer, routing=a.routing,
-            prefill_gpus=_gpus(a.prefill_gpus), decode_gpus=_gpus(a.decode_gpus),
-            fail_transfer_rate=a.fail_transfer_rate, max_prompts_per_request=a.max_prompts_per_request,
-            max_request_tokens=a.max_request_tokens, max_queued_requests=a.max_queued_requests,
-        )
+        cfg = _cluster_config(a)
     except ValueError as e:
         print(f"runtime up: error: {e}", file=sys.stderr)
         return 2
     return run_up(cfg, a.log_level)
+
+
+def cmd_controller(a: argparse.Namespace) -> int:
+    from runtime.launcher import run_up
+
+    try:
+        cfg = _cluster_config(a, controller_url=a.listen, curve_keys=a.curve_keys, insecure=a.insecure)
+    except ValueError as e:
+        print(f"runtime controller: error: {e}", file=sys.stderr)
+        return 2
+    return run_up(cfg, a.log_level, a.advertise_host)
+
+
+def cmd_worker(a: argparse.Namespace) -> int:
+    from runtime.config import EngineConfig, JoinConfig
+    from runtime.controller.listen import cluster_transfer
+    from runtime.join import run_worker
+    from runtime.launcher import StartupError, resolve_model
+
+    try:
+        join = JoinConfig(a.role, listen=a.listen, advertise_host=a.advertise_host, drain_timeout_s=a.drain_timeout,
+                          register_timeout_s=a.register_timeout, health_port=a.health_port)
+        cfg = resolve_model(ClusterConfig(
+            engine=EngineConfig(**_cpu_pool(engine_kwargs(a))), num_prefill=0, num_decode=0,
+            transfer=cluster_transfer(a.transfer), controller_url=a.controller, curve_keys=a.curve_keys,
+            insecure=a.insecure,
+        ))
+    except (ValueError, StartupError) as e:
+        print(f"runtime worker: error: {e}", file=sys.stderr)
+        return 2
+    return run_worker(cfg, join)
+
+
+def cmd_keys(a: argparse.Namespace) -> int:
+    from runtime.security import create_keys
+
+    for path in create_keys(a.out, a.client):
+        print(path)
+    return 0
+
+
+def _add_link_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-keys", default=None,
+                   help="directory from `runtime keys` (or a mounted Secret): CURVE on every tcp:// link")
+    p.add_argument("--insecure", action="store_true", help="tcp:// links without CURVE (a network you trust)")
+    p.add_argument("--advertise-host", default=None,
+                   help="the address other hosts reach this one at, when listening on 0.0.0.0")
+
+
+def _add_serving_args(u: argparse.ArgumentParser, prefill: int, decode: int) -> None:
+    if prefill:
+        u.add_argument("--prefill", type=int, default=prefill,
+                       help="prefill workers; 0: colocated, each decode worker prefills and decodes its own requests "
+                            "(no KV transfer)")
+        u.add_argument("--decode", type=int, default=decode, help="decode replicas (with --prefill 0: the engine workers)")
+    else:
+        u.add_argument("--prefill", type=int, default=0, help="prefill workers started on this host (they join as remote ones do)")
+        u.add_argument("--decode", type=int, default=0, help="decode workers started on this host")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--api-key", default=None)
+    u.add_argument("--served-model-name", default=None)
+    u.add_argument("--transfer", default="auto", choices=("auto", "zmq", "nixl"))
+    u.add_argument("--routing", default="prefix_aware", choices=("prefix_aware", "shortest_queue", "round_robin"))
+    u.add_argument("--prefill-gpus", default="", help="CUDA device per prefill worker, e.g. 0,1")
+    u.add_argument("--decode-gpus", default="", help="CUDA device per decode worker (colocated too), e.g. 2,3,4,5")
+    u.add_argument("--max-prompts-per-request", type=int, default=ClusterConfig.max_prompts_per_request,
+                   help="prompts in one /v1/completions batch; more is a 400")
+    u.add_argument("--max-request-tokens", type=int, default=ClusterConfig.max_request_tokens,
+                   help="prompt tokens in one request, over all its prompts x n; more is a 400")
+    u.add_argument("--max-queued-requests", type=int, default=ClusterConfig.max_queued_requests,
+                   help="sequences (prompts x n) in flight per live decode worker; beyond it new requests get 429")
+    u.add_argument("--fail-transfer-rate", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
+    add_engine_args(u)
 
 
 def cmd_bench(a: argparse.Namespace, rest: list[str]) -> int:
@@ -142,26 +224,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("up", help="serve the OpenAI API with disaggregated prefill and decode workers "
                        "(or colocated engines: --prefill 0)")
-    u.add_argument("--prefill", type=int, default=1,
-                   help="prefill workers; 0: colocated, each decode worker prefills and decodes its own requests (no KV transfer)")
-    u.add_argument("--decode", type=int, default=1, help="decode replicas (with --prefill 0: the engine workers)")
-    u.add_argument("--host", default="127.0.0.1")
-    u.add_argument("--port", type=int, default=8000)
-    u.add_argument("--api-key", default=None)
-    u.add_argument("--served-model-name", default=None)
-    u.add_argument("--transfer", default="auto", choices=("auto", "zmq", "nixl"))
-    u.add_argument("--routing", default="prefix_aware", choices=("prefix_aware", "shortest_queue", "round_robin"))
-    u.add_argument("--prefill-gpus", default="", help="CUDA device per prefill worker, e.g. 0,1")
-    u.add_argument("--decode-gpus", default="", help="CUDA device per decode worker (colocated too), e.g. 2,3,4,5")
-    u.add_argument("--max-prompts-per-request", type=int, default=ClusterConfig.max_prompts_per_request,
-                   help="prompts in one /v1/completions batch; more is a 400")
-    u.add_argument("--max-request-tokens", type=int, default=ClusterConfig.max_request_tokens,
-                   help="prompt tokens in one request, over all its prompts x n; more is a 400")
-    u.add_argument("--max-queued-requests", type=int, default=ClusterConfig.max_queued_requests,
-                   help="sequences (prompts x n) in flight per live decode worker; beyond it new requests get 429")
-    u.add_argument("--fail-transfer-rate", type=float, default=0.0, help=argparse.SUPPRESS)  # tests only
-    add_engine_args(u)
+    _add_serving_args(u, 1, 1)
     u.set_defaults(func=cmd_up)
+
+    c = sub.add_parser("controller", help="the gateway and controller, listening for workers that join over tcp://")
+    c.add_argument("--listen", required=True, help="tcp://HOST:PORT of the controller's inbox (the gateway's is PORT+1)")
+    _add_link_args(c)
+    _add_serving_args(c, 0, 0)
+    c.set_defaults(func=cmd_controller)
+
+    w = sub.add_parser("worker", help="a prefill or decode worker that joins a `runtime controller`")
+    w.add_argument("--role", required=True, choices=("prefill", "decode"))
+    w.add_argument("--controller", required=True, help="tcp://HOST:PORT the controller listens on")
+    w.add_argument("--listen", default=JoinConfig.listen, help="this worker's inbox; * takes a free port")
+    w.add_argument("--transfer", default="auto", choices=("auto", "zmq", "nixl"),
+                   help="KV transfer; auto: inline over the (CURVE) zmq link; nixl: NIXL's network path (UCX)")
+    w.add_argument("--drain-timeout", type=float, default=JoinConfig.drain_timeout_s,
+                   help="SIGTERM: seconds running requests get to finish before the worker leaves")
+    w.add_argument("--register-timeout", type=float, default=JoinConfig.register_timeout_s,
+                   help="seconds to keep asking the controller to admit this worker")
+    w.add_argument("--health-port", type=int, default=0, help="HTTP /livez and /readyz for probes; 0: off")
+    _add_link_args(w)
+    add_engine_args(w)
+    w.set_defaults(func=cmd_worker)
+
+    k = sub.add_parser("keys", help="create the CURVE keys of a cluster (runtime/security.py says which)")
+    k.add_argument("--out", required=True, help="directory to write server.key[_secret] and client.key[_secret] into")
+    k.add_argument("--client", default="client", help="name of the client keypair (another host's own key)")
+    k.set_defaults(func=cmd_keys)
 
     b = sub.add_parser("bench", help="serving benchmark against a running server (see runtime bench --help)", add_help=False)
     b.set_defaults(func=cmd_bench)
@@ -179,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -130,6 +130,36 @@ class EngineConfig:
 
 
 TRANSFER_BACKENDS = ("auto", "zmq", "nixl")
+
+
+def split_tcp(url: str | None) -> tuple[str, int]:
+    """("HOST", PORT) of tcp://HOST:PORT, or a clear error."""
+    rest = (url or "").removeprefix("tcp://")
+    host, _, port = rest.rpartition(":")
+    if not (url or "").startswith("tcp://") or not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ValueError(f"expected tcp://HOST:PORT with PORT in 1..65534 (got {url!r})")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """`runtime worker`: how one worker joins a controller over tcp://."""
+
+    role: str  # prefill | decode
+    listen: str = "tcp://0.0.0.0:*"  # this worker's inbox; * takes a free port
+    advertise_host: str | None = None  # how peers reach it; None: the address that routes to the controller
+    drain_timeout_s: float = 30.0  # SIGTERM: running requests get this long to finish
+    register_timeout_s: float = 300.0  # the controller may start after its workers (Kubernetes)
+    health_port: int = 0  # HTTP /livez, /readyz for probes; 0: none
+
+    def __post_init__(self) -> None:
+        _choose("role", self.role, ("prefill", "decode"))
+        if not self.listen.startswith("tcp://"):
+            raise ValueError(f"--listen must be tcp://HOST:PORT or tcp://HOST:* (got {self.listen!r})")
+        if self.drain_timeout_s < 0 or self.register_timeout_s <= 0:
+            raise ValueError("--drain-timeout must be >= 0 and --register-timeout > 0")
+        if not 0 <= self.health_port < 65536:
+            raise ValueError(f"--health-port must be in 0..65535 (got {self.health_port})")
 ROUTING_POLICIES = ("prefix_aware", "shortest_queue", "round_robin")
 
 
@@ -150,6 +180,12 @@ class ClusterConfig:
     # tcp://HOST:BASE+k instead of ipc:// sockets (workers on other hosts)
     tcp_host: str | None = None
     tcp_base_port: int = 29500
+    # Several hosts: tcp://HOST:PORT of the controller's inbox, where `runtime controller`
+    # listens or where `runtime worker` joins; the gateway's inbox is PORT+1 on that host.
+    # Workers then register themselves (controller/registry.py) instead of being numbered here.
+    controller_url: str | None = None
+    curve_keys: str | None = None  # directory of `runtime keys`: CURVE on every tcp:// link
+    insecure: bool = False  # tcp:// without CURVE, by explicit choice (benchmarks, trusted networks)
     transfer: str = "auto"  # auto: nixl when importable, else zmq (KV inline in messages)
     transfer_timeout_s: float = 30.0  # one KV transfer, from the prefill being done to the data landing
     prefill_wait_s: float = 600.0  # decode side: queueing + prefill + transfer of one prompt
@@ -174,7 +210,12 @@ class ClusterConfig:
         for name in ("max_prompts_per_request", "max_request_tokens", "max_queued_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.num_decode < 1:
+        if self.distributed:
+            split_tcp(self.controller_url)
+            if self.curve_keys is None and not self.insecure:
+                raise ValueError("tcp:// links need CURVE keys: pass --curve-keys DIR (create them with "
+                                 "`runtime keys --out DIR`), or --insecure on a network you trust")
+        if self.num_decode < 1 and not self.distributed:
             why = " (with --prefill 0 the decode workers serve every request, prefill included)" if self.colocated else ""
             raise ValueError(f"--decode must be at least 1, got {self.num_decode}{why}")
         if self.num_prefill < 0:
@@ -188,8 +229,15 @@ class ClusterConfig:
             raise ValueError(f"port must be in 1..65535 (got {self.port})")
 
     @property
+    def distributed(self) -> bool:
+        """Workers join over tcp:// (`runtime controller` / `runtime worker`)."""
+        return self.controller_url is not None
+
+    @property
     def colocated(self) -> bool:
-        return self.num_prefill == 0
+        # A controller that listens for workers runs disaggregated pools: --prefill 0 there
+        # means no local prefill worker, not colocated serving.
+        return self.num_prefill == 0 and not self.distributed
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -201,13 +249,27 @@ class ClusterConfig:
             return f"tcp://{self.tcp_host}:{self.tcp_base_port + k}"
         return f"ipc://{self.ipc_dir}/{name}"
 
-    @property
-    def gateway_addr(self) -> str:  # gateway PULL: TokenDelta, RequestError, ClusterStatus
-        return self._addr("gateway", 0)
+    def _remote(self, offset: int, bind: bool) -> str:
+        host, port = split_tcp(self.controller_url)
+        if not bind and host in ("0.0.0.0", "*"):
+            host = "127.0.0.1"  # this host's own listener, reached from this host
+        return f"tcp://{host}:{port + offset}"
 
     @property
-    def controller_addr(self) -> str:  # controller PULL: Generate, Abort, Ready, Heartbeat, TaskDone
-        return self._addr("controller", 1)
+    def gateway_addr(self) -> str:  # gateway PULL: TokenDelta, RequestError, ClusterStatus
+        return self._remote(1, bind=False) if self.distributed else self._addr("gateway", 0)
+
+    @property
+    def gateway_bind(self) -> str:
+        return self._remote(1, bind=True) if self.distributed else self.gateway_addr
+
+    @property
+    def controller_addr(self) -> str:  # controller PULL: Generate, Abort, Ready, Heartbeat, TaskDone, Register
+        return self._remote(0, bind=False) if self.distributed else self._addr("controller", 1)
+
+    @property
+    def controller_bind(self) -> str:
+        return self._remote(0, bind=True) if self.distributed else self.controller_addr
 
     def prefill_addr(self, i: int) -> str:  # prefill worker i PULL: PrefillTask, KVDestination, AbortTask
         return self._addr(f"prefill-{i}", 2 + i)

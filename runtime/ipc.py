@@ -15,6 +15,8 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from runtime.security import Guard, is_tcp
+
 T = TypeVar("T")
 _REGISTRY: dict[str, type] = {}
 _EXT_MESSAGE = 1
@@ -71,7 +73,8 @@ class Queue:
     """One ZMQ socket carrying typed messages. PUSH/PULL for one-way links (many
     producers may connect to one binding consumer)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, kind: int, addr: str, bind: bool, hwm: int = 0) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, kind: int, addr: str, bind: bool, hwm: int = 0,
+                 guard: Guard | None = None) -> None:
         self.sock = ctx.socket(kind)
         # hwm 0 = unbounded: a producer must never block on a consumer that is busy
         # sending to it (the deadlock CONVENTIONS.md warns about); memory is the limit.
@@ -79,8 +82,16 @@ class Queue:
         self.sock.setsockopt(zmq.RCVHWM, hwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.addr = addr
+        # tcp:// links (other hosts) are CURVE-encrypted and authenticated when the process
+        # has keys; ipc:// links stay within one host's file permissions.
+        if guard is not None and is_tcp(addr):
+            guard.keys.apply(self.sock, bind)
         if bind:
             self.sock.bind(addr)
+            # tcp://HOST:* binds a free port: the address peers must use is the one bound.
+            self.addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if guard is not None and is_tcp(addr):
+                guard.watch(self.sock, self.addr)
         else:
             self.sock.connect(addr)
 
@@ -109,12 +120,12 @@ class Queue:
         self.sock.close(0)
 
 
-def push(ctx: zmq.asyncio.Context, addr: str, bind: bool = False) -> Queue:
-    return Queue(ctx, zmq.PUSH, addr, bind)
+def push(ctx: zmq.asyncio.Context, addr: str, bind: bool = False, guard: Guard | None = None) -> Queue:
+    return Queue(ctx, zmq.PUSH, addr, bind, guard=guard)
 
 
-def pull(ctx: zmq.asyncio.Context, addr: str, bind: bool = True) -> Queue:
-    return Queue(ctx, zmq.PULL, addr, bind)
+def pull(ctx: zmq.asyncio.Context, addr: str, bind: bool = True, guard: Guard | None = None) -> Queue:
+    return Queue(ctx, zmq.PULL, addr, bind, guard=guard)
 
 
 class Actor:

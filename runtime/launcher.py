@@ -97,7 +97,9 @@ class Cluster:
         await self._task
 
     def stop(self, timeout: float = 8.0) -> None:
-        procs = [w.proc for w in (self.controller.workers.values() if self.controller else [])]
+        # Joined workers (RemoteProcess) are not ours to stop.
+        procs = [w.proc for w in (self.controller.workers.values() if self.controller else [])
+                 if isinstance(w.proc, WorkerProcess)]
         if self.controller is not None:
             self.controller.running = False
         if self.gateway is not None:
@@ -115,14 +117,21 @@ class Cluster:
         shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
-async def _up(cfg: ClusterConfig, log_level: str) -> int:
-    cluster = Cluster(cfg, log_level)
+async def _up(cfg: ClusterConfig, log_level: str, advertise_host: str | None = None) -> int:
+    if cfg.distributed:
+        from runtime.controller.listen import ListeningCluster
+
+        cluster: Cluster = ListeningCluster(cfg, log_level, advertise_host)
+    else:
+        cluster = Cluster(cfg, log_level)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await cluster.start()
+        if cfg.distributed:
+            print(f"listening: {cfg.controller_bind} (workers join with --controller tcp://HOST:PORT)", flush=True)
         print(f"ready: {cluster.url}", flush=True)
         serving = asyncio.create_task(cluster.serve_forever())
         stopper = asyncio.create_task(stop.wait())
@@ -139,7 +148,8 @@ async def _up(cfg: ClusterConfig, log_level: str) -> int:
         cluster.stop()
 
 
-def run_up(cfg: ClusterConfig, log_level: str = "info") -> int:
+def run_up(cfg: ClusterConfig, log_level: str = "info", advertise_host: str | None = None) -> int:
+    """`runtime up`, or with cfg.controller_url `runtime controller`."""
     try:
         import uvloop
 
@@ -147,7 +157,7 @@ def run_up(cfg: ClusterConfig, log_level: str = "info") -> int:
     except ImportError:
         pass
     try:
-        return asyncio.run(_up(cfg, log_level))
+        return asyncio.run(_up(cfg, log_level, advertise_host))
     except StartupError as e:
         print(f"runtime up: error: {e}", file=sys.stderr)
         return 1

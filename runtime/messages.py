@@ -196,3 +196,58 @@ class Streaming:
 
     rid: str
     decode_id: int
+
+
+# ---- worker <-> controller: joining over tcp:// (runtime worker; controller/registry.py) ----
+@message
+class Register:
+    """A worker that started on its own asks to join; sent again every few seconds until
+    answered (the controller may start later). `nonce` makes a repeated Register one worker."""
+
+    nonce: str
+    role: str  # "prefill" | "decode"
+    addr: str  # the worker's inbox as its peers reach it: tcp://HOST:PORT
+    pid: int
+    host: str
+    device: str
+    fingerprint: dict[str, Any]  # runtime.fingerprint.model_fingerprint
+    kv_layout: dict[str, Any]  # runtime.transfer.base.kv_layout of its pool (dtype as resolved)
+    transfer: str  # the KV transfer backend it built: "zmq" | "nixl"
+    kv_total_pages: int
+
+
+@message
+class Registered:
+    """controller -> worker: admitted under this id; it reports Ready next."""
+
+    id: int
+
+
+@message
+class Refused:
+    """controller -> worker: not admitted (another model, KV layout or transfer backend)."""
+
+    reason: str
+
+
+@message
+class Drain:
+    """worker -> controller: SIGTERM; route nothing new here."""
+
+    role: str
+    id: int
+    pid: int
+
+
+@message
+class DrainAck:
+    """controller -> worker: every task routed to it was sent before this message."""
+
+
+@message
+class Deregister:
+    """worker -> controller: leaving now (drained, or the drain timed out)."""
+
+    role: str
+    id: int
+    pid: int

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -17,7 +18,8 @@ from runtime import ipc
 from runtime.config import ClusterConfig
 from runtime.engine.core import EngineCore
 from runtime.env import ENV
-from runtime.messages import Heartbeat, Ready, Shutdown
+from runtime.messages import Deregister, Drain, DrainAck, Heartbeat, Ready, Registered, Shutdown
+from runtime.security import CurveKeys, guard_for
 
 log = logging.getLogger("runtime.worker")
 
@@ -48,8 +50,10 @@ class Worker(ipc.Actor):
         self.cfg = cfg
         self.id = worker_id
         self.ctx = zmq.asyncio.Context()
-        self.inbox = ipc.pull(self.ctx, inbox_addr, bind=True)
-        self.controller = ipc.push(self.ctx, cfg.controller_addr)
+        keys = CurveKeys.load(cfg.curve_keys) if cfg.curve_keys else None
+        self.guard = guard_for(self.ctx, keys, f"{self.role} worker")
+        self.inbox = ipc.pull(self.ctx, inbox_addr, bind=True, guard=self.guard)
+        self.controller = ipc.push(self.ctx, cfg.controller_addr, guard=self.guard)
         self._peers: dict[str, ipc.Queue] = {}
         self.core = EngineCore(engine_cfg)
         self.served = 0
@@ -57,17 +61,53 @@ class Worker(ipc.Actor):
         self.transfer_latency: deque[float] = deque()
         self.kv_wait: deque[float] = deque()
         self.running = True
-        self.handlers[Shutdown] = self.on_shutdown
+        self.loop_time = time.monotonic()  # the loop's last pass (a liveness probe reads it)
+        # Drain (SIGTERM of a joined worker): the deadline, and whether the controller has
+        # confirmed that nothing more will be routed here.
+        self.drain_deadline: float | None = None
+        self.drain_acked = False
+        self.handlers.update({Shutdown: self.on_shutdown, DrainAck: self.on_drain_ack,
+                              Registered: lambda m: None})  # a repeat crossing our repeated Register
 
     def peer(self, addr: str) -> ipc.Queue:
         q = self._peers.get(addr)
         if q is None:
-            q = self._peers[addr] = ipc.push(self.ctx, addr)
+            q = self._peers[addr] = ipc.push(self.ctx, addr, guard=self.guard)
         return q
 
     def on_shutdown(self, msg: Shutdown) -> None:
         log.info("%s %d: shutting down (%s)", self.role, self.id, msg.reason)
         self.running = False
+
+    # ---- drain ---------------------------------------------------------------------------
+    def begin_drain(self, timeout_s: float) -> None:
+        """Finish what runs here (at most timeout_s), then leave. Called from a signal handler."""
+        if self.drain_deadline is None:
+            log.info("%s %d: draining (at most %.0f s)", self.role, self.id, timeout_s)
+            self.drain_deadline = time.monotonic() + timeout_s
+            # Without the controller's DrainAck (it is gone too), idle for this long is final.
+            self._drain_silent_at = time.monotonic() + self.cfg.dead_after_s
+            self._drain_sent = False
+
+    def on_drain_ack(self, msg: DrainAck) -> None:
+        self.drain_acked = True
+
+    def idle(self) -> bool:
+        """No request of the controller's is in progress here."""
+        return not self.core.has_work
+
+    async def _drain_step(self) -> None:
+        if not self._drain_sent:
+            await self.controller.send(Drain(self.role, self.id, os.getpid()))
+            self._drain_sent = True
+        now = time.monotonic()
+        late = now > self.drain_deadline
+        if ((self.drain_acked or now > self._drain_silent_at) and self.idle()) or late:
+            if late and not self.idle():
+                log.warning("%s %d: drain timed out with requests still running; the controller retries or "
+                            "fails them", self.role, self.id)
+            await self.controller.send(Deregister(self.role, self.id, os.getpid()))
+            self.running = False
 
     # ---- subclass hooks ------------------------------------------------------------------
     async def after_step(self, outputs: list) -> None:
@@ -105,6 +145,8 @@ class Worker(ipc.Actor):
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.guard is not None and self.cfg.controller_addr.startswith("tcp://"):
+            self.guard.keys.apply(sock, bind=False)
         sock.connect(self.cfg.controller_addr)
         try:
             while not stop.wait(self.cfg.heartbeat_s):
@@ -125,6 +167,11 @@ class Worker(ipc.Actor):
                 while (msg := await self.inbox.recv_nowait()) is not None:
                     await self.dispatch(msg)
                 await self.tick()
+                self.loop_time = time.monotonic()
+                if self.drain_deadline is not None:
+                    await self._drain_step()
+                    if not self.running:
+                        break
                 if self.core.has_work:
                     outputs = self.core.step()
                     await self.after_step(outputs)
@@ -142,8 +189,13 @@ class Worker(ipc.Actor):
         return self.cfg.heartbeat_s
 
     def close(self) -> None:
+        # A drained worker's last KVDone / TokenDelta / Deregister still go out; otherwise
+        # (runtime up stopping everything) nothing waits for peers that may be gone.
+        linger = 1000 if self.drain_deadline is not None else 0
         for q in self._peers.values():
-            q.close()
+            q.sock.close(linger=linger)
         self.inbox.close()
-        self.controller.close()
+        self.controller.sock.close(linger=linger)
+        if self.guard is not None:
+            self.guard.stop()
         self.ctx.term()

@@ -1,5 +1,6 @@
 """Entry point of every child process of `runtime up`:
-python -m runtime.worker_main ROLE ID CONFIG_JSON LOG_LEVEL (ROLE: prefill | decode | gateway)."""
+python -m runtime.worker_main ROLE ID CONFIG_JSON LOG_LEVEL [JOIN_JSON] (ROLE: prefill | decode | gateway;
+JOIN_JSON: a JoinConfig, for the local workers of `runtime controller`, which register themselves)."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,13 @@ def main(argv: list[str]) -> int:
         uvloop.install()
     except ImportError:
         pass
+    if len(argv) > 4:  # a local worker of `runtime controller`: it joins over tcp:// as remote ones do
+        import json
+
+        from runtime.config import JoinConfig
+        from runtime.join import run_worker
+
+        return run_worker(cfg, JoinConfig(**json.loads(argv[4])))
     if role == "prefill":
         from runtime.prefill.worker import PrefillWorker as W
     elif role == "decode":

@@ -16,12 +16,13 @@ import zmq.asyncio
 
 from runtime import ipc
 from runtime.config import ClusterConfig
-from runtime.controller.process import WorkerProcess
+from runtime.controller.process import RemoteProcess, WorkerProcess
 from runtime.controller.routing import Load, Router
 from runtime.messages import (
     Abort, AbortTask, ClusterStatus, DecodeTask, Generate, GenerateTask, Heartbeat, PrefillTask,
     Ready, RequestError, Streaming, TaskDone,
 )
+from runtime.security import CurveKeys, guard_for
 
 log = logging.getLogger("runtime.controller")
 # A request on a worker that died is sent again at most once (when no token of it reached
@@ -47,8 +48,10 @@ def restart_bound_s(first_start_s: float) -> float:
 class WorkerState:
     role: str
     id: int
-    proc: WorkerProcess
+    proc: WorkerProcess | RemoteProcess
     alive: bool = False
+    addr: str = ""  # its inbox: where tasks, and its peers' KV handshake, go
+    draining: bool = False  # SIGTERM'd joined worker: finishing its requests, routed nothing new
     last_beat: float = 0.0
     beat: Heartbeat | None = None
     load: Load = field(default_factory=lambda: Load(0))
@@ -74,13 +77,15 @@ class Flight:
 
 
 class Controller(ipc.Actor):
-    def __init__(self, cfg: ClusterConfig, spawn: "callable") -> None:
+    def __init__(self, cfg: ClusterConfig, spawn: "callable", fingerprint: dict | None = None,
+                 transfer: str = "zmq") -> None:
         super().__init__()
         self.cfg = cfg
         self.spawn = spawn  # (role, id) -> WorkerProcess
         self.ctx = zmq.asyncio.Context()
-        self.inbox = ipc.pull(self.ctx, cfg.controller_addr, bind=True)
-        self.gateway = ipc.push(self.ctx, cfg.gateway_addr)
+        self.guard = guard_for(self.ctx, CurveKeys.load(cfg.curve_keys) if cfg.curve_keys else None, "controller")
+        self.inbox = ipc.pull(self.ctx, cfg.controller_bind, bind=True, guard=self.guard)
+        self.gateway = ipc.push(self.ctx, cfg.gateway_addr, guard=self.guard)
         self.out: dict[tuple[str, int], ipc.Queue] = {}
         self.workers: dict[tuple[str, int], WorkerState] = {}
         self.flights: dict[str, Flight] = {}
@@ -99,6 +104,11 @@ class Controller(ipc.Actor):
             Generate: self.on_generate, Abort: self.on_abort, Ready: self.on_ready,
             Heartbeat: self.on_heartbeat, TaskDone: self.on_task_done, Streaming: self.on_streaming,
         })
+        self.registry = None
+        if cfg.distributed:
+            from runtime.controller.registry import Registry
+
+            self.registry = Registry(self, fingerprint or {}, transfer)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start_workers(self) -> None:
@@ -106,7 +116,7 @@ class Controller(ipc.Actor):
                               ("decode", self.cfg.num_decode, self.cfg.decode_addr)):
             for i in range(n):
                 self.out[(role, i)] = ipc.push(self.ctx, addr(i))
-                self.workers[(role, i)] = WorkerState(role, i, self.spawn(role, i), load=Load(i))
+                self.workers[(role, i)] = WorkerState(role, i, self.spawn(role, i), load=Load(i), addr=addr(i))
 
     def all_ready(self) -> bool:
         return all(w.alive for w in self.workers.values())
@@ -132,11 +142,13 @@ class Controller(ipc.Actor):
             q.close()
         self.inbox.close()
         self.gateway.close()
+        if self.guard is not None:
+            self.guard.stop()
         self.ctx.term()
 
     # ---- requests ------------------------------------------------------------------------------
     def _live(self, role: str) -> list[WorkerState]:
-        return [w for w in self.workers.values() if w.role == role and w.alive]
+        return [w for w in self.workers.values() if w.role == role and w.alive and not w.draining]
 
     async def on_generate(self, g: Generate) -> None:
         if g.params.get("seed") is None:
@@ -160,10 +172,9 @@ class Controller(ipc.Actor):
         self.flights[g.rid] = Flight(g, p.id, d.id, room, retries=retries)
         p.inflight += 1
         d.inflight += 1
-        await self.out[("decode", d.id)].send(
-            DecodeTask(g.rid, room, g.prompt_ids, g.params, p.id, self.cfg.prefill_addr(p.id)))
-        await self.out[("prefill", p.id)].send(
-            PrefillTask(g.rid, room, g.prompt_ids, g.params, d.id, self.cfg.decode_addr(d.id)))
+        paddr, daddr = self.workers[("prefill", p.id)].addr, self.workers[("decode", d.id)].addr
+        await self.out[("decode", d.id)].send(DecodeTask(g.rid, room, g.prompt_ids, g.params, p.id, paddr))
+        await self.out[("prefill", p.id)].send(PrefillTask(g.rid, room, g.prompt_ids, g.params, d.id, daddr))
 
     async def _dispatch_colocated(self, g: Generate, retries: int) -> None:
         workers = self._live("decode")
@@ -224,7 +235,11 @@ class Controller(ipc.Actor):
     async def on_ready(self, r: Ready) -> None:
         w = self.workers.get((r.role, r.id))
         if w is None:
-            raise ValueError(f"Ready from unknown worker {r.role} {r.id}")
+            if self.registry is None:
+                raise ValueError(f"Ready from unknown worker {r.role} {r.id}")
+            log.warning("Ready from %s worker %d (pid %d), which is not registered (it was forgotten); ignored",
+                        r.role, r.id, r.pid)
+            return
         now = time.monotonic()
         if w.ever_ready:
             log.info("%s worker %d ready again after %.1f s (pid %d, %s; restart %d)",
@@ -257,7 +272,10 @@ class Controller(ipc.Actor):
                 log.error("%s worker %d (pid %d) %s", w.role, w.id, w.proc.pid, why)
                 w.proc.kill()
                 w.alive = False
-                await self._recover(w)
+                await self.recover(w)
+                if self.registry is not None and self.registry.is_joined(w):
+                    self.registry.forget(w)  # its host restarts it, as a new worker
+                    continue
             if not w.alive and w.ready_by is not None and now > w.ready_by and w.proc.exitcode() is None:
                 log.error("%s worker %d (pid %d) is not ready %.0f s after its restart (expected within %.0f s); "
                           "killing it to start it again", w.role, w.id, w.proc.pid, now - w.spawned_at,
@@ -265,6 +283,8 @@ class Controller(ipc.Actor):
                 w.proc.kill()
             if not w.alive and w.proc.exitcode() is not None and self._may_restart(w, now):
                 self._restart(w, now)
+        if self.registry is not None:
+            self.registry.sweep(now)
 
     def _may_restart(self, w: WorkerState, now: float) -> bool:
         # Only workers that once started are restarted: a startup failure is the launcher's
@@ -292,7 +312,7 @@ class Controller(ipc.Actor):
         log.warning("%s worker %d restarted (pid %d, restart %d); expect it ready within %.0f s (model load; its first "
                     "start took %.1f s)", w.role, w.id, w.proc.pid, w.restarts, bound, w.first_start_s)
 
-    async def _recover(self, dead: WorkerState) -> None:
+    async def recover(self, dead: WorkerState) -> None:
         """Requests that touched a dead worker: retry those no token of which reached the
         client, fail the rest."""
         if dead.role == self.prefill_role:
@@ -322,10 +342,11 @@ class Controller(ipc.Actor):
         for w in self.workers.values():
             b = w.beat
             workers.append(dict(
-                role=w.role, id=w.id, pid=w.proc.pid, alive=w.alive,
+                role=w.role, id=w.id, pid=w.proc.pid, alive=w.alive and not w.draining,
                 running=b.running if b else 0, queued=b.queued if b else 0, served=b.served if b else 0,
                 kv_free_pages=b.kv_free_pages if b else 0, kv_total_pages=b.kv_total_pages if b else 0,
-                restarts=w.restarts, device=w.device,
+                restarts=w.restarts, device=w.device, draining=w.draining,
+                host=getattr(w.proc, "host", "local"), addr=w.addr,
             ))
             if b and w.alive:
                 used += b.kv_total_pages - b.kv_free_pages

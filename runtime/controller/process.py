@@ -9,7 +9,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from runtime.config import ClusterConfig, EngineConfig
+from runtime.config import ClusterConfig, EngineConfig, JoinConfig
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,13 +36,16 @@ def config_from_json(text: str) -> ClusterConfig:
 
 
 class WorkerProcess:
-    def __init__(self, role: str, worker_id: int, cfg: ClusterConfig, log_level: str = "info") -> None:
+    def __init__(self, role: str, worker_id: int, cfg: ClusterConfig, log_level: str = "info",
+                 join: JoinConfig | None = None) -> None:
         env = dict(os.environ)
         gpus = cfg.prefill_gpus if role == "prefill" else cfg.decode_gpus if role == "decode" else ()
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(gpus[worker_id % len(gpus)])
+        # join: a worker of `runtime controller` that registers over tcp:// as remote ones do.
+        extra = [json.dumps(asdict(join))] if join is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.worker_main", role, str(worker_id), config_to_json(cfg), log_level],
+            [sys.executable, "-m", "runtime.worker_main", role, str(worker_id), config_to_json(cfg), log_level, *extra],
             env=env,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
@@ -60,3 +63,21 @@ class WorkerProcess:
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
+
+
+class RemoteProcess:
+    """A worker process on another host, as the controller sees it: it can neither watch
+    its exit code (heartbeats tell it is gone) nor kill or restart it (its host's
+    supervisor, e.g. Kubernetes, does)."""
+
+    def __init__(self, role: str, worker_id: int, pid: int, host: str) -> None:
+        self.role, self.id, self.pid, self.host = role, worker_id, pid, host
+
+    def exitcode(self) -> int | None:
+        return None
+
+    def kill(self) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass

@@ -38,13 +38,13 @@ class Incoming:
 class DecodeWorker(Worker):
     role = "decode"
 
-    def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
+    def __init__(self, cfg: ClusterConfig, worker_id: int, inbox_addr: str | None = None) -> None:
         # Disaggregated, decode never matches prefixes: prompt KV arrives from the prefill
         # workers. Colocated, this worker's own prefix cache serves its prompts.
         engine = cfg.engine if cfg.colocated else replace(cfg.engine, prefix_cache=False)
-        super().__init__(cfg, worker_id, cfg.decode_addr(worker_id), engine)
+        super().__init__(cfg, worker_id, inbox_addr or cfg.decode_addr(worker_id), engine)
         self.receiver = None if cfg.colocated else make_transfer(cfg.transfer, self.core.pool, worker_id, "decode")
-        self.gateway = ipc.push(self.ctx, cfg.gateway_addr)
+        self.gateway = ipc.push(self.ctx, cfg.gateway_addr, guard=self.guard)
         self.pending: deque[DecodeTask] = deque()  # waiting for free pages
         self.incoming: dict[int, Incoming] = {}  # room -> reserved pages, waiting for KV
         self.handlers[AbortTask] = self.on_abort
@@ -215,6 +215,9 @@ class DecodeWorker(Worker):
         await self.gateway.send(RequestError(rid, error, code))
         await self.controller.send(TaskDone(rid, self.role, self.id, False, tokens_sent))
 
+    def idle(self) -> bool:
+        return not self.core.has_work and not self.pending and not self.incoming
+
     def idle_wait(self) -> float:
         # Poll transfers often while KV is landing; otherwise wake for heartbeats only.
         return 0.002 if self.incoming else self.cfg.heartbeat_s
@@ -225,5 +228,5 @@ class DecodeWorker(Worker):
         return {"transfer_bytes": self.receiver.bytes_received, "transfer_failures": self.receiver.failures}
 
     def close(self) -> None:
-        self.gateway.close()
+        self.gateway.sock.close(linger=1000 if self.drain_deadline is not None else 0)  # a drain's last tokens
         super().close()

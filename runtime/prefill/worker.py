@@ -41,11 +41,11 @@ class Job:
 class PrefillWorker(Worker):
     role = "prefill"
 
-    def __init__(self, cfg: ClusterConfig, worker_id: int) -> None:
+    def __init__(self, cfg: ClusterConfig, worker_id: int, inbox_addr: str | None = None) -> None:
         # Prefill samples one token per request: drafting would only load a draft model.
         # An EAGLE drafter on the decode side reads the prompt's hidden states: keep them.
         engine = replace(cfg.engine, speculative="none", export_prompt_hidden=cfg.engine.speculative == "eagle")
-        super().__init__(cfg, worker_id, cfg.prefill_addr(worker_id), engine)
+        super().__init__(cfg, worker_id, inbox_addr or cfg.prefill_addr(worker_id), engine)
         self.sender = make_transfer(cfg.transfer, self.core.pool, worker_id, "prefill")
         self.jobs: dict[int, Job] = {}  # room -> job
         self.rooms: dict[str, int] = {}  # rid -> room
@@ -171,6 +171,9 @@ class PrefillWorker(Worker):
             self.core.scheduler.release_held(req)
         elif not req.finished:
             self.core.abort(req.rid)
+
+    def idle(self) -> bool:
+        return not self.jobs and not self.core.has_work
 
     def idle_wait(self) -> float:
         # Poll transfers in flight often (NIXL completes them asynchronously): waiting a whole

@@ -191,6 +191,14 @@ def build_app(state: GatewayState) -> FastAPI:
             body["reason"] = why
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        # Liveness of the gateway + controller pod: the controller still reports, whether or
+        # not workers have joined (readiness is /health, which needs a live worker per role).
+        ok = state.controller_alive()
+        return JSONResponse({"status": "ok" if ok else "no cluster status from the controller"},
+                            status_code=200 if ok else 503)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -46,6 +46,11 @@ class GatewayMetrics:
         self.kv_used = Gauge("runtime_kv_used_pages", "Used KV pages over live workers", registry=r)
         self.kv_total = Gauge("runtime_kv_total_pages", "KV pages over live workers", registry=r)
         self.workers_alive = Gauge("runtime_workers_alive", "Live workers per role", ["role"], registry=r)
+        # What an autoscaler reads (deploy/k8s/base/hpa.yaml): work waiting at, and running on, each pool.
+        self.worker_queued = Gauge("runtime_worker_queued_requests", "Requests queued at live workers, per role",
+                                   ["role"], registry=r)
+        self.worker_running = Gauge("runtime_worker_running_requests", "Requests running on live workers, per role",
+                                    ["role"], registry=r)
         self.transfer_latency = Histogram(
             "runtime_kv_transfer_latency_seconds", "Prefill side: from posting a request's KV write to its completion",
             buckets=TRANSFER_BUCKETS, registry=r,
@@ -66,7 +71,10 @@ class GatewayMetrics:
         """Apply one ClusterStatus. Sample lists hold only the samples taken since the
         previous status, so each is observed exactly once."""
         for role in ("prefill", "decode"):
-            self.workers_alive.labels(role).set(sum(1 for w in workers if w.get("role") == role and w.get("alive")))
+            live = [w for w in workers if w.get("role") == role and w.get("alive")]
+            self.workers_alive.labels(role).set(len(live))
+            self.worker_queued.labels(role).set(sum(int(w.get("queued", 0)) for w in live))
+            self.worker_running.labels(role).set(sum(int(w.get("running", 0)) for w in live))
         if "prefix_cache_hit_rate" in m:
             self.hit_rate.set(float(m["prefix_cache_hit_rate"]))
         used, total = m.get("kv_used_pages"), m.get("kv_total_pages")

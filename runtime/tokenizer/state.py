@@ -17,6 +17,7 @@ import zmq.asyncio
 from runtime import ipc
 from runtime.config import ClusterConfig
 from runtime.messages import Abort, ClusterStatus, Generate, RequestError, TokenDelta, TokenDeltas
+from runtime.security import CurveKeys, Guard, guard_for
 from runtime.tokenizer.metrics import GatewayMetrics
 from runtime.tokenizer.protocol import APIError
 
@@ -78,15 +79,18 @@ class GatewayState(ipc.Actor):
         self._to_controller: ipc.Queue | None = None
         self._from_cluster: ipc.Queue | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._guard: Guard | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        addr = self.cfg.gateway_addr
+        addr = self.cfg.gateway_bind
         if addr.startswith("ipc://"):
             os.makedirs(os.path.dirname(addr[len("ipc://"):]), exist_ok=True)
         self._ctx = zmq.asyncio.Context()
-        self._from_cluster = ipc.pull(self._ctx, addr, bind=True)
-        self._to_controller = ipc.push(self._ctx, self.cfg.controller_addr)
+        keys = CurveKeys.load(self.cfg.curve_keys) if self.cfg.curve_keys else None
+        self._guard = guard_for(self._ctx, keys, "gateway")
+        self._from_cluster = ipc.pull(self._ctx, addr, bind=True, guard=self._guard)
+        self._to_controller = ipc.push(self._ctx, self.cfg.controller_addr, guard=self._guard)
         self.status_time = time.monotonic()
         self._reader = asyncio.create_task(self._read_loop(), name="gateway-reader")
         log.info("gateway linked: PULL %s, PUSH %s", addr, self.cfg.controller_addr)
@@ -106,6 +110,9 @@ class GatewayState(ipc.Actor):
         if self._to_controller is not None:
             self._to_controller.sock.close(linger=500)  # the Aborts just sent still go out
         self._from_cluster = self._to_controller = None
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
