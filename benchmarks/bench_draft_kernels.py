@@ -1,13 +1,13 @@
 """The draft step's Triton kernels against the torch ops they replace, timed in CUDA graphs.
 
-1. lm_head + top-k (kernels/lm_head_topk.py) against the torch ops a draft step used before: F.linear to [M, V] logits, then argmax (a chain's draft, k 1) or
+1. lm_head + top-k (runtime/kernels/lm_head_topk.py) against the torch ops a draft step used before: F.linear to [M, V] logits, then argmax (a chain's draft, k 1) or
 topk and logsumexp (a tree's candidates, k > 1). Both sides are timed as a draft step runs
 them: captured back to back in one CUDA graph (bench_fused_kernels._time_graph). The
 achieved bandwidth is lm_head's bytes read once / the fused time, against the GPU's copy
 bandwidth measured in the same run. "agree" is the fraction of rows whose k tokens equal
 torch's, in order (they can differ on near-ties: torch rounds the logits to bf16 first).
 
-2. A draft tree's bookkeeping (kernels/tree_grow.py, kernels/tree_select.py): TreeBuilder's
+2. A draft tree's bookkeeping (runtime/kernels/tree_grow.py, runtime/kernels/tree_select.py): TreeBuilder's
 start, depth - 1 grows and the select, on the kernels and on its torch path; the work is
 tiny, so this measures launches. "same" checks the two picks are identical.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fused_kernels import _time_graph  # noqa: E402
 from bench_paged_decode import _copy_bandwidth  # noqa: E402
-from kernels.lm_head_topk import lm_head_topk  # noqa: E402
+from runtime.kernels.lm_head_topk import lm_head_topk  # noqa: E402
 from runtime.decode.speculative.tree import TreeBuilder  # noqa: E402
 
 # (name, H, V): SmolLM2's full vocabulary, two draft vocabularies of it, Llama 3 8B's.

@@ -20,7 +20,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.extend_attention import ExtendPlan, extend_attention  # noqa: E402
+from runtime.kernels.extend_attention import ExtendPlan, extend_attention  # noqa: E402
 from runtime.engine.attention.base import AttentionMetadata  # noqa: E402
 from runtime.engine.kv_pool import KVPool  # noqa: E402
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_paged_decode import _copy_bandwidth  # noqa: E402
-from kernels.rmsnorm import rmsnorm  # noqa: E402
-from kernels.rope_kv import rope_store_kv  # noqa: E402
-from kernels.silu_mul import silu_and_mul  # noqa: E402
+from runtime.kernels.rmsnorm import rmsnorm  # noqa: E402
+from runtime.kernels.rope_kv import rope_store_kv  # noqa: E402
+from runtime.kernels.silu_mul import silu_and_mul  # noqa: E402
 from runtime.engine.kv_pool import KVPool  # noqa: E402
 from runtime.engine.model import apply_rotary  # noqa: E402
 

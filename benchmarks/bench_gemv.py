@@ -1,4 +1,4 @@
-"""Decode-shaped projections: kernels/gemv.py against torch's F.linear (cuBLAS), on the
+"""Decode-shaped projections: runtime/kernels/gemv.py against torch's F.linear (cuBLAS), on the
 Llama-3-8B shapes (bf16, M 1/2/4/8 rows), with the GPU's copy bandwidth measured in the
 same run (issue 14).
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_paged_decode import _copy_bandwidth  # noqa: E402
-from kernels.gemv import CANDIDATES, GemvConfig, default_config, gemv  # noqa: E402
+from runtime.kernels.gemv import CANDIDATES, GemvConfig, default_config, gemv  # noqa: E402
 
 LAYERS = 32  # Llama-3-8B
 # (name, N, K): the fused projections as fuse_projections serves them, and the lm_head.

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.paged_decode import default_num_splits, paged_decode  # noqa: E402
+from runtime.kernels.paged_decode import default_num_splits, paged_decode  # noqa: E402
 from runtime.engine.kv_pool import KVPool  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def _flashinfer_decode(c: Case, s: dict):
 
 def _sweep(c: Case, s: dict, peak: float) -> list[dict]:
     """Graph time of each launch configuration of the split kernel on this case, best first."""
-    import kernels.paged_decode as pd
+    import runtime.kernels.paged_decode as pd
 
     chosen = pd._launch_config
     out = torch.empty_like(s["q"])

@@ -32,7 +32,7 @@ _VARS = {
     "gemv": _Var(
         "RUNTIME_GEMV", "attn",
         "auto | attn | off: auto runs the model's projections for at most 16 rows (decode; CUDA, bf16/fp16) "
-        "with kernels/gemv.py instead of cuBLAS, attn only the attention block's (qkv_proj, o_proj) (issue 14)",
+        "with runtime/kernels/gemv.py instead of cuBLAS, attn only the attention block's (qkv_proj, o_proj) (issue 14)",
     ),
     "cpu_threads": _Var(
         "RUNTIME_CPU_THREADS", "", "torch intra-op threads on CPU; empty: the physical cores this process may use",
@@ -46,6 +46,11 @@ _VARS = {
         "TEST ONLY: make engine steps fail as if out of memory (torch.cuda.OutOfMemoryError after the forward): "
         "'steps:3,5' (an engine's 3rd and 5th forwards, counted from 1) or 'tokens:N' (every forward of more than "
         "N new tokens); empty: off",
+    ),
+    "test_step_delay": _Var(
+        "RUNTIME_TEST_STEP_DELAY", "",
+        "TEST ONLY: seconds a worker sleeps after each engine step (keeps a tiny model's request running long "
+        "enough for tests of draining and failover to see it); empty: off",
     ),
 }
 

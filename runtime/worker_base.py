@@ -161,6 +161,7 @@ class Worker(ipc.Actor):
         stop = threading.Event()
         beat = threading.Thread(target=self._beat_forever, args=(stop,), name="heartbeat", daemon=True)
         beat.start()
+        step_delay = float(ENV.test_step_delay or 0)
         try:
             while self.running:
                 # Drain every message that is already here, then compute.
@@ -175,7 +176,7 @@ class Worker(ipc.Actor):
                 if self.core.has_work:
                     outputs = self.core.step()
                     await self.after_step(outputs)
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(step_delay)
                 else:
                     msg = await self.inbox.recv_timeout(self.idle_wait())
                     if msg is not None:

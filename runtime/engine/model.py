@@ -28,7 +28,7 @@ class ForwardContext:
     out_slots: torch.Tensor  # int64 [T] device: page * page_size + offset for each new token
 
 
-_KERNELS: bool | None = None  # whether kernels/ (Triton) imports on this machine
+_KERNELS: bool | None = None  # whether runtime/kernels/ (Triton) imports on this machine
 
 
 def fused_kernels(x: torch.Tensor) -> bool:
@@ -41,9 +41,9 @@ def fused_kernels(x: torch.Tensor) -> bool:
         return False
     if _KERNELS is None:
         try:
-            import kernels.rmsnorm  # noqa: F401
-            import kernels.rope_kv  # noqa: F401
-            import kernels.silu_mul  # noqa: F401
+            import runtime.kernels.rmsnorm  # noqa: F401
+            import runtime.kernels.rope_kv  # noqa: F401
+            import runtime.kernels.silu_mul  # noqa: F401
 
             _KERNELS = True
         except Exception:  # no Triton: stay on torch
@@ -51,13 +51,13 @@ def fused_kernels(x: torch.Tensor) -> bool:
     return _KERNELS
 
 
-_GEMV: str | None = None  # RUNTIME_GEMV ("off" without kernels/gemv.py); read on first CUDA use
+_GEMV: str | None = None  # RUNTIME_GEMV ("off" without runtime/kernels/gemv.py); read on first CUDA use
 
 
 def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
     """module(x); with RUNTIME_GEMV=auto (or =attn, for the attention block's projections
     alone), a decode-shaped x (at most 16 rows, CUDA half precision, no autograd:
-    gemv_serves) runs kernels/gemv.py's single-pass kernel on a dense weight, which reads it
+    gemv_serves) runs runtime/kernels/gemv.py's single-pass kernel on a dense weight, which reads it
     once with no split-K reduce launch (issue 14). CPU and quantized layers never get there."""
     global _GEMV
     if not x.is_cuda or isinstance(module, QuantLinear):
@@ -67,13 +67,13 @@ def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = 
         if mode not in ("auto", "attn", "off"):
             raise ValueError(f"RUNTIME_GEMV must be 'auto', 'attn' or 'off', got {mode!r}")
         try:
-            import kernels.gemv  # noqa: F401
+            import runtime.kernels.gemv  # noqa: F401
 
             _GEMV = mode
         except Exception:  # no Triton: stay on torch
             _GEMV = "off"
     if _GEMV == "auto" or (_GEMV == "attn" and attn_block):
-        from kernels.gemv import gemv, gemv_serves
+        from runtime.kernels.gemv import gemv, gemv_serves
 
         if gemv_serves(x, module.weight):
             return gemv(x, module.weight, module.bias)
@@ -89,7 +89,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
         if x.dim() == 2 and fused_kernels(x):  # packed rows (serving); dense batches stay on torch
-            from kernels.rmsnorm import rmsnorm
+            from runtime.kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual)  # with residual: in place
         if residual is not None:
@@ -199,7 +199,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
         if hasattr(self, "qkv_proj") and x.dim() == 2 and fused_kernels(x):
-            from kernels.rope_kv import rope_store_kv
+            from runtime.kernels.rope_kv import rope_store_kv
 
             q = rope_store_kv(linear(self.qkv_proj, x, attn_block=True), *rope, k_cache, v_cache, ctx.out_slots,
                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
@@ -236,7 +236,7 @@ class MLP(nn.Module):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = linear(self.gate_up_proj, x)  # [T, 2 * I]
         if gate_up.dim() == 2 and fused_kernels(gate_up):
-            from kernels.silu_mul import silu_and_mul
+            from runtime.kernels.silu_mul import silu_and_mul
 
             return linear(self.down_proj, silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)

@@ -49,10 +49,10 @@ def netns_unavailable() -> str:
 class Proc:
     """A process in a namespace, its output in a file, in its own process group."""
 
-    def __init__(self, ns: str, args: list[str], log: Path) -> None:
+    def __init__(self, ns: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log
         self._log = open(log, "w")
-        env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        env = dict(os.environ, **(env or {}), PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True, cwd=str(REPO))
         self.pid = self.proc.pid  # `ip netns exec` execs the command: this is its pid
@@ -134,8 +134,8 @@ class Hosts:
         _ip("addr", "add", f"{self.client_ip}/30", "dev", self._link)
         _ip("link", "set", self._link, "up")
 
-    def start(self, host: int, args: list[str], name: str) -> Proc:
-        p = Proc(self.names[host], args, self.workdir / f"{name}.log")
+    def start(self, host: int, args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
+        p = Proc(self.names[host], args, self.workdir / f"{name}.log", env)
         self.procs.append(p)
         return p
 

@@ -24,7 +24,7 @@ from tests.e2e.netns import Hosts, Proc, netns_unavailable
 from tests.e2e.test_cluster import MODEL, assert_greedy_equals_engine
 
 CONTROLLER_PORT, HTTP_PORT, WORKER_PORT = 29500, 8000, 29600
-ENGINE = ["--device", "cpu", "--page-size", "4", "--kv-cache-tokens", "2048", "--max-model-len", "256"]
+ENGINE = ["--device", "cpu", "--dtype", "float32", "--page-size", "4", "--kv-cache-tokens", "2048", "--max-model-len", "256"]
 
 _why = netns_unavailable()
 pytestmark = pytest.mark.skipif(bool(_why), reason=f"multi-host test: {_why}")
@@ -48,7 +48,10 @@ class NetCluster:
         args = [sys.executable, "-m", "runtime.cli", "worker", "--role", role, "--controller", self.controller_url,
                 "--listen", f"tcp://0.0.0.0:{WORKER_PORT}", "--curve-keys", keys or self.keys, "--model", self.model,
                 *ENGINE, *extra]
-        self.workers[name] = p = self.hosts.start(host, args, name)
+        # Decode steps slowed a little, so a tiny model's request is still running when a
+        # heartbeat (every 0.5 s) reports it: the drain test must find which worker holds it.
+        env = {"RUNTIME_TEST_STEP_DELAY": "0.02"} if role == "decode" else None
+        self.workers[name] = p = self.hosts.start(host, args, name, env)
         return p
 
     def health(self) -> dict:
@@ -157,6 +160,7 @@ def test_killed_worker_routed_around_and_new_one_used(net: NetCluster, reference
     assert "refused this decode worker" in bad.text() and "page_size: controller 4, worker 8" in bad.text()
     assert "refused decode worker" in net.controller.text()
     assert_greedy_equals_engine(net, reference)
+    settled_served(net)  # the counts come with heartbeats
     served = {w["addr"]: w["served"] for w in net.health()["workers"]}
     assert served[new["addr"]] > 0, served
 

@@ -92,7 +92,7 @@ DECODE_SHAPES = [
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-d{s[2]}-ps{s[3]}")
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
 def test_paged_decode_kernel(dtype: torch.dtype, shape: tuple, num_splits: int | None) -> None:
-    from kernels.paged_decode import paged_decode
+    from runtime.kernels.paged_decode import paged_decode
 
     hq, hkv, d, ps, kv_lens = shape
     p = Paged([1] * len(kv_lens), kv_lens, hq, hkv, d, ps, dtype)
@@ -105,7 +105,7 @@ def test_paged_decode_kernel(dtype: torch.dtype, shape: tuple, num_splits: int |
 
 def test_paged_decode_kernel_is_cuda_graph_capturable() -> None:
     """Captured once, replayed with other lengths and pages written into the same tensors."""
-    from kernels.paged_decode import paged_decode
+    from runtime.kernels.paged_decode import paged_decode
 
     dtype, hq, hkv, d, ps, bsz, max_pages = torch.bfloat16, 8, 2, 64, 16, 4, 64
     big = Paged([1] * bsz, [ps * max_pages - 3] * bsz, hq, hkv, d, ps, dtype, seed=1)
@@ -147,7 +147,7 @@ EXTEND_SHAPES = {
 @pytest.mark.parametrize("heads", [(9, 3, 64), (32, 8, 128)], ids=["9-3-d64", "32-8-d128"])
 @pytest.mark.parametrize("shape", list(EXTEND_SHAPES))
 def test_extend_kernel(dtype: torch.dtype, heads: tuple, shape: str) -> None:
-    from kernels.extend_attention import ExtendPlan, extend_attention
+    from runtime.kernels.extend_attention import ExtendPlan, extend_attention
 
     q_lens, kv_lens = EXTEND_SHAPES[shape]
     hq, hkv, d = heads

@@ -23,8 +23,8 @@ def test_fused_kernel_matches_torch_on_cuda(fn, case: tuple) -> None:
 
 def test_fused_kernels_capture_in_a_cuda_graph() -> None:
     pytest.importorskip("triton")
-    from kernels.rmsnorm import rmsnorm
-    from kernels.silu_mul import silu_and_mul
+    from runtime.kernels.rmsnorm import rmsnorm
+    from runtime.kernels.silu_mul import silu_and_mul
 
     x = torch.randn(4, 576, device="cuda", dtype=torch.bfloat16)
     w = torch.rand(576, device="cuda", dtype=torch.bfloat16) + 0.5

@@ -38,7 +38,7 @@ def _weight(n: int, k: int, bias: bool = False) -> tuple[torch.Tensor, torch.Ten
 def _check(name: str, m: int, w: torch.Tensor, b: torch.Tensor | None, config=None) -> None:
     """gemv within half a bf16 ulp (+1e-4 for fp32 accumulation over K up to 14336) of the
     fp64 product: the exact result rounded once, as a user of F.linear expects."""
-    from kernels.gemv import gemv
+    from runtime.kernels.gemv import gemv
 
     x = torch.randn(m, w.shape[1], device="cuda").to(torch.bfloat16)
     got = gemv(x, w, b, config=config)
@@ -67,7 +67,7 @@ def test_gemv_with_bias_on_a_qkv_shape() -> None:  # Qwen2's q/k/v carry a bias
 @pytest.mark.parametrize("name", ["llama8b_qkv", "smollm2_qkv", "llama8b_down"])
 def test_every_sweep_candidate_is_correct(name: str) -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import CANDIDATES
+    from runtime.kernels.gemv import CANDIDATES
 
     w, b = _weight(*SHAPES[name])
     for cfg in CANDIDATES:
@@ -83,7 +83,7 @@ def test_interpreter_cases_on_cuda(case: tuple) -> None:
 
 def test_gemv_captures_in_a_cuda_graph() -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import gemv
+    from runtime.kernels.gemv import gemv
 
     w, _ = _weight(*SHAPES["llama8b_qkv"])
     b = torch.randn(w.shape[0], device="cuda").to(torch.bfloat16)
@@ -111,7 +111,7 @@ def test_gemv_captures_in_a_cuda_graph() -> None:
 
 def test_model_linear_routes_decode_rows_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import gemv
+    from runtime.kernels.gemv import gemv
     from runtime.engine import model
 
     lin = torch.nn.Linear(576, 960, bias=True, device="cuda", dtype=torch.bfloat16)

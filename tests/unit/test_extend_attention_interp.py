@@ -44,7 +44,7 @@ def dense_reference(q, k_cache, v_cache, page_lists, q_lens, kv_lens, scale, tre
 def _case(name: str, dtype: torch.dtype, hq: int, hkv: int, d: int, page_size: int,
           q_lens: list[int], ctx_lens: list[int], seed: int,
           tree: tuple[list[int], list[int]] | None = None) -> str | None:
-    from kernels.extend_attention import ExtendPlan, extend_attention
+    from runtime.kernels.extend_attention import ExtendPlan, extend_attention
     from runtime.engine.attention.base import AttentionMetadata
     from runtime.engine.kv_pool import KVPool
 
@@ -106,7 +106,7 @@ def test_extend_attention_matches_dense_reference_under_interpreter() -> None:
 
 
 def _inputs() -> dict:
-    from kernels.extend_attention import ExtendPlan
+    from runtime.kernels.extend_attention import ExtendPlan
 
     return dict(
         q=torch.randn(5, 4, 16),
@@ -136,7 +136,7 @@ def _inputs() -> dict:
 )
 def test_extend_attention_rejects_bad_input(change: dict, message: str) -> None:
     pytest.importorskip("triton")
-    from kernels.extend_attention import extend_attention
+    from runtime.kernels.extend_attention import extend_attention
 
     args = _inputs()
     args.update(change)

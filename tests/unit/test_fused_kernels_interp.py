@@ -53,7 +53,7 @@ def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float =
 
 
 def _rmsnorm_case(name: str, dtype: torch.dtype, t: int, h: int, seed: int, device: str = "cpu") -> str | None:
-    from kernels.rmsnorm import rmsnorm
+    from runtime.kernels.rmsnorm import rmsnorm
     from runtime.engine.model import RMSNorm
 
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +80,7 @@ def _rmsnorm_case(name: str, dtype: torch.dtype, t: int, h: int, seed: int, devi
 def _rope_case(
     name: str, dtype: torch.dtype, t: int, hq: int, hkv: int, d: int, cos_3d: bool, seed: int, device: str = "cpu"
 ) -> str | None:
-    from kernels.rope_kv import rope_store_kv
+    from runtime.kernels.rope_kv import rope_store_kv
     from runtime.engine.kv_pool import KVPool
     from runtime.engine.model import apply_rotary
 
@@ -124,7 +124,7 @@ def _rope_case(
 def _silu_case(name: str, dtype: torch.dtype, t: int, inter: int, seed: int, device: str = "cpu") -> str | None:
     import torch.nn.functional as F
 
-    from kernels.silu_mul import silu_and_mul
+    from runtime.kernels.silu_mul import silu_and_mul
 
     gen = torch.Generator().manual_seed(seed)
     gate_up = _randn(gen, t, 2 * inter, dtype=dtype, scale=4.0)
@@ -138,7 +138,7 @@ def _lm_head_case(name: str, dtype: torch.dtype, m: int, v: int, h: int, k: int,
                   device: str = "cpu") -> str | None:
     """The k best tokens and their log-probabilities (and raw logits) against torch's topk
     and logsumexp over fp32 logits of the same inputs. Random inputs have no near-ties."""
-    from kernels.lm_head_topk import lm_head_topk
+    from runtime.kernels.lm_head_topk import lm_head_topk
 
     gen = torch.Generator().manual_seed(seed)
     x = _randn(gen, m, h + 8, dtype=dtype).to(device)[:, :h]  # a row stride that is not H
@@ -356,12 +356,12 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("op, args, message", BAD_INPUTS)
 def test_fused_kernels_reject_bad_input(op: str, args: dict, message: str) -> None:
     pytest.importorskip("triton")
-    from kernels.lm_head_topk import lm_head_topk
-    from kernels.rmsnorm import rmsnorm
-    from kernels.rope_kv import rope_store_kv
-    from kernels.silu_mul import silu_and_mul
-    from kernels.tree_grow import tree_grow
-    from kernels.tree_select import tree_select
+    from runtime.kernels.lm_head_topk import lm_head_topk
+    from runtime.kernels.rmsnorm import rmsnorm
+    from runtime.kernels.rope_kv import rope_store_kv
+    from runtime.kernels.silu_mul import silu_and_mul
+    from runtime.kernels.tree_grow import tree_grow
+    from runtime.kernels.tree_select import tree_select
 
     fn = {"rmsnorm": rmsnorm, "rope": rope_store_kv, "silu": silu_and_mul, "lm_head": lm_head_topk,
           "tree_grow": tree_grow, "tree_select": tree_select}[op]

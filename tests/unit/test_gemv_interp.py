@@ -21,7 +21,7 @@ def _case(name: str, dtype: torch.dtype, m: int, n: int, k: int, bias: bool, con
           seed: int, device: str = "cpu") -> str | None:
     """Runs one case; returns a failure message or None. config: GemvConfig's fields, or None
     for the default."""
-    from kernels.gemv import GemvConfig, gemv
+    from runtime.kernels.gemv import GemvConfig, gemv
 
     gen = torch.Generator().manual_seed(seed)
     # x as the first K columns of a wider buffer (a row stride that is not K); values ~N(0, 1)
@@ -107,7 +107,7 @@ def _args(m: int = 2, n: int = 8, k: int = 16) -> dict:
 )
 def test_gemv_rejects_bad_input(change: dict, message: str) -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import gemv
+    from runtime.kernels.gemv import gemv
 
     args = _args()
     args.update(change)
@@ -117,7 +117,7 @@ def test_gemv_rejects_bad_input(change: dict, message: str) -> None:
 
 def test_gemv_elementwise_config_takes_one_row() -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import GemvConfig, gemv
+    from runtime.kernels.gemv import GemvConfig, gemv
 
     with pytest.raises(ValueError, match="serves one row, x has 2"):
         gemv(**_args(m=2), config=GemvConfig(4, 64, 4, 1, dot=False))
@@ -125,7 +125,7 @@ def test_gemv_elementwise_config_takes_one_row() -> None:
 
 def test_gemv_rejects_out_aliasing_x() -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import gemv
+    from runtime.kernels.gemv import gemv
 
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="must not share memory with x"):
@@ -139,7 +139,7 @@ def test_gemv_rejects_out_aliasing_x() -> None:
 )
 def test_gemv_config_rejects_bad_tiles(fields: tuple, message: str) -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import GemvConfig
+    from runtime.kernels.gemv import GemvConfig
 
     with pytest.raises(ValueError, match=message):
         GemvConfig(*fields)
@@ -147,7 +147,7 @@ def test_gemv_config_rejects_bad_tiles(fields: tuple, message: str) -> None:
 
 def test_gemv_serves_only_cuda_half_precision_decode_shapes() -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import gemv_serves
+    from runtime.kernels.gemv import gemv_serves
 
     # CPU tensors of a shape it would serve on CUDA: not served (the model keeps torch).
     assert not gemv_serves(torch.randn(1, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16))
@@ -155,7 +155,7 @@ def test_gemv_serves_only_cuda_half_precision_decode_shapes() -> None:
 
 def test_default_configs_divide_k_when_they_can() -> None:
     pytest.importorskip("triton")
-    from kernels.gemv import default_config
+    from runtime.kernels.gemv import default_config
 
     for m, n, k in [(1, 6144, 4096), (8, 4096, 14336), (1, 960, 576), (4, 28672, 4096), (1, 100, 77)]:
         cfg = default_config(m, n, k)

@@ -27,7 +27,7 @@ def _case(
     tree: tuple[list[int], list[int]] | None = None,  # (tree_start, tree_bits) per row
 ) -> str | None:
     """Runs one case; returns a failure message or None."""
-    from kernels.paged_decode import paged_decode
+    from runtime.kernels.paged_decode import paged_decode
     from runtime.engine.attention.base import AttentionMetadata
     from runtime.engine.attention.torch_ref import TorchAttention
     from runtime.engine.kv_pool import KVPool
@@ -130,7 +130,7 @@ def _inputs(bsz: int = 2, hq: int = 4, hkv: int = 2, d: int = 16, ps: int = 4) -
 )
 def test_paged_decode_rejects_bad_input(change: dict, message: str) -> None:
     pytest.importorskip("triton")
-    from kernels.paged_decode import paged_decode
+    from runtime.kernels.paged_decode import paged_decode
 
     args = _inputs()
     args.update(change)

@@ -36,6 +36,12 @@ class _DraftSeq:
     all_ids: list[int]
     pages: list[int]  # the request's draft-pool pages (the same list as _State.pages)
 
+    def ids_between(self, start: int, end: int) -> list[int]:
+        return self.all_ids[start:end]
+
+    def token_at(self, pos: int) -> int:
+        return self.all_ids[pos]
+
 
 @dataclass
 class _State:

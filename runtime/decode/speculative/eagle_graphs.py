@@ -71,7 +71,7 @@ class _BucketGraphs:
         self.outputs: dict[int, Grown] = {}
 
     def _attn(self, rows: int):
-        from kernels.paged_decode import default_num_splits
+        from runtime.kernels.paged_decode import default_num_splits
         from runtime.engine.attention.triton_backend import TritonAttention
 
         hkv = self.d.head.cfg.num_kv_heads

@@ -46,7 +46,7 @@ class DraftVocab(NamedTuple):
 def _lm_head_kernels():
     """The kernels.lm_head_topk module where Triton is installed, else None."""
     try:
-        from kernels import lm_head_topk
+        from runtime.kernels import lm_head_topk
     except ImportError:
         return None
     return lm_head_topk
@@ -85,7 +85,7 @@ def top_logprobs(hidden: torch.Tensor, vocab: DraftVocab, k: int,
     """hidden [..., H] -> the k best log-probabilities (fp32, normalised over the draft
     vocabulary) and their token ids (int64), each [..., k], best first. chunk_rows > 0
     bounds the [rows, V] logits held at once. On CUDA one fused kernel pair computes
-    this without materialising the logits (kernels/lm_head_topk.py)."""
+    this without materialising the logits (runtime/kernels/lm_head_topk.py)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     shape = (*hidden.shape[:-1], k)
     fused = _fused(flat, vocab.weight, k)
@@ -161,7 +161,7 @@ class TreeBuilder:
     """N trees grown together, at most `max_depth` deep: `start`, then `grow` once per
     further depth, then `select`. Candidates live in [N, C] buffers, C = branch +
     (max_depth - 1) * branch^2. On CUDA, grow and select are one Triton kernel each
-    (kernels/tree_grow.py, kernels/tree_select.py): at batch 1 the torch path's small ops
+    (runtime/kernels/tree_grow.py, runtime/kernels/tree_select.py): at batch 1 the torch path's small ops
     cost a launch each, 80 more per step than the kernels for an 8x48 tree of depth 5
     (H200 trace: 585 launches and 1.61 ms of GPU time per step against 505 and 1.47 ms)."""
 
@@ -258,8 +258,8 @@ def _tree_kernels():
     """(kernels.tree_grow.tree_grow, kernels.tree_select.tree_select) where Triton is
     installed, else None."""
     try:
-        from kernels.tree_grow import tree_grow
-        from kernels.tree_select import tree_select
+        from runtime.kernels.tree_grow import tree_grow
+        from runtime.kernels.tree_select import tree_select
     except ImportError:
         return None
     return tree_grow, tree_select

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.extend_attention import ExtendPlan, extend_attention
-from kernels.paged_decode import default_num_splits, paged_decode
+from runtime.kernels.extend_attention import ExtendPlan, extend_attention
+from runtime.kernels.paged_decode import default_num_splits, paged_decode
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
 from runtime.engine.attention.torch_ref import TorchAttention
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETED, check_dtype, check_placement
+from runtime.kernels._common import INTERPRETED, check_dtype, check_placement
 
 MAX_K = 16  # the candidates of every block are merged in one program
 _BM, _BK = 16, 64  # tl.dot needs at least 16 rows

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
+from runtime.kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETED
+from runtime.kernels._common import INTERPRETED
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634

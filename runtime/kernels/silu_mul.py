@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
+from runtime.kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
 
 # Swept on H200 (bf16, I 1536 and 14336, T 1-256, blocks 256-4096, 1-8 warps).
 _BLOCK, _NUM_WARPS = 512, 4

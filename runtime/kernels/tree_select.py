@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_placement
+from runtime.kernels._common import check_placement
 
 
 @triton.jit

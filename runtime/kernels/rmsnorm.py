@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_dtype, check_placement, manual_bf16, round_to
+from runtime.kernels._common import check_dtype, check_placement, manual_bf16, round_to
 
 _MAX_HIDDEN = 16384  # one row lives in registers: 32 fp32 values per thread at 16 warps
 

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
+from runtime.kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
 
 MAX_M = 16  # rows of x one program holds (BM <= 16); wider x is a GEMM, torch's job
 HALF = (torch.float16, torch.bfloat16)
