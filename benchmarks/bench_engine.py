@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=None, help="the scheduler's prefill chunk (tokens per step)")
     ap.add_argument("--quantization", default="auto", help="auto | none | fp8 | int8 | int4 (quantized at load)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8_e4m3")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--out", default="bench_engine.json")
     a = ap.parse_args()
@@ -141,7 +142,7 @@ def main() -> None:
         model, load_format = folder, "dummy"
     backends = a.attention_backend.split(",")
     opts = dict(device=a.device, dtype=a.dtype, load_format=load_format, kv_cache_tokens=a.kv_cache_tokens,
-                quantization=a.quantization)
+                quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
     if a.max_batch_tokens:
         opts["max_batch_tokens"] = a.max_batch_tokens
     engine = Engine(model, attention_backend=backends[0], **opts)

@@ -6,8 +6,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from runtime.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, INT4_GROUP_SIZES, LOAD_FORMATS, QUANTIZATIONS,
-                            SPECULATIVE, ClusterConfig, JoinConfig)
+from runtime.config import (ATTENTION_BACKENDS, DEVICES, DTYPES, INT4_GROUP_SIZES, KV_CACHE_DTYPES, LOAD_FORMATS,
+                            QUANTIZATIONS, SPECULATIVE, ClusterConfig, JoinConfig)
 from runtime.env import ENV
 
 
@@ -23,6 +23,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "weight-only. Dense weights are quantized at load")
     p.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model's dtype; fp8_e4m3: K/V stored as e4m3 with scale 1 (half the KV bytes "
+                        "per decode step, twice the cached tokens; triton/torch attention, bf16/fp16 models)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool size (default: from memory)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="tokens per forward (chunked prefill budget)")
@@ -53,6 +56,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         quantization=a.quantization,
         int4_group_size=a.int4_group_size,
         max_model_len=a.max_model_len,
+        kv_cache_dtype=a.kv_cache_dtype,
         page_size=a.page_size,
         kv_cache_tokens=a.kv_cache_tokens,
         max_batch_tokens=a.max_batch_tokens,

@@ -15,6 +15,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 SPECULATIVE = ("none", "ngram", "eagle", "draft")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
+# auto: the model's dtype; fp8_e4m3: K and V stored as e4m3 (scale 1), half the bytes a decode
+# step reads and twice the tokens the pool holds (Triton and torch attention; not flashinfer).
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -33,6 +36,7 @@ class EngineConfig:
     quantization: str = "auto"
     int4_group_size: int = 32  # input channels per int4 scale (32, 64 or 128; 32 = GGUF's blocks)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     page_size: int = 16
     kv_cache_tokens: int | None = None  # None: sized from kv_mem_fraction (CUDA) or 32k (CPU)
     kv_mem_fraction: float = 0.85  # of the GPU memory left after the weights
@@ -72,6 +76,10 @@ class EngineConfig:
             raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES} (got {self.int4_group_size})")
         _choose("speculative", self.speculative, SPECULATIVE)
         _choose("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choose("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "flashinfer":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} runs on the triton or torch attention backend, "
+                             "not flashinfer (pass --attention-backend triton)")
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1 (got {self.page_size})")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 2 * self.page_size:
@@ -121,6 +129,15 @@ class EngineConfig:
         """N of a "BxN" draft tree; 0 for chains."""
         tree = self.draft_tree
         return tree[1] if tree else 0
+
+    def kv_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV pool's element type beside a model of `model_dtype`."""
+        if self.kv_cache_dtype == "fp8_e4m3":
+            if model_dtype == torch.float32:
+                raise ValueError("kv_cache_dtype 'fp8_e4m3' needs a bfloat16 or float16 model (got float32): "
+                                 "pass --dtype bfloat16")
+            return torch.float8_e4m3fn
+        return model_dtype
 
     @property
     def torch_device(self) -> torch.device:

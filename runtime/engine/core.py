@@ -136,13 +136,15 @@ class EngineCore:
         dtype = next(self.loaded.model.parameters()).dtype
         if self.device.type == "cuda":
             self.loaded.model.model.rotary.prepare_table(self.max_model_len, dtype)
+        kv_dtype = cfg.kv_torch_dtype(dtype)
         self.attn = make_attention_backend(
             cfg.attention_backend, self.device, num_q_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim, dtype=dtype,
+            head_dim=mc.head_dim, dtype=dtype, kv_dtype=kv_dtype,
         )
         self.memory_plan: MemoryPlan | None = None  # CUDA without kv_cache_tokens: the profiled plan
-        num_pages = self._num_pages(dtype)
-        self.pool = KVPool(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim, dtype, self.device)
+        num_pages = self._num_pages(kv_dtype)
+        self.pool = KVPool(mc.num_layers, num_pages, cfg.page_size, mc.num_kv_heads, mc.head_dim, kv_dtype,
+                           self.device)
         self.cache = RadixCache(self.pool, cfg.page_size) if cfg.prefix_cache else NoPrefixCache(cfg.page_size)
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -212,8 +212,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # Pages are strided in the page-major pool: index (page, slot), not a flat slot.
         page, slot = ctx.out_slots // k_cache.shape[1], ctx.out_slots % k_cache.shape[1]
-        k_cache[page, slot] = k
-        v_cache[page, slot] = v
+        k_cache[page, slot] = k.to(k_cache.dtype)  # an FP8 cache rounds here
+        v_cache[page, slot] = v.to(v_cache.dtype)
         out = ctx.attn.forward(q, k_cache, v_cache, self.scale)
         return linear(self.o_proj, out.reshape(t, cfg.q_size), attn_block=True)
 

@@ -7,6 +7,17 @@ import triton
 import triton.language as tl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# An FP8 KV cache (--kv-cache-dtype fp8_e4m3): K and V stored as e4m3 with scale 1 (no
+# calibrated scales), widened to the queries' dtype as the attention kernels load them.
+KV_FP8 = torch.float8_e4m3fn
+
+
+def check_kv_dtype(op: str, q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The KV cache holds q's dtype, or FP8 beside bf16/fp16 queries."""
+    ok = (q_dtype,) + ((KV_FP8,) if q_dtype in (torch.float16, torch.bfloat16) else ())
+    if k_cache.dtype not in ok or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{op}: k_cache and v_cache must both be one of {ok} beside {q_dtype} queries, got "
+                        f"{k_cache.dtype} and {v_cache.dtype}")
 
 
 @triton.jit

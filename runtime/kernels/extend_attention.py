@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels._common import INTERPRETED
+from runtime.kernels._common import INTERPRETED, check_kv_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
@@ -57,6 +57,9 @@ def _attend(acc, m_i, l_i, q, K, V, pt_row, n0, end, pos, kvh, t_start, t_bits,
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    else:  # an FP8 cache is widened to q's dtype (a no-op for a cache of q's dtype)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     if IEEE_DOT:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
     else:
@@ -232,9 +235,10 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
                          f"alike, got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if q.shape[2] != k_cache.shape[3]:
         raise ValueError(f"extend_attention: head dims differ: q {q.shape[2]}, cache {k_cache.shape[3]}")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if q.dtype not in _DTYPES:
         raise ValueError(f"extend_attention: q and caches must share one of {_DTYPES}, got "
                          f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_kv_dtype("extend_attention", q.dtype, k_cache, v_cache)
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("extend_attention: head_dim must be contiguous in q and the caches")
     for name, t in (("page_table", page_table), ("cu_q_lens", cu_q_lens), ("kv_lens", kv_lens)):

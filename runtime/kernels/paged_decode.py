@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels._common import check_kv_dtype
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 # A split shorter than this many keys costs more in the merge than it gains in parallelism.
@@ -102,6 +104,9 @@ def _paged_decode_split_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        else:  # an FP8 cache is widened to q's dtype (a no-op for a cache of q's dtype)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if IEEE_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -240,8 +245,7 @@ def _check(
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if q.dtype not in _DTYPES:
         raise TypeError(f"q dtype {q.dtype} not supported; use one of {_DTYPES}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_kv_dtype("paged_decode", q.dtype, k_cache, v_cache)
     if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != bsz:
         raise ValueError(
             f"page_table must be int32 [B={bsz}, max_pages], got {page_table.dtype} {tuple(page_table.shape)}"

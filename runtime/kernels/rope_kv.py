@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from runtime.kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
+from runtime.kernels._common import INTERPRETED, check_dtype, check_kv_dtype, check_placement, manual_bf16, round_to
 
 
 @triton.jit
@@ -79,9 +79,12 @@ def _rope_store_kv_kernel(
     slot = tl.load(Slots + t * stride_slot)  # int64: page * PAGE_SIZE + offset
     page = slot // PAGE_SIZE
     pos = slot % PAGE_SIZE
-    tl.store(KCache + page * stride_kp + pos * stride_ks + kvh * stride_kh + offs[None, :], out, mask=kv_mask)
+    # An FP8 cache rounds K and V once more here (the caches' element type is the store's).
+    tl.store(KCache + page * stride_kp + pos * stride_ks + kvh * stride_kh + offs[None, :],
+             out.to(KCache.dtype.element_ty), mask=kv_mask)
     v = tl.load(row + cols + NUM_KV_HEADS * HEAD_DIM + offs[None, :], mask=kv_mask)  # v head: Hkv heads on
-    tl.store(VCache + page * stride_vp + pos * stride_vs + kvh * stride_vh + offs[None, :], v, mask=kv_mask)
+    tl.store(VCache + page * stride_vp + pos * stride_vs + kvh * stride_vh + offs[None, :],
+             v.to(VCache.dtype.element_ty), mask=kv_mask)
 
 
 def _launch_config(block_d: int) -> tuple[int, int]:
@@ -117,7 +120,7 @@ def _check(
         if c.dim() != 4 or c.shape[2:] != (num_kv_heads, head_dim):
             raise ValueError(f"rope_store_kv: {name} must be [num_pages, page_size, Hkv={num_kv_heads}, "
                              f"D={head_dim}], got shape {tuple(c.shape)}")
-        check_dtype(name, c, qkv.dtype)
+    check_kv_dtype("rope_store_kv", qkv.dtype, k_cache, v_cache)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"rope_store_kv: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
     if out_slots.shape != (t,):

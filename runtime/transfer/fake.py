@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from runtime.engine.kv_pool import KVPool
 from runtime.transfer.base import (
     KVReceiver,
@@ -64,8 +66,10 @@ class FakeSender(KVSender):
                 entry[1] -= 1
             else:
                 receiver, src, dst = entry[2], entry[3], entry[4]
-                dkv = receiver.pool.kv  # page-major: page p is the one block kv[p]
-                block = self.pool.kv.index_select(0, page_index(src, self.pool.kv.device))
+                # page-major: page p is the one block kv[p]; moved as bytes (CPU has no FP8 index_copy_)
+                dkv = receiver.pool.kv.view(torch.uint8)
+                skv = self.pool.kv.view(torch.uint8)
+                block = skv.index_select(0, page_index(src, skv.device))
                 dkv.index_copy_(0, page_index(dst, dkv.device), block.to(dkv.device))
                 self.bytes_sent += block.numel() * block.element_size()
                 receiver._landed(room, block.numel() * block.element_size())

@@ -56,6 +56,8 @@ def scatter_tokens(pool: KVPool, pages: list[int], data: torch.Tensor, num_token
     full, rem, page_numel = _split(pool, num_tokens)
     _, L, _, _, H, D = kv.shape
     data = data.to(kv.device)
+    if kv.element_size() == 1:  # FP8: CPU index_copy_ has no float8 kernel; the bytes are the same
+        kv, data = kv.view(torch.uint8), data.view(torch.uint8)
     if full:
         kv.index_copy_(0, page_index(pages[:full], kv.device), data[: full * page_numel].view(full, *kv.shape[1:]))
     if rem:

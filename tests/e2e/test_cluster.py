@@ -241,3 +241,21 @@ def test_eagle_cluster_same_output(start_server, tiny_model_dir: str, reference:
                                                               "temperature": 0, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected
+
+
+def test_fp8_kv_cache_crosses_the_transfer(start_server, tiny_model_dir: str) -> None:
+    """--kv-cache-dtype fp8_e4m3 across disaggregated workers: the prefill worker's FP8 pages
+    reach the decode worker unchanged, so each greedy completion equals one engine with the
+    same cache alone (requests sent one at a time: bf16 results depend on the batch)."""
+    server = start_server("--model", tiny_model_dir, "--prefill", "1", "--decode", "1", "--served-model-name",
+                          MODEL, "--page-size", "4", "--kv-cache-tokens", "2048", "--max-model-len", "256",
+                          "--dtype", "bfloat16", "--kv-cache-dtype", "fp8_e4m3")
+    ref = Engine(tiny_model_dir, device="cpu", dtype="bfloat16", page_size=4, kv_cache_dtype="fp8_e4m3",
+                 prefix_cache=False)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    c = client(server)
+    for p in PROMPTS[:3] + [SHARED + "What is the answer?"]:
+        got = c.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == ref.generate([p], params)[0].text, p
+    server.wait_for(all_pages_free, 10, "every KV page free")
+    ref.shutdown()

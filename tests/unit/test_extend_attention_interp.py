@@ -43,7 +43,7 @@ def dense_reference(q, k_cache, v_cache, page_lists, q_lens, kv_lens, scale, tre
 
 def _case(name: str, dtype: torch.dtype, hq: int, hkv: int, d: int, page_size: int,
           q_lens: list[int], ctx_lens: list[int], seed: int,
-          tree: tuple[list[int], list[int]] | None = None) -> str | None:
+          tree: tuple[list[int], list[int]] | None = None, kv_dtype: torch.dtype | None = None) -> str | None:
     from runtime.kernels.extend_attention import ExtendPlan, extend_attention
     from runtime.engine.attention.base import AttentionMetadata
     from runtime.engine.kv_pool import KVPool
@@ -51,8 +51,8 @@ def _case(name: str, dtype: torch.dtype, hq: int, hkv: int, d: int, page_size: i
     gen = torch.Generator().manual_seed(seed)
     kv_lens = [c + n for c, n in zip(ctx_lens, q_lens)]
     need = [-(-n // page_size) for n in kv_lens]
-    pool = KVPool(3, sum(need) + 3, page_size, hkv, d, dtype, "cpu")
-    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen).to(dtype))
+    pool = KVPool(3, sum(need) + 3, page_size, hkv, d, kv_dtype or dtype, "cpu")
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen).to(kv_dtype or dtype))
     free = (torch.randperm(pool.total_pages, generator=gen) + 1).tolist()
     page_lists = [[free.pop() for _ in range(n)] for n in need]
     tree_start, tree_bits = tree if tree else (None, None)
@@ -93,6 +93,10 @@ CASES = [
     # tree_start, then only the tree keys its bits name (its ancestors and itself).
     ("tree_mixed_fp32", torch.float32, 6, 2, 16, 4, [1, 1, 1, 25], [12, 12, 8, 6], 5,
      ([9, 9, 9, 31], [0b1001, 0b0111, 0b1, 0])),
+    # An FP8 cache beside bf16 / fp16 queries: the kernel widens the e4m3 values it loads,
+    # so it matches the reference over the same (exactly representable) values.
+    ("fp8kv_gqa4_bf16", torch.bfloat16, 8, 2, 64, 16, [70, 3, 1], [33, 0, 64], 6, None, torch.float8_e4m3fn),
+    ("fp8kv_gqa2_fp16", torch.float16, 4, 2, 32, 8, [40, 17], [0, 9], 7, None, torch.float8_e4m3fn),
 ]
 
 

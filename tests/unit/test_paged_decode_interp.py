@@ -25,6 +25,7 @@ def _case(
     num_splits: int | None,
     seed: int,
     tree: tuple[list[int], list[int]] | None = None,  # (tree_start, tree_bits) per row
+    kv_dtype: torch.dtype | None = None,  # the cache's, when it is not q's (FP8)
 ) -> str | None:
     """Runs one case; returns a failure message or None."""
     from runtime.kernels.paged_decode import paged_decode
@@ -35,8 +36,8 @@ def _case(
     gen = torch.Generator().manual_seed(seed)
     bsz = len(kv_lens)
     pages_needed = [-(-n // page_size) for n in kv_lens]
-    pool = KVPool(2, sum(pages_needed) + 3, page_size, hkv, d, dtype, "cpu")
-    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen).to(dtype))
+    pool = KVPool(2, sum(pages_needed) + 3, page_size, hkv, d, kv_dtype or dtype, "cpu")
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen).to(kv_dtype or dtype))
     # Hand out pages in a random order so each sequence's pages are scattered.
     free = (torch.randperm(pool.total_pages, generator=gen) + 1).tolist()
     page_lists = [[free.pop() for _ in range(n)] for n in pages_needed]
@@ -90,6 +91,9 @@ CASES = [
     ("tree_fp32", torch.float32, 6, 2, 16, 4, [13, 13, 9, 70], 3, 7,
      ([8, 8, 9, 6], [0b10101, 0b11111, 0, 1])),
     ("tree_fp32_many_splits", torch.float32, 6, 2, 16, 4, [70, 40], 8, 8, ([6, 30], [1, (1 << 9) | 1])),
+    # An FP8 cache beside bf16 / fp16 queries (widened as loaded), split and not.
+    ("fp8kv_gqa9_bf16", torch.bfloat16, 9, 1, 64, 16, [70, 33], 2, 9, None, torch.float8_e4m3fn),
+    ("fp8kv_gqa2_fp16", torch.float16, 4, 2, 32, 8, [12, 64, 65], 1, 10, None, torch.float8_e4m3fn),
 ]
 
 
@@ -121,7 +125,7 @@ def _inputs(bsz: int = 2, hq: int = 4, hkv: int = 2, d: int = 16, ps: int = 4) -
         (dict(q=torch.randn(2, 3, 16)), "multiple of KV heads"),
         (dict(q=torch.randn(2, 4, 8)), "head dim of q \\(8\\)"),
         (dict(q=torch.randn(2, 4, 16, dtype=torch.float64)), "not supported"),
-        (dict(q=torch.randn(2, 4, 16, dtype=torch.bfloat16)), "dtypes differ"),
+        (dict(q=torch.randn(2, 4, 16, dtype=torch.bfloat16)), "k_cache and v_cache must both be one of"),
         (dict(q=torch.randn(2, 4, 32)[..., ::2]), "contiguous in its last dim"),
         (dict(v_cache=torch.randn(5, 4, 1, 16)), "differ in shape"),
         (dict(out=torch.empty(2, 4, 8)), "out must be"),

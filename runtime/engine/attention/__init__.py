@@ -33,12 +33,14 @@ def make_attention_backend(
     num_kv_heads: int | None = None,
     head_dim: int | None = None,
     dtype: torch.dtype | None = None,
+    kv_dtype: torch.dtype | None = None,
 ) -> AttentionBackend:
     """name: auto | torch | triton | flashinfer (None: RUNTIME_ATTENTION_BACKEND).
 
     auto picks flashinfer on CUDA when it imports (and dtype is not fp32), else triton on CUDA when it imports,
     else torch. An explicit choice that cannot run here raises a clear error. The head
-    shape and dtype are optional; flashinfer uses them to plan in prepare()."""
+    shape and dtype are optional; flashinfer uses them to plan in prepare(). kv_dtype: the KV
+    pool's element type when it differs from dtype (FP8), which flashinfer is not given here."""
     name = (name if name is not None else ENV.attention_backend).lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -48,7 +50,7 @@ def make_attention_backend(
     fi_dtype_ok = dtype in (None, torch.float16, torch.bfloat16)
     # auto only: flashinfer's prebuilt/JIT head sizes; other sizes (the tests' tiny models,
     # head dim 16) failed on the H200, so auto leaves them to Triton.
-    fi_dtype_ok = fi_dtype_ok and head_dim in (None, 64, 128, 256)
+    fi_dtype_ok = fi_dtype_ok and head_dim in (None, 64, 128, 256) and kv_dtype in (None, dtype)
     if name == "auto":
         if cuda and fi_dtype_ok and _importable("flashinfer"):
             name = "flashinfer"
@@ -72,6 +74,9 @@ def make_attention_backend(
             "flashinfer attention needs the flashinfer-python package (pip install flashinfer-python), "
             "or choose triton or torch"
         )
+    if kv_dtype not in (None, dtype):
+        raise ValueError(f"flashinfer attention here reads a KV cache of the model's dtype, not {kv_dtype}: "
+                         "use --attention-backend triton with --kv-cache-dtype fp8_e4m3")
     from runtime.engine.attention.flashinfer_backend import FlashInferAttention
 
     return FlashInferAttention(

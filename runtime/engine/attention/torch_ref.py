@@ -173,7 +173,7 @@ class TorchAttention(AttentionBackend):
     def _run(self, c: _Call, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """[t, Hq, D]: the call's real query rows, in the order of its rows."""
         qp = q[c.t0 : c.t0 + c.n * c.max_q] if c.q_index is None else q.index_select(0, c.q_index)
-        k, v = _gather(k_cache, c.pages, c.n, c.max_kv), _gather(v_cache, c.pages, c.n, c.max_kv)
+        k, v = _gather(k_cache, c.pages, c.n, c.max_kv, q.dtype), _gather(v_cache, c.pages, c.n, c.max_kv, q.dtype)
         out = _sdpa(qp.view(c.n, c.max_q, *q.shape[1:]), k, v, c.mask, c.causal, scale)
         out = out.reshape(c.n * c.max_q, *q.shape[1:])
         return out if c.valid is None else out.index_select(0, c.valid)
@@ -181,7 +181,7 @@ class TorchAttention(AttentionBackend):
     def _run_chunked(self, c: _Chunked, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      scale: float, out: torch.Tensor) -> None:
         meta, pos = self._meta, self._pos
-        k, v = _gather(k_cache, c.pages, 1, c.kv_len), _gather(v_cache, c.pages, 1, c.kv_len)
+        k, v = _gather(k_cache, c.pages, 1, c.kv_len, q.dtype), _gather(v_cache, c.pages, 1, c.kv_len, q.dtype)
         plain = meta.custom_mask is None and meta.tree_start is None
         first = meta.kv_lens[c.row].long() - c.q_len  # device: the position of query row 0
         for j0 in range(0, c.q_len, c.chunk):
@@ -227,9 +227,10 @@ def _pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows)
 
 
-def _gather(cache: torch.Tensor, pages: torch.Tensor, n: int, num_keys: int) -> torch.Tensor:
-    """[n, num_keys, Hkv, D]: whole pages copied (a page is contiguous in the cache), then trimmed."""
-    return cache.index_select(0, pages).view(n, -1, *cache.shape[2:])[:, :num_keys]
+def _gather(cache: torch.Tensor, pages: torch.Tensor, n: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n, num_keys, Hkv, D] in `dtype`: whole pages copied (a page is contiguous in the cache),
+    then trimmed; an FP8 cache is widened to the queries' dtype here."""
+    return cache.index_select(0, pages).view(n, -1, *cache.shape[2:])[:, :num_keys].to(dtype)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,

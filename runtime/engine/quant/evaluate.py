@@ -14,12 +14,14 @@ from runtime.engine.model import ForwardContext, LlamaForCausalLM
 
 
 @torch.no_grad()
-def sequence_logits(model: LlamaForCausalLM, ids: list[int], page_size: int = 16) -> torch.Tensor:
-    """fp32 logits [len(ids), vocab] of one sequence, prefilled through a scratch KV pool."""
+def sequence_logits(model: LlamaForCausalLM, ids: list[int], page_size: int = 16,
+                    kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fp32 logits [len(ids), vocab] of one sequence, prefilled through a scratch KV pool
+    (of kv_dtype: None for the model's dtype, torch.float8_e4m3fn for an FP8 cache)."""
     cfg = model.config
     dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     n_pages = -(-len(ids) // page_size)
-    kv = KVPool(cfg.num_layers, n_pages + 1, page_size, cfg.num_kv_heads, cfg.head_dim, dtype, dev)
+    kv = KVPool(cfg.num_layers, n_pages + 1, page_size, cfg.num_kv_heads, cfg.head_dim, kv_dtype or dtype, dev)
     pages = kv.alloc(n_pages)
     attn = TorchAttention()
     attn.prepare(AttentionMetadata.build([len(ids)], [len(ids)], [pages], page_size, dev))
