@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights (a config.json beside the "
+                    "tokenizer): the masking and jump-forward mechanics without real text")
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=256, help="per request (constrained ones stop when complete)")
@@ -96,7 +98,7 @@ def main() -> None:
     plan = [(False, [("free", None), ("json", RECORD), ("keys", LONG_KEYS)]),
             (True, [("json+jf", RECORD), ("keys+jf", LONG_KEYS)])]
     for jump, modes in plan:
-        engine = Engine(a.model, device=a.device, dtype=a.dtype, jump_forward=jump)
+        engine = Engine(a.model, device=a.device, dtype=a.dtype, load_format=a.load_format, jump_forward=jump)
         prompts = []
         for i in range(a.num_prompts):
             ask = f"Describe {SUBJECTS[i % len(SUBJECTS)]} as a JSON record."

@@ -40,12 +40,14 @@ class Paged:
         seed: int = 0,
         custom_mask: bool = False,
         spare_pages: int = 5,
+        kv_dtype: torch.dtype | None = None,  # the cache's when it is not q's (FP8)
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
         need = [-(-n // page_size) for n in kv_lens]
         num_pages = sum(need) + 1 + spare_pages
-        self.pool = KVPool(2, num_pages, page_size, hkv, d, dtype, DEV)
-        self.pool.kv.copy_(torch.randn(self.pool.kv.shape, generator=gen).to(DEV, dtype))
+        kv_dtype = kv_dtype or dtype
+        self.pool = KVPool(2, num_pages, page_size, hkv, d, kv_dtype, DEV)
+        self.pool.kv.copy_(torch.randn(self.pool.kv.shape, generator=gen).to(DEV, kv_dtype))
         order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
         self.page_lists = [[order.pop() for _ in range(n)] for n in need]
         mask = None
@@ -101,6 +103,20 @@ def test_paged_decode_kernel(dtype: torch.dtype, shape: tuple, num_splits: int |
     got = paged_decode(p.q, k, v, p.meta.page_table, p.meta.kv_lens, p.scale, out=out, num_splits=num_splits)
     assert got is out
     _assert_close(out, p.reference(), dtype)
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES[:2], ids=lambda s: f"{s[0]}-{s[1]}-d{s[2]}-ps{s[3]}")
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_paged_decode_kernel_fp8_cache(shape: tuple, num_splits: int | None) -> None:
+    """An e4m3 cache beside bf16 queries: the kernel widens what it loads, so it matches the
+    reference over the same FP8 values."""
+    from runtime.kernels.paged_decode import paged_decode
+
+    hq, hkv, d, ps, kv_lens = shape
+    p = Paged([1] * len(kv_lens), kv_lens, hq, hkv, d, ps, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
+    k, v = p.layer(0)
+    got = paged_decode(p.q, k, v, p.meta.page_table, p.meta.kv_lens, p.scale, num_splits=num_splits)
+    _assert_close(got, p.reference(), torch.bfloat16)
 
 
 def test_paged_decode_kernel_is_cuda_graph_capturable() -> None:
@@ -161,6 +177,18 @@ def test_extend_kernel(dtype: torch.dtype, heads: tuple, shape: str) -> None:
     ref = p.reference(1)
     assert torch.isfinite(out).all(), "a row was not written"
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("shape", list(EXTEND_SHAPES))
+def test_extend_kernel_fp8_cache(shape: str) -> None:
+    from runtime.kernels.extend_attention import ExtendPlan, extend_attention
+
+    q_lens, kv_lens = EXTEND_SHAPES[shape]
+    p = Paged(q_lens, kv_lens, 32, 8, 128, 16, torch.bfloat16, seed=len(shape), kv_dtype=torch.float8_e4m3fn)
+    k, v = p.layer(1)
+    plan = ExtendPlan(q_lens, 32, 8, 128, torch.bfloat16, DEV)
+    got = extend_attention(p.q, k, v, p.meta.page_table, p.meta.cu_q_lens, p.meta.kv_lens, p.scale, plan)
+    _assert_close(got, p.reference(1), torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- the backends

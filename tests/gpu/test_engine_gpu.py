@@ -155,3 +155,22 @@ def test_memory_plan_covers_the_largest_step(tiny_model_dir: str) -> None:
     assert used <= plan.eager_peak + plan.graph_peak + (64 << 20), (used, plan)
     engine.core.scheduler.check_no_leak()
     engine.shutdown()
+
+
+def test_fp8_kv_cache_triton_graphs_follow_the_torch_path(tiny_model_dir: str) -> None:
+    """--kv-cache-dtype fp8_e4m3 on CUDA: the Triton kernels with decode graphs against the
+    torch attention path over the same FP8 cache (eager): greedy tokens nearly all equal
+    (bf16 rounding differs between the paths)."""
+    if not _has("triton"):
+        pytest.skip("triton not installed")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = PROMPTS + [SHARED + "What is the answer?"]
+    outs = []
+    for backend, graphs in (("triton", True), ("torch", False)):
+        eng = Engine(tiny_model_dir, device="cuda", dtype="bfloat16", kv_cache_dtype="fp8_e4m3",
+                     attention_backend=backend, cuda_graph=graphs, page_size=4)
+        assert eng.core.pool.kv.dtype == torch.float8_e4m3fn
+        outs.append([r.token_ids for r in eng.generate(prompts, params)])
+        eng.shutdown()
+    same = sum(a == b for x, y in zip(*outs) for a, b in zip(x, y)) / sum(len(x) for x in outs[0])
+    assert same >= 0.8, (same, outs)

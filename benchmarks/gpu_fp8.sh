@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The one-GPU run behind RESULTS.md's "FP8 KV cache and FP8 weights on the 8B shape" section
+# (2026-12-07, seventh session), in one call with a deadline: each step runs only if the time
+# it is given is left, most important first.
+#
+# Needs: .carry/l8b = the Llama-3-8B shape's config.json (vocab 49152) beside SmolLM2's
+# tokenizer files; .carry/smol = SmolLM2's config.json and tokenizer files (dummy weights);
+# .carry/wheels = the wheels the GPU image lacks (pyzmq, fastapi, uvicorn, xgrammar, ...).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+DEADLINE=${DEADLINE:-560}  # seconds this script may take in all
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+step() {  # step NAME SECONDS CMD...: run CMD under a timeout if SECONDS are still left
+    local name=$1 need=$2; shift 2
+    local left=$(( DEADLINE - ($(date +%s) - T0) ))
+    if (( left < need )); then echo "== $name: skipped ($left s left, needs $need)"; return; fi
+    echo "== $name (t=$(( $(date +%s) - T0 )) s)"
+    timeout "$need" "$@" > "$OUT/$name.log" 2>&1
+    echo "   rc=$? in $(( $(date +%s) - T0 )) s"
+    pkill -9 -f "runtime\.(cli|worker_main)" 2>/dev/null && sleep 2  # a server left by a step out of time
+    tail -n "${TAIL:-14}" "$OUT/$name.log" | grep -v "^row\|Writing\|it/s\]"
+}
+pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+L8B=".carry/l8b --load-format dummy --attention-backend triton"
+CLUSTER=(python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --concurrency 64,256
+         --waves 2 --input-len 1024 --output-len 256)
+# The standing check (bf16, Triton): runtime up on the 8B shape under runtime bench at 64 (and 256).
+step serve_bf16 200 "${CLUSTER[@]}" --extra "--model $L8B" --out "$OUT/serve_bf16.json"
+# FP8 weights and an FP8 KV cache: the issue-14 targets that bf16 cannot reach.
+step serve_fp8 170 "${CLUSTER[@]}" --extra "--model $L8B --quantization fp8 --kv-cache-dtype fp8_e4m3" \
+    --out "$OUT/serve_fp8.json"
+# GPU correctness of the FP8 KV kernels and engine paths (new this session).
+TAIL=4 step gpu_tests 70 python -m pytest -q -p no:cacheprovider tests/gpu/test_attention_gpu.py \
+    tests/gpu/test_fused_kernels_gpu.py tests/gpu/test_engine_gpu.py -k "fp8 or rope"
+# Engine level: bf16 vs FP8 weights, decode batch 1 / 64 and prefill 8 x 4096 (issue 17's targets).
+step quant_micro 110 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
+# Structured output on SmolLM2's shape and tokenizer (dummy weights: mask and jump-forward costs).
+step structured 70 python benchmarks/bench_structured.py --model .carry/smol --load-format dummy --device cuda \
+    --batch-sizes 1,16 --num-prompts 16 --max-tokens 128 --out "$OUT/structured.json"
+# FP8 KV alone (bf16 weights): what the cache's half of the bytes gives at 256.
+step serve_fp8kv 170 "${CLUSTER[@]}" --extra "--model $L8B --kv-cache-dtype fp8_e4m3" --out "$OUT/serve_fp8kv.json"
+echo "done in $(( $(date +%s) - T0 )) s"
