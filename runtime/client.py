@@ -257,6 +257,26 @@ class AsyncClient:
         async with self.chat(messages, **sampling) as stream:
             return "".join([c.text async for c in stream if c.index == 0])
 
+    # ---- runtime extensions (README "Structured generation") --------------------
+
+    async def score(self, prompt: str | list[int], continuations: list[str] | list[list[int]]) -> list[dict[str, Any]]:
+        """POST /v1/score: per continuation, `token_ids`, `logprobs` (each token's, given
+        everything before it), `logprob_sum` and `mean_logprob`. `post("/v1/score", ...)`
+        returns the whole body (with usage)."""
+        body = await self.post("/v1/score", {"model": await self.resolve_model(), "prompt": prompt,
+                                             "continuations": continuations})
+        return body["data"]
+
+    async def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST a JSON body, return the JSON answer; APIError for an error answer."""
+        try:
+            r = await self._http.post(path, json=payload)
+        except httpx.TransportError as e:
+            raise APIConnectionError(f"POST {self.base_url}{path}: {e!r}") from e
+        if r.status_code != 200:
+            raise _error_from_body(r.status_code, r.content)
+        return r.json()
+
     async def _stream(
         self, path: str, body: dict[str, Any], sampling: dict[str, Any], chat: bool
     ) -> AsyncIterator[Chunk]:

@@ -95,6 +95,9 @@ class KVDone:
     hidden_start: int = 0
     hidden_dtype: str = ""
     code: int = 500  # when not ok: the HTTP status for the client (503: the prefill step ran out of memory)
+    # With params' prompt_logprobs_start: the logprob of each prompt token from there to the
+    # prompt's end (scoring, runtime/engine/prompt_logprobs.py); None otherwise.
+    prompt_logprobs: list[float] | None = None
 
 
 def logprob_to_wire(lp: TokenLogprob | None) -> list | None:
@@ -113,6 +116,8 @@ class TokenDelta:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+    # Scoring: the prompt logprobs (see KVDone), on the request's first delta only.
+    prompt_logprobs: list[float] | None = None
 
 
 @message

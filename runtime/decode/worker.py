@@ -142,6 +142,9 @@ class DecodeWorker(Worker):
             log.warning("decode %d: request %s failed: %s", self.id, t.rid, error)
             await self._fail(t.rid, error, 503 if oom else 500)
             return
+        if d.prompt_logprobs:  # computed by the prefill worker (scoring); the first delta carries them
+            start = out.req.params.prompt_logprobs_start
+            out.req.prompt_logprobs = dict(enumerate(d.prompt_logprobs, start))
         await self._emit(out)
 
     async def on_abort(self, a: AbortTask) -> None:
@@ -177,6 +180,7 @@ class DecodeWorker(Worker):
                 [logprob_to_wire(lp) for lp in out.new_logprobs] if req.params.logprobs is not None else None,
                 req.finish_reason if req.finished else None, req.stop_reason,
                 len(req.prompt_ids), req.cached_tokens, len(req.output_ids),
+                req.prompt_logprob_list() or None if len(req.output_ids) == len(out.new_token_ids) else None,
             ))
             if req.finished:
                 done.append(req.rid)

@@ -22,6 +22,7 @@ from runtime.engine.h2d import to_device
 from runtime.engine.jump_forward import MAX_JUMP_TOKENS, JumpForward
 from runtime.engine.kv_pool import KVPool, OutOfPages
 from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
+from runtime.engine.prompt_logprobs import record_prompt_logprobs, wants_prompt_logprobs
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req, TokenLogprob
 from runtime.engine.runner import ModelRunner
@@ -339,6 +340,8 @@ class EngineCore:
                         self.drafter.observe_prompt(req, s.start, chunk)
                     if self.cfg.export_prompt_hidden:
                         req.keep_prompt_hidden(s.start, chunk.clone())
+                    if req.params.prompt_logprobs_start is not None:
+                        record_prompt_logprobs(self.loaded.model, req, s.start, chunk)
                 token_row += s.q_len
                 if not s.num_logits:
                     self.scheduler.advance(s, s.start + s.q_len)
@@ -391,7 +394,8 @@ class EngineCore:
         seq_trees = {s.req.rid: trees[s.req.rid].truncated(s.q_len - 1)
                      for s in batch.seqs if s.q_len > 1 and s.req.phase is Phase.DECODE}
         want_prompt = ((drafter_wants or self.cfg.export_prompt_hidden)
-                       and any(s.req.phase is Phase.PREFILL for s in batch.seqs))
+                       and any(s.req.phase is Phase.PREFILL for s in batch.seqs)) \
+            or any(wants_prompt_logprobs(s.req) for s in batch.seqs)
         logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
         self.num_forwards += 1
         self._maybe_inject_alloc_failure(batch)

@@ -10,6 +10,7 @@ from runtime.config import EngineConfig
 from runtime.engine.core import EngineCore
 from runtime.engine.request import Req, TokenLogprob
 from runtime.engine.sampling_params import SamplingParams
+from runtime.engine.scoring import ContinuationScore, split_continuations
 from runtime.engine.detokenizer import IncrementalDetokenizer
 
 Prompt = str | Sequence[int]
@@ -26,6 +27,8 @@ class Result:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None  # with finish_reason "error": what failed (its step ran out of memory)
+    # With SamplingParams.prompt_logprobs_start: the logprob of each prompt token from there on.
+    prompt_logprobs: list[float] = field(default_factory=list)
 
 
 class GenerationError(RuntimeError):
@@ -74,6 +77,21 @@ class Engine:
                         self.core.abort(req.rid)
                     if delta:
                         yield delta
+
+    def score(self, prompt: Prompt, continuations: Sequence[str] | Sequence[list[int]]) -> list[ContinuationScore]:
+        """The logprob of each token of each continuation after `prompt` (runtime/engine/
+        scoring.py says how text is split into tokens). The prompt is prefilled once (or
+        found in the prefix cache); the continuations then run as one batched prefill
+        whose requests share the prompt's KV pages, not one generation each."""
+        ctx, conts = split_continuations(self._encode, prompt, continuations)
+        if len(conts) > 1 and self.config.prefix_cache:
+            self._run([ctx], SamplingParams(max_tokens=1, temperature=0.0))  # leaves its KV in the cache
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs_start=len(ctx))
+        results = self._run([ctx + c for c in conts], params)
+        for r in results:
+            if r.finish_reason == "error":
+                raise GenerationError(r.error or "scoring failed")
+        return [ContinuationScore(c, r.prompt_logprobs, r.cached_tokens) for c, r in zip(conts, results)]
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
@@ -157,4 +175,5 @@ class Engine:
             stop_reason=stop_reason,
             logprobs=list(req.output_logprobs),
             error=error,
+            prompt_logprobs=req.prompt_logprob_list(),
         )

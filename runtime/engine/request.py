@@ -53,6 +53,9 @@ class Req:
     # The grammar matcher of a constrained request (runtime.engine.grammar.RequestGrammar):
     # it has accepted exactly output_ids; None when unconstrained or finished.
     grammar: Any = None
+    # With params.prompt_logprobs_start: position -> logprob of the prompt token there, given
+    # the tokens before it (filled by the prefill chunks that compute those positions).
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)
 
     def keep_prompt_hidden(self, start: int, chunk: Any) -> None:
         """Add the hidden states of positions start..start+len(chunk)-1; a chunk that does
@@ -60,6 +63,13 @@ class Req:
         if not self.prompt_hidden or self.prompt_hidden_start + sum(len(c) for c in self.prompt_hidden) != start:
             self.prompt_hidden, self.prompt_hidden_start = [], start
         self.prompt_hidden.append(chunk)
+
+    def prompt_logprob_list(self) -> list[float]:
+        """The prompt logprobs from params.prompt_logprobs_start to the prompt's end, in order."""
+        start = self.params.prompt_logprobs_start
+        if start is None:
+            return []
+        return [self.prompt_logprobs[p] for p in range(start, len(self.prompt_ids))]
 
     @property
     def all_ids(self) -> list[int]:

@@ -30,6 +30,11 @@ class SamplingParams:
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # Scoring (`Engine.score`, `select` of runtime.lang, POST /v1/score): when set, prefill also
+    # returns the logprob of every prompt token at positions >= this one, given the tokens
+    # before it (Req.prompt_logprobs). The prefix cache then serves at most the tokens
+    # before position - 1, so the logits that predict those tokens are computed.
+    prompt_logprobs_start: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +57,8 @@ class SamplingParams:
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("min_tokens", 0 <= self.min_tokens, "must be non-negative"),
             ("n", self.n >= 1, "must be at least 1"),
+            ("prompt_logprobs_start", self.prompt_logprobs_start is None or self.prompt_logprobs_start >= 1,
+             "must be at least 1 (the first token has no logprob)"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -182,8 +182,12 @@ class Scheduler:
         return out
 
     def _match_prefix(self, req: Req) -> None:
-        # Keep at least one token to compute: its logits give the next token.
-        m = self.cache.match(req.all_ids[: req.seq_len - 1])
+        # Keep at least one token to compute: its logits give the next token. A request that
+        # asks for prompt logprobs from position p computes the logits of positions p-1 on.
+        limit = req.seq_len - 1
+        if req.params.prompt_logprobs_start is not None:
+            limit = min(limit, req.params.prompt_logprobs_start - 1)
+        m = self.cache.match(req.all_ids[:limit])
         self.cache.lock(m.node)
         req.cache_node = m.node
         req.pages = list(m.pages)

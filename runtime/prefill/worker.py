@@ -36,6 +36,7 @@ class Job:
     payload: bytes = b""
     transfer_started: float | None = None
     prefilled_at: float | None = None
+    prompt_logprobs: list[float] | None = None  # scoring requests only
 
 
 class PrefillWorker(Worker):
@@ -99,6 +100,7 @@ class PrefillWorker(Worker):
             job.first_token = out.new_token_ids[0]
             job.prefilled_at = time.monotonic()
             job.first_logprob = logprob_to_wire(out.new_logprobs[0] if out.new_logprobs else None)
+            job.prompt_logprobs = out.req.prompt_logprob_list() if out.req.params.prompt_logprobs_start else None
             await self._maybe_start(job)
 
     async def _maybe_start(self, job: Job) -> None:
@@ -149,7 +151,7 @@ class PrefillWorker(Worker):
         await self.peer(t.decode_addr).send(KVDone(
             t.room, t.rid, ok, error, job.first_token if job.first_token is not None else -1,
             job.first_logprob, job.req.cached_tokens, job.payload if ok else b"", hidden, hidden_start, hidden_dtype,
-            code,
+            code, job.prompt_logprobs if ok else None,
         ))
         await self.controller.send(TaskDone(t.rid, self.role, self.id, ok, False))
         if ok:

@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.tokenizer.protocol import APIError, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from runtime.tokenizer.scoring import ChatTemplateRequest, ScoreRequest, ScoreServing
 from runtime.tokenizer.serving import Serving
 from runtime.tokenizer.state import GatewayState
 
@@ -180,6 +181,16 @@ def build_app(state: GatewayState) -> FastAPI:
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Response:
         return await serving.chat(await read_json(request, ChatCompletionRequest), request)
+
+    scoring = ScoreServing(serving)
+
+    @v1.post("/score")
+    async def score(request: Request) -> Response:
+        return await scoring.score(await read_json(request, ScoreRequest), request)
+
+    @v1.post("/chat/template")
+    async def chat_template(request: Request) -> Response:
+        return await scoring.chat_template(await read_json(request, ChatTemplateRequest))
 
     app.include_router(v1)
 

@@ -38,6 +38,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)  # kept tokens (cut at a stop string)
     logprobs: list[Any] = field(default_factory=list)  # per kept token: [logprob, [[id, logprob], ...]]
     cached_tokens: int = 0
+    prompt_logprobs: list[float] = field(default_factory=list)  # scoring requests (POST /v1/score)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     first_time: float | None = None
@@ -187,6 +188,8 @@ class Generation:
         if lps:
             c.logprobs += lps
         c.cached_tokens = msg.cached_tokens
+        if msg.prompt_logprobs:
+            c.prompt_logprobs = list(msg.prompt_logprobs)
         now = time.monotonic()
         m = self.state.metrics
         if ids:
