@@ -40,7 +40,9 @@ def default_gguf() -> str:
 def start_llamacpp(python: str, gguf: str, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--n_threads", str(threads), "--n_threads_batch",
-           str(threads), "--n_ctx", str(ctx), "--host", "127.0.0.1", "--port", str(port)]
+           str(threads), "--n_ctx", str(ctx), "--host", "127.0.0.1", "--port", str(port),
+           # Its default cuts a streaming request short whenever another arrives: queue them instead.
+           "--interrupt_requests", "False"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -22,6 +22,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "else none; fp8: e4m3 weights, per-token activation scales (CUDA); int8/int4: CPU "
                         "weight-only. Dense weights are quantized at load")
     p.add_argument("--int4-group-size", type=int, default=32, choices=INT4_GROUP_SIZES)
+    p.add_argument("--no-quant-dense-prefill", action="store_true",
+                   help="CPU int8/int4: keep only the quantized weights (default: also a dense copy of each "
+                        "projection for prefill-sized batches, where the packed ops are 4-10x slower)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="auto: the model's dtype; fp8_e4m3: K/V stored as e4m3 with scale 1 (half the KV bytes "
@@ -55,6 +58,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         load_format=a.load_format,
         quantization=a.quantization,
         int4_group_size=a.int4_group_size,
+        quant_dense_prefill=not a.no_quant_dense_prefill,
         max_model_len=a.max_model_len,
         kv_cache_dtype=a.kv_cache_dtype,
         page_size=a.page_size,

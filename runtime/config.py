@@ -35,6 +35,9 @@ class EngineConfig:
     # none; fp8 (CUDA _scaled_mm; a dequantizing reference on CPU), int8 / int4 (CPU only).
     quantization: str = "auto"
     int4_group_size: int = 32  # input channels per int4 scale (32, 64 or 128; 32 = GGUF's blocks)
+    # CPU int8/int4: also keep each projection dense for prefill-sized inputs (the packed ops
+    # lose 4-10x to the bf16 GEMM there); off: the quantized weights only (less memory).
+    quant_dense_prefill: bool = True
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
     page_size: int = 16

@@ -129,6 +129,7 @@ class EngineCore:
         self.loaded = loaded or load_model(
             cfg.model, device=self.device, dtype=cfg.dtype, load_format=cfg.load_format,
             quantization=cfg.quantization, int4_group_size=cfg.int4_group_size,
+            quant_dense_prefill=cfg.quant_dense_prefill,
         )
         mc = self.loaded.config
         self.loaded.model.fuse_projections()

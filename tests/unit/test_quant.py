@@ -247,3 +247,60 @@ def test_smollm2_int8_agrees_with_fp32(smollm2_dir: str) -> None:
     q = Engine(smollm2_dir, device="cpu", quantization="int8")
     agree = sum(forced_agreement(q.core.loaded.model, i, b) for i, b in zip(ids, base)) / len(ids)
     assert agree >= 0.9, agree
+
+
+@pytest.mark.parametrize("make", ["int8", "int4"])
+def test_dense_copy_serves_prefill_sized_inputs(make: str) -> None:
+    """keep_dense: more than DENSE_ABOVE rows go through the dense copy (the packed ops lose
+    4-10x there), fewer through the packed op; both follow the dequantized weight."""
+    from runtime.engine.quant.base import DENSE_ABOVE
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=gen)
+    layer = Int8Linear.from_float(w, None, torch.bfloat16) if make == "int8" else \
+        Int4Linear.from_float(w, None, torch.bfloat16, 32)
+    ref_w = layer.dequantize(torch.float32)
+    layer.keep_dense(torch.bfloat16)
+    assert layer.dense is not None and layer.dense.dtype == torch.bfloat16
+    for rows in (1, DENSE_ABOVE, DENSE_ABOVE + 1, 64):
+        x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+        got = layer(x)
+        expected_path = torch.nn.functional.linear(x, layer.dense) if rows > DENSE_ABOVE else layer.matmul(x)
+        assert torch.equal(got, expected_path), rows
+        torch.testing.assert_close(got.float(), x.float() @ ref_w.t(), atol=0.15, rtol=0.05)
+
+
+def test_cpu_int_schemes_quantize_lm_head_for_decode(tiny_model_dir: str) -> None:
+    """bf16 int4/int8 serving: an int8 lm_head for few rows (logits close to the dense head's),
+    the dense head above; fp32 keeps the dense head; quant_dense_prefill=False keeps no copy."""
+    from runtime.engine.quant.base import DENSE_ABOVE
+
+    lm = load_model(tiny_model_dir, dtype="bfloat16", quantization="int4").model
+    assert isinstance(lm.lm_head_q, Int8Linear)
+    assert all(m.dense is not None for m in lm.modules() if isinstance(m, Int4Linear))
+    hidden = torch.randn(DENSE_ABOVE + 1, lm.config.hidden_size).to(torch.bfloat16)
+    dense = (hidden.float() @ lm.lm_head.weight.float().t())
+    few = lm.compute_logits(hidden[:DENSE_ABOVE])
+    torch.testing.assert_close(few, dense[:DENSE_ABOVE], atol=0.05, rtol=0.05)
+    assert not torch.equal(few, lm.compute_logits(hidden)[:DENSE_ABOVE])  # the int8 head really ran
+    assert "lm_head_q.weight" not in lm.hf_state_dict()
+    assert load_model(tiny_model_dir, dtype="float32", quantization="int4").model.lm_head_q is None
+    lean = load_model(tiny_model_dir, dtype="bfloat16", quantization="int8", quant_dense_prefill=False).model
+    assert all(m.dense is None for m in lean.modules() if isinstance(m, Int8Linear))
+
+
+@pytest.mark.slow
+def test_default_model_serves_its_own_q4_1_blocks_on_cpu(smollm2_dir: str) -> None:
+    """`--quantization auto` on the embedded model: int4 (its GGUF's Q4_1 blocks, recovered
+    exactly) with bf16 activations, dense in fp32 (what exact comparisons ask for)."""
+    from runtime.engine.default_model import is_default_model_folder
+
+    assert is_default_model_folder(smollm2_dir)
+    bf16 = load_model(smollm2_dir, dtype="bfloat16")
+    assert bf16.model.quantization == "int4"
+    dense = load_model(smollm2_dir, dtype="float32", quantization="none").model
+    got = bf16.model.model.layers[3].mlp.down_proj.dequantize(torch.float32)
+    # The Q4_1 values, up to the scales and zeros in bf16 (torch's op takes them in the
+    # activations' dtype); requantizing would move values by up to half a 4-bit step.
+    torch.testing.assert_close(got, dense.model.layers[3].mlp.down_proj.weight, atol=4e-3, rtol=1e-2)
+    assert load_model(smollm2_dir, dtype="float32").model.quantization == "none"

@@ -78,10 +78,11 @@ def requantize_q8_0_per_channel(q: torch.Tensor, scale: torch.Tensor) -> tuple[t
 
 
 def build_linear(p: Payload, bias: torch.Tensor | None, scheme: str, dtype: torch.dtype,
-                 group_size: int | None = None) -> nn.Module:
+                 group_size: int | None = None, dense_prefill: bool = False) -> nn.Module:
     """The layer serving payload `p` under `scheme` ("none" | "fp8" | "int8" | "int4").
     A payload already in the scheme's layout is used as it is; anything else is dequantized
-    to fp32 and quantized (say where: README, Quantization)."""
+    to fp32 and quantized (say where: README, Quantization). dense_prefill (int8/int4): the
+    layer also keeps its quantized values dense in `dtype`, for prefill-sized inputs."""
     if scheme == "none":
         w = as_dense(p).to(dtype)
         out = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
@@ -101,14 +102,22 @@ def build_linear(p: Payload, bias: torch.Tensor | None, scheme: str, dtype: torc
             q, s = requantize_q8_0_per_channel(*p.tensors)  # type: ignore[union-attr]
         else:
             q, s = quantize_int8(as_dense(p))
-        return Int8Linear(q, s, bias, dtype)
+        layer = Int8Linear(q, s, bias, dtype)
+        if dense_prefill:  # the values the packed op multiplies by (its scales in `dtype`)
+            layer.keep_dense(dtype, q.float() * s.to(dtype).float()[:, None])
+        return layer
     if scheme == "int4":
         if kind == "int4" and (group_size is None or p.shape[1] // p.tensors[1].shape[1] == group_size):  # type: ignore[union-attr]
             q, s, z = p.tensors  # type: ignore[union-attr]
         else:
             w = as_dense(p)
             q, s, z = quantize_int4(w, pick_group_size(w.shape[1], group_size))
-        return Int4Linear(q, s, z, bias, dtype)
+        layer = Int4Linear(q, s, z, bias, dtype)
+        if dense_prefill:  # the values the packed op multiplies by (scales and zeros in `dtype`)
+            n, k = q.shape
+            g = q.float().view(n, s.shape[1], -1) - 8.0
+            layer.keep_dense(dtype, (g * s.to(dtype).float()[..., None] + z.to(dtype).float()[..., None]).view(n, k))
+        return layer
     raise ValueError(f"unknown quantization {scheme!r}")
 
 
