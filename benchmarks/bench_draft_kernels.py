@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fused_kernels import _time_graph  # noqa: E402
 from bench_paged_decode import _copy_bandwidth  # noqa: E402
 from runtime.kernels.lm_head_topk import lm_head_topk  # noqa: E402
-from runtime.decode.speculative.tree import TreeBuilder  # noqa: E402
+from runtime.engine.speculative.tree import TreeBuilder  # noqa: E402
 
 # (name, H, V): SmolLM2's full vocabulary, two draft vocabularies of it, Llama 3 8B's.
 HEADS = [("smollm2", 576, 49152), ("smol-16k", 576, 16384), ("smol-8k", 576, 8192), ("llama3-8b", 4096, 128256)]

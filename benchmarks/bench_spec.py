@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from runtime import Engine, SamplingParams  # noqa: E402
-from runtime.decode.speculative.train_prompts import make_prompts  # noqa: E402
+from runtime.engine.speculative.train_prompts import make_prompts  # noqa: E402
 
 CHAT = [
     "Explain how a refrigerator works.", "Write a short poem about the sea.", "What are the benefits of exercise?",

@@ -28,7 +28,7 @@ from runtime import Engine, SamplingParams  # noqa: E402
 
 
 def random_head_dir(engine: Engine) -> str:
-    from runtime.decode.speculative.eagle_head import EagleHead, save_head
+    from runtime.engine.speculative.eagle_head import EagleHead, save_head
 
     torch.manual_seed(0)
     head = EagleHead.for_target(engine.core.loaded.model).float()

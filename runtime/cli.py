@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argparse.Namespace(), argv[1:])
     if argv[:1] == ["train-draft"]:
-        from runtime.decode.speculative.train_draft import main as train_main
+        from runtime.engine.speculative.train_draft import main as train_main
 
         return train_main(argv[1:]) or 0
     args = build_parser().parse_args(argv)

@@ -29,6 +29,7 @@ from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import Sampler, SamplingBatch, uniform_noise
 from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
+from runtime.engine.speculative import SpeculationPolicy, make_drafter
 from runtime.engine.weights import LoadedModel, load_model
 from runtime.env import ENV
 
@@ -175,8 +176,6 @@ class EngineCore:
         self.jumper = JumpForward(tok) if cfg.jump_forward and tok is not None else None
         self.compiling: list[Req] = []  # constrained requests whose grammar is still compiling
         self.requests: dict[str, Req] = {}
-        from runtime.decode.speculative import SpeculationPolicy, make_drafter
-
         self.drafter = make_drafter(cfg.speculative, self)
         self.policy = SpeculationPolicy(cfg.num_draft_tokens, cfg.speculative_policy, cfg.speculative_max_batch)
         # Tokens gained per decode step and request (the bonus token included), for the

@@ -1,4 +1,4 @@
-"""One depth of an EAGLE-2 draft tree in one Triton kernel (runtime/decode/speculative/
+"""One depth of an EAGLE-2 draft tree in one Triton kernel (runtime/engine/speculative/
 tree.py, TreeBuilder.grow): every frontier node's `branch` best children become candidates,
 scored by cumulative log-probability, and the best `branch` of them become the next frontier.
 

@@ -1,4 +1,4 @@
-"""The final pick of an EAGLE-2 draft tree in one Triton kernel (runtime/decode/speculative/
+"""The final pick of an EAGLE-2 draft tree in one Triton kernel (runtime/engine/speculative/
 tree.py, TreeBuilder.select): per tree, the n candidates with the best cumulative scores,
 in candidate order (parents before children, siblings best first), with each node's parent
 (an index into the kept nodes, -1 for the root), depth and ancestor bits (DraftTree.

@@ -226,7 +226,7 @@ def test_speculative_cluster_same_output_and_metrics(start_server, tiny_model_di
 def test_eagle_cluster_same_output(start_server, tiny_model_dir: str, reference: Engine, tmp_path) -> None:
     """EAGLE on the decode side of a disaggregated pair: the prefill worker sends the prompt's
     hidden states with the KV (what the head reads), outputs stay the target's own."""
-    from runtime.decode.speculative import train_draft
+    from runtime.engine.speculative import train_draft
     from tests.unit.test_eagle import TRAIN_ARGS
 
     head = str(tmp_path / "head")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.eagle import EagleDrafter
-from runtime.decode.speculative.eagle_head import save_head
+from runtime.engine.speculative.eagle import EagleDrafter
+from runtime.engine.speculative.eagle_head import save_head
 from runtime.engine.weights import load_model
 from tests.unit.test_eagle import check_continued_drafting, feed_and_compare, random_head, trained_head  # noqa: F401
 from tests.unit.test_engine import PROMPTS

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.draft_model import DraftModelDrafter
+from runtime.engine.speculative.draft_model import DraftModelDrafter
 from runtime.engine.request import Req
 from tests.unit.test_engine import PROMPTS
 from tests.unit.test_spec_policy import Intermittent

@@ -10,10 +10,10 @@ import random
 import pytest
 import torch
 
-from runtime.decode.speculative.base import DraftTree
+from runtime.engine.speculative.base import DraftTree
 from runtime.engine.draft_tree import DeviceDrafts
-from runtime.decode.speculative.simulate import accept_lengths
-from runtime.decode.speculative.tree import (DraftVocab, TreeBuilder, ancestor_bits, best_tokens, greedy_path,
+from runtime.engine.speculative.simulate import accept_lengths
+from runtime.engine.speculative.tree import (DraftVocab, TreeBuilder, ancestor_bits, best_tokens, greedy_path,
                                              top_logprobs)
 
 V = 12
@@ -160,7 +160,7 @@ def test_tree_keeps_parents_when_a_child_is_certain() -> None:
 def test_fused_lm_head_serves_where_it_was_measured_faster() -> None:
     """The fused kernel's rows: SmolLM2's head (28M weights) up to 256 rows, a Llama-3-8B
     head (525M) up to 16 (it measured slower than torch at 64)."""
-    from runtime.decode.speculative.tree import fused_serves
+    from runtime.engine.speculative.tree import fused_serves
 
     smol, llama = 49152 * 576, 128256 * 4096
     assert fused_serves(1, smol) and fused_serves(64, smol) and fused_serves(256, smol)

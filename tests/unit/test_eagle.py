@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative import eagle, simulate, train_draft
-from runtime.decode.speculative.base import DraftTree
-from runtime.decode.speculative.eagle import EagleDrafter
-from runtime.decode.speculative.eagle_head import CONFIG_FILE, WEIGHTS_FILE, EagleHead, load_head, save_head
+from runtime.engine.speculative import eagle, simulate, train_draft
+from runtime.engine.speculative.base import DraftTree
+from runtime.engine.speculative.eagle import EagleDrafter
+from runtime.engine.speculative.eagle_head import CONFIG_FILE, WEIGHTS_FILE, EagleHead, load_head, save_head
 from runtime.engine.attention.base import AttentionMetadata
 from runtime.engine.attention.torch_ref import TorchAttention
 from runtime.engine.kv_pool import KVPool
@@ -341,7 +341,7 @@ def test_eagle_drafting_on_and_off_stays_exact(trained_head: str, tiny_model_dir
     """Drafting now and then (catch-ups of more pairs than the decode-shape path takes, and,
     past MAX_PENDING, a restarted head context) keeps greedy outputs exact and leaks no page
     of either pool."""
-    from runtime.decode.speculative import eagle
+    from runtime.engine.speculative import eagle
 
     monkeypatch.setattr(eagle, "MAX_PENDING", 16)  # 23 plain steps in a row overflow it
     base = Engine(tiny_model_dir, device="cpu", dtype="float32", page_size=4)

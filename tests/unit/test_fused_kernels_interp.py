@@ -178,7 +178,7 @@ def _tree_case(name: str, n: int, branch: int, depth: int, nodes: int, certain: 
     """TreeBuilder on the kernels against its torch path, fed the same children: every
     frontier and the final pick (tokens, parents, depths, ancestor bits) identical.
     `certain` gives some children log-probability 0, so they tie their parent's score."""
-    from runtime.decode.speculative.tree import TreeBuilder
+    from runtime.engine.speculative.tree import TreeBuilder
 
     gen = torch.Generator().manual_seed(seed)
 

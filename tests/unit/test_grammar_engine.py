@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.eagle_head import EagleHead, save_head
+from runtime.engine.speculative.eagle_head import EagleHead, save_head
 from runtime.engine.grammar import GrammarError
 from runtime.engine.sampling_params import SamplingParamError
 from runtime.messages import params_from_dict, params_to_dict

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.eagle_head import EagleHead, save_head
+from runtime.engine.speculative.eagle_head import EagleHead, save_head
 from runtime.engine import grammar as grammar_mod
 from runtime.engine.draft_tree import DraftTree
 from runtime.engine.weights import reference_hf_model

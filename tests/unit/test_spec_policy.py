@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.policy import MAX_PROBE_EVERY, PROBE_EVERY, PROBE_STEPS, SpeculationPolicy
+from runtime.engine.speculative.policy import MAX_PROBE_EVERY, PROBE_EVERY, PROBE_STEPS, SpeculationPolicy
 from tests.unit.test_speculative import COPY
 
 

@@ -10,8 +10,8 @@ import torch
 
 from runtime import Engine, SamplingParams
 from runtime.config import EngineConfig
-from runtime.decode.speculative.base import DraftTree
-from runtime.decode.speculative.ngram import NgramDrafter
+from runtime.engine.speculative.base import DraftTree
+from runtime.engine.speculative.ngram import NgramDrafter
 from runtime.engine.core import EngineCore
 from runtime.engine.model import LlamaForCausalLM
 from runtime.engine.model_config import ModelConfig

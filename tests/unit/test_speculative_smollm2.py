@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.decode.speculative.eagle_head import EagleHead, save_head
+from runtime.engine.speculative.eagle_head import EagleHead, save_head
 from runtime.engine.weights import load_model
 
 pytestmark = pytest.mark.slow

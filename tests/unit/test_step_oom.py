@@ -126,7 +126,7 @@ def test_failed_verify_step_reruns_with_exact_tokens(tiny_model_dir: str, engine
     expected = [r.token_ids for r in engine.generate(prompts, GREEDY)]
     drafts = None
     if spec == "eagle":  # a random head: its drafts are poor, but it drafts every step
-        from runtime.decode.speculative.eagle_head import save_head
+        from runtime.engine.speculative.eagle_head import save_head
         from runtime.engine.weights import load_model
         from tests.unit.test_eagle import random_head
 

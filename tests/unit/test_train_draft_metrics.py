@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.decode.speculative.train_draft import serving_walk
+from runtime.engine.speculative.train_draft import serving_walk
 
 
 def test_walk_follows_steps_not_positions() -> None:
@@ -36,7 +36,7 @@ def test_held_out_topics_cover_the_benchmark_and_no_template() -> None:
     import itertools
     import pathlib
 
-    from runtime.decode.speculative import train_prompts as tp
+    from runtime.engine.speculative import train_prompts as tp
 
     path = pathlib.Path(__file__).parents[2] / "benchmarks" / "bench_spec.py"
     spec = importlib.util.spec_from_file_location("bench_spec", path)
@@ -50,7 +50,7 @@ def test_held_out_topics_cover_the_benchmark_and_no_template() -> None:
 
 
 def test_keep_self_written_filters() -> None:
-    from runtime.decode.speculative.train_prompts import keep_self_written
+    from runtime.engine.speculative.train_prompts import keep_self_written
 
     seen: set[str] = set()
     assert keep_self_written("  How do I start a garden?\n", True, seen) == "How do I start a garden?"
@@ -66,8 +66,8 @@ def test_self_written_prompts_come_from_the_user_turn(tiny_model_dir: str, monke
     kept once, a cut, repeated, too short or held-out one is not. The tiny random model
     seldom ends a turn, so the filtering is checked on outputs fed in."""
     from runtime import Engine
-    from runtime.decode.speculative import train_prompts
-    from runtime.decode.speculative.train_draft import self_written_prompts
+    from runtime.engine.speculative import train_prompts
+    from runtime.engine.speculative.train_draft import self_written_prompts
 
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", seed=0)
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from runtime.decode.speculative.base import Drafter
+from runtime.engine.speculative.base import Drafter
 from runtime.engine.request import Req
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.decode.speculative.tree import DraftVocab
+from runtime.engine.speculative.tree import DraftVocab
 from runtime.engine.model import DecoderLayer, ForwardContext, LlamaForCausalLM, RMSNorm, Rotary, apply_rotary
 from runtime.engine.model_config import ModelConfig
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from runtime.decode.speculative.base import Drafter
+from runtime.engine.speculative.base import Drafter
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.request import Req

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from runtime.decode.speculative.eagle_head import EagleHead
-from runtime.decode.speculative.tree import TreeBuilder, best_tokens, top_logprobs
+from runtime.engine.speculative.eagle_head import EagleHead
+from runtime.engine.speculative.tree import TreeBuilder, best_tokens, top_logprobs
 from runtime.engine.model import LlamaForCausalLM
 
 

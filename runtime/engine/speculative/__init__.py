@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from runtime.decode.speculative.base import Drafter
-from runtime.decode.speculative.policy import SpeculationPolicy
+from runtime.engine.speculative.base import Drafter
+from runtime.engine.speculative.policy import SpeculationPolicy
 
 if TYPE_CHECKING:
     from runtime.engine.core import EngineCore
@@ -18,19 +18,19 @@ def make_drafter(kind: str, core: "EngineCore") -> Drafter | None:
     if kind == "none":
         return None
     if kind == "ngram":
-        from runtime.decode.speculative.ngram import NgramDrafter
+        from runtime.engine.speculative.ngram import NgramDrafter
 
         return NgramDrafter()
     if kind == "draft":
         if not cfg.draft_model:
             raise ValueError("--speculative draft needs --draft-model (a smaller model with the same tokenizer)")
-        from runtime.decode.speculative.draft_model import DraftModelDrafter
+        from runtime.engine.speculative.draft_model import DraftModelDrafter
 
         return DraftModelDrafter(core)
     if kind == "eagle":
         if not cfg.draft_model:
             raise ValueError("--speculative eagle needs --draft-model (a head trained by `runtime train-draft`)")
-        from runtime.decode.speculative.eagle import EagleDrafter
+        from runtime.engine.speculative.eagle import EagleDrafter
 
         return EagleDrafter(core)
     raise ValueError(f"unknown speculative method {kind!r}")

@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runtime.config import EngineConfig
-from runtime.decode.speculative.eagle_head import EagleHead, save_head
-from runtime.decode.speculative.simulate import Batch, DraftKV, accept_lengths, context, draft_step, draft_trees
-from runtime.decode.speculative.train_prompts import generate, make_prompts, self_written_prompts
+from runtime.engine.speculative.eagle_head import EagleHead, save_head
+from runtime.engine.speculative.simulate import Batch, DraftKV, accept_lengths, context, draft_step, draft_trees
+from runtime.engine.speculative.train_prompts import generate, make_prompts, self_written_prompts
 from runtime.engine.model import LlamaForCausalLM
 from runtime.engine.weights import LoadedModel
 

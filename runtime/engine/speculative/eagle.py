@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from runtime.decode.speculative.base import Drafter
-from runtime.decode.speculative.eagle_graphs import ContinueGraphs, Grown, GrowGraphs, HeadStep
-from runtime.decode.speculative.eagle_head import load_head
-from runtime.decode.speculative.tree import TreeBuilder, best_tokens, greedy_path, top_logprobs
+from runtime.engine.speculative.base import Drafter
+from runtime.engine.speculative.eagle_graphs import ContinueGraphs, Grown, GrowGraphs, HeadStep
+from runtime.engine.speculative.eagle_head import load_head
+from runtime.engine.speculative.tree import TreeBuilder, best_tokens, greedy_path, top_logprobs
 from runtime.engine.attention import AttentionMetadata, make_attention_backend
 from runtime.engine.draft_tree import DeviceDrafts, PendingDraft
 from runtime.engine.h2d import to_device

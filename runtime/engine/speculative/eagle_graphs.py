@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from runtime.decode.speculative.eagle_head import EagleHead
+from runtime.engine.speculative.eagle_head import EagleHead
 from runtime.engine.draft_tree import DeviceDrafts
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 
 if TYPE_CHECKING:
-    from runtime.decode.speculative.eagle import EagleDrafter, _State
+    from runtime.engine.speculative.eagle import EagleDrafter, _State
 
 log = logging.getLogger("runtime.speculative")
 
