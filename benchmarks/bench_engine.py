@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8_e4m3")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--hf-dtype", default=None, help="the transformers baseline's dtype (default: the engine's); "
+                    "float32 is transformers' own default")
     ap.add_argument("--out", default="bench_engine.json")
     a = ap.parse_args()
 
@@ -148,6 +150,7 @@ def main() -> None:
     engine = Engine(model, attention_backend=backends[0], **opts)
     device = engine.core.device
     dtype = resolve_dtype(a.dtype, device)
+    hf_dtype = resolve_dtype(a.hf_dtype, device) if a.hf_dtype else dtype
     cfg = engine.core.model_config
     weight_bytes = model_bytes(engine.core.loaded.model)
     hf = None
@@ -156,10 +159,10 @@ def main() -> None:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             with torch.device(device):
-                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=dtype)
+                hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model), dtype=hf_dtype)
             hf.load_state_dict(engine.core.loaded.model.hf_state_dict(), strict=False)
         else:
-            hf = reference_hf_model(engine.core.loaded.path, dtype).to(device)
+            hf = reference_hf_model(engine.core.loaded.path, hf_dtype).to(device)
     bw = copy_bandwidth(device) if device.type == "cuda" else None
     batch_sizes = [int(x) for x in a.batch_sizes.split(",")]
     hf_rows = {bs: bench_hf(hf, prompts_for(bs, a.input_len, cfg.vocab_size, seed=bs), a.output_len, device)
@@ -187,7 +190,7 @@ def main() -> None:
     result = dict(
         model=engine.core.loaded.name, preset=a.preset, device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        dtype=str(dtype), quantization=engine.core.loaded.model.quantization, attention=attention,
+        dtype=str(dtype), hf_dtype=str(hf_dtype), quantization=engine.core.loaded.model.quantization, attention=attention,
         input_len=a.input_len, output_len=a.output_len, max_batch_tokens=engine.core.cfg.max_batch_tokens,
         weight_bytes=weight_bytes, copy_bandwidth_Bps=bw, rows=rows,
     )
