@@ -351,13 +351,15 @@ class EngineCore:
                     req.num_steps += 1
                     if self.drafter is not None and req.rid not in forced:
                         self.accept_samples.append(len(tokens))
-                if self.drafter is not None:
+                if self.drafter is not None and self.drafter.reads_hidden:
                     # Views only where a drafter reads them: a few us each, per request per step.
                     if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run
                         rows = hidden[row + path[0] : row + path[0] + len(path)]
                     else:
                         rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
                     self.drafter.observe(req, tokens, rows)
+                elif self.drafter is not None:
+                    self.drafter.observe(req, tokens, None)
                 row += s.num_logits
                 kept, reason, stop_reason = self._append(req, tokens)
                 # KV is valid up to the token before the newest one (the last sampled token and

@@ -13,6 +13,9 @@ __all__ = ["Drafter", "DraftTree"]
 
 class Drafter(ABC):
     name = "abstract"
+    # Whether observe() reads the target's hidden states; the engine builds the per-request
+    # views of them (a few us each, per request and step) only for drafters that do.
+    reads_hidden = True
 
     @abstractmethod
     def propose(self, reqs: list[Req], k: int) -> dict[str, list[int] | DraftTree]:

@@ -53,6 +53,7 @@ class _State:
 
 class DraftModelDrafter(Drafter):
     name = "draft"
+    reads_hidden = False  # it runs its own model on the tokens
 
     def __init__(self, core: "EngineCore", num_pages: int | None = None) -> None:
         """num_pages: draft KV pool size, page 0 included (None: as many as the target's pool,

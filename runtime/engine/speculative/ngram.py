@@ -25,6 +25,7 @@ class _Index:
 
 class NgramDrafter(Drafter):
     name = "ngram"
+    reads_hidden = False  # it reads the request's tokens, at the next proposal
 
     def __init__(self, max_n: int = 4, min_n: int = 1, window: int = 4096) -> None:
         if not 1 <= min_n <= max_n:
