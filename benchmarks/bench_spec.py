@@ -6,7 +6,7 @@ size, against no speculation in the same run.
 Workloads: `chat` (open-ended instructions through the chat template) and `copy` (rewrite a
 given passage with one word changed: long verbatim runs, where n-gram lookup shines).
 Batch size B runs all 16 prompts of a workload, in groups of B one after another (B=1:
-each prompt alone). Generation stops at EOS, as a chat user sees it, unless --ignore-eos;
+each prompt alone); B above 16 repeats the prompts in turn up to B. Generation stops at EOS, as a chat user sees it, unless --ignore-eos;
 tokens/s counts the tokens generated.
 `make-draft` writes a smaller same-tokenizer draft model: the target's first N layers."""
 from __future__ import annotations
@@ -82,14 +82,50 @@ def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingPa
     return res, dt, forwards
 
 
+class PolicyTrace:
+    """Every step the speculation policy is told about (batch size, k, seconds, tokens gained
+    per request), recorded around the engine's policy: what adaptive decided, step by step,
+    and what each choice cost."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.policy = engine.core.policy
+        self.steps: list[tuple[int, int, float, float]] = []
+        inner = self.policy.record_step
+
+        def record_step(batch_size: int, k: int, seconds: float, tokens: float) -> None:
+            self.steps.append((batch_size, k, seconds, tokens))
+            inner(batch_size, k, seconds, tokens)
+
+        self.policy.record_step = record_step
+
+    def take(self) -> dict:
+        """Per bucket and k: steps, mean step ms, mean tokens per request, tokens/request/s;
+        then forget."""
+        by: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        for b, k, sec, tok in self.steps:
+            by.setdefault((self.policy.bucket(b), k), []).append((sec, tok))
+        self.steps = []
+        out = {}
+        for (b, k), xs in sorted(by.items()):
+            sec = sum(x[0] for x in xs) / len(xs)
+            tok = sum(x[1] for x in xs) / len(xs)
+            out[f"b{b}k{k}"] = dict(steps=len(xs), step_ms=round(1000 * sec, 3), tokens=round(tok, 3),
+                                   rate=round(tok / sec, 1))
+        return out
+
+
 def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
-        ignore_eos: bool) -> tuple[dict, list[list[int]]]:
+        ignore_eos: bool, trace: PolicyTrace | None = None) -> tuple[dict, list[list[int]]]:
     """timed_generate's tokens/s; accept length the mean over all requests."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+    if batch > len(prompts):  # a batch bigger than the workload: its prompts again, in turn
+        prompts = [prompts[i % len(prompts)] for i in range(batch)]
     res, dt, _ = timed_generate(engine, prompts, batch, params)
     n = sum(len(r.token_ids) for r in res)  # what was generated: fewer than max_tokens at EOS
     stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt,
                  tokens=n, requests=len(res))
+    if trace is not None:
+        stats["policy_steps"] = trace.take()  # warm-up and timed run together
     return stats, [r.token_ids for r in res]
 
 
@@ -114,6 +150,8 @@ def main() -> None:
                     "templates (in-distribution, may repeat training prompts): tells a serving gap from a prompt shift")
     ap.add_argument("--policies", default="fixed", help="speculative policies to run each drafter under "
                     "(fixed, adaptive; comma-separated)")
+    ap.add_argument("--trace-policy", action="store_true", help="under adaptive, record every step the policy "
+                    "weighs (per bucket and k: steps, step ms, tokens per request) into the rows")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -142,12 +180,13 @@ def main() -> None:
         if policy != "fixed":
             method = f"{method}@{policy}"
         tok = engine.tokenizer
+        trace = PolicyTrace(engine) if policy == "adaptive" and a.trace_policy else None
         sources = {"chat": CHAT, "copy": COPY, "train": make_prompts(16, seed=987_654)}
         workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in sources[name]]
                      for name in a.workloads.split(",")}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
-                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos)
+                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace)
                 # Greedy speculation is exact; in bf16 a row batched differently can round
                 # differently, so report how many outputs equal no-speculation's.
                 ref = outputs.setdefault((wl, bs), toks)

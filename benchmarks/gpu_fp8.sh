@@ -22,6 +22,8 @@ step() {  # step NAME SECONDS CMD...: run CMD under a timeout if SECONDS are sti
     pkill -9 -f "runtime\.(cli|worker_main)" 2>/dev/null && sleep 2  # a server left by a step out of time
     tail -n "${TAIL:-14}" "$OUT/$name.log" | grep -v "^row\|Writing\|it/s\]"
 }
+# The first part of SmolLM2's GGUF, for gpu_spec.sh in the next call (a call carries 64 MiB).
+[ -d .carry/gguf ] && cp .carry/gguf/* /tmp/
 pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 L8B=".carry/l8b --load-format dummy --attention-backend triton"

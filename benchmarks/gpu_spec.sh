@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 18 on one GPU: n-gram speculation, fixed and adaptive, against none in the same run,
+# chat and copy at batch 1, 16 and 64, with the adaptive policy's step-by-step trace.
+#
+# SmolLM2's GGUF (98 MB) does not fit one call: the call before copies .carry/gguf/smolpart_aa
+# to /tmp (gpu_fp8.sh does), this one carries .carry2/ (the rest) and must follow while the
+# machine is warm. Wheels were installed by the call before.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+cat /tmp/smolpart_aa .carry2/smolpart_* > /tmp/smol.gguf || exit 1
+python -c "from pathlib import Path; from runtime.engine.default_model import convert_gguf_to_hf; \
+convert_gguf_to_hf(Path('/tmp/smol.gguf'), Path('/tmp/smol'))" 2>&1 | tail -2
+timeout "${SPEC_SECONDS:-400}" python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 \
+    --policies fixed,adaptive --workloads chat,copy --batch-sizes 1,16,64 --max-tokens 256 --trace-policy \
+    --out "$OUT/bench_spec.json" > "$OUT/bench_spec.log" 2>&1
+echo "rc=$?"; tail -16 "$OUT/bench_spec.log"
