@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.sampling_params import SamplingParams
 
 __all__ = ["Engine", "SamplingParams", "Result", "AsyncClient"]
 __version__ = "0.1.0"

@@ -6,10 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.engine.draft_tree import MAX_TREE_NODES  # one bit per node in the tree rule
-from runtime.engine.quant.base import CPU_ONLY, QUANTIZATIONS
-from runtime.engine.quant.int4 import GROUP_SIZES as INT4_GROUP_SIZES
-
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
@@ -18,6 +14,14 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 # auto: the model's dtype; fp8_e4m3: K and V stored as e4m3 (scale 1), half the bytes a decode
 # step reads and twice the tokens the pool holds (Triton and torch attention; not flashinfer).
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+# What `--quantization` accepts. "auto": what the checkpoint declares (an FP8 config.json,
+# a GGUF's Q4_0/Q4_1/Q8_0 blocks on CPU), else none.
+QUANTIZATIONS = ("auto", "none", "fp8", "int8", "int4")
+CPU_ONLY = ("int8", "int4")  # torch's weight-only packed ops exist for CPU only
+INT4_GROUP_SIZES = (32, 64, 128)  # without a choice: 32 (GGUF Q4 blocks are 32 wide)
+# Draft tree nodes (one bit per node in the tree rule): verification masks a node's ancestors
+# with one int64 per row.
+MAX_TREE_NODES = 63
 
 
 def _choose(name: str, value: str, allowed: tuple[str, ...]) -> None:

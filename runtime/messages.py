@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from runtime.engine.request import TokenLogprob
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.logprobs import TokenLogprob
+from runtime.common.sampling_params import SamplingParams
 from runtime.ipc import message
 
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+from runtime.common.hardware import physical_cores
 from runtime.config import ClusterConfig, EngineConfig, JoinConfig
-from runtime.engine.cpu import physical_cores
 from runtime.env import ENV
 
 _PR_SET_PDEATHSIG = 1

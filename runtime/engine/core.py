@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.common.logprobs import TokenLogprob
+from runtime.common.sampling_params import SamplingParams
 from runtime.config import EngineConfig
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
@@ -24,10 +26,9 @@ from runtime.engine.kv_pool import KVPool, OutOfPages
 from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
 from runtime.engine.prompt_logprobs import record_prompt_logprobs, wants_prompt_logprobs
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
-from runtime.engine.request import Phase, Req, TokenLogprob
+from runtime.engine.request import Phase, Req
 from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import Sampler, SamplingBatch, uniform_noise
-from runtime.engine.sampling_params import SamplingParams
 from runtime.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
 from runtime.engine.speculative import SpeculationPolicy, make_drafter
 from runtime.engine.weights import LoadedModel, load_model

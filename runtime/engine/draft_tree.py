@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.config import MAX_TREE_NODES  # verification masks a node's ancestors with one int64 per row
 from runtime.engine.h2d import to_device
-
-MAX_TREE_NODES = 63  # verification masks a node's ancestors with one int64 per row
 
 
 @dataclass

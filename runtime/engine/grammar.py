@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.common.sampling_params import GRAMMAR_FIELDS, SamplingParamError, SamplingParams
 from runtime.engine.draft_tree import DraftTree, PendingDraft
 from runtime.engine.request import Phase
-from runtime.engine.sampling_params import GRAMMAR_FIELDS, SamplingParamError, SamplingParams
 
 if TYPE_CHECKING:
     from runtime.engine.jump_forward import JumpForward

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
-from runtime.engine.draft_tree import MAX_TREE_NODES
+from runtime.config import MAX_TREE_NODES
 
 # Tokens one jump appends at most: they are verified as a chain (one tree row mask each).
 MAX_JUMP_TOKENS = MAX_TREE_NODES

@@ -6,12 +6,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from runtime.common.continuations import ContinuationScore, split_continuations
+from runtime.common.detokenizer import IncrementalDetokenizer
+from runtime.common.logprobs import TokenLogprob
+from runtime.common.sampling_params import SamplingParams
 from runtime.config import EngineConfig
 from runtime.engine.core import EngineCore
-from runtime.engine.request import Req, TokenLogprob
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scoring import ContinuationScore, split_continuations
-from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.engine.request import Req
 
 Prompt = str | Sequence[int]
 
@@ -79,8 +80,8 @@ class Engine:
                         yield delta
 
     def score(self, prompt: Prompt, continuations: Sequence[str] | Sequence[list[int]]) -> list[ContinuationScore]:
-        """The logprob of each token of each continuation after `prompt` (runtime/engine/
-        scoring.py says how text is split into tokens). The prompt is prefilled once (or
+        """The logprob of each token of each continuation after `prompt` (runtime/common/
+        continuations.py says how text is split into tokens). The prompt is prefilled once (or
         found in the prefix cache); the continuations then run as one batched prefill
         whose requests share the prompt's KV pages, not one generation each."""
         ctx, conts = split_continuations(self._encode, prompt, continuations)

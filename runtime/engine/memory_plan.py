@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.common.sampling_params import SamplingParams
 from runtime.engine.attention.base import AttentionBackend, AttentionMetadata
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
 from runtime.engine.sampler import Sampler, SamplingBatch
-from runtime.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("runtime.engine")
 

@@ -5,7 +5,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.logprobs import TokenLogprob
+from runtime.common.sampling_params import SamplingParams
 
 
 class Phase(enum.Enum):
@@ -13,13 +14,6 @@ class Phase(enum.Enum):
     PREFILL = "prefill"  # some prompt tokens still to compute (chunked prefill)
     DECODE = "decode"  # every token but the last has its KV in the cache
     FINISHED = "finished"
-
-
-@dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
 @dataclass

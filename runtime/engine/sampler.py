@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.sampling_params import SamplingParams
 from runtime.engine.h2d import to_device
 
 # vLLM's threshold: temperatures this small overflow logits / T, so they mean greedy.

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from runtime.config import CPU_ONLY
 from runtime.engine.default_model import (DEFAULT_MODEL_NAME, DEFAULT_MODEL_SCHEME, default_model_path,
                                           is_default_model, is_default_model_folder)
 from runtime.engine.model import LlamaForCausalLM, rope_inv_freq
 from runtime.engine.model_config import ModelConfig
 from runtime.engine.quant import Payload, QWeight
-from runtime.engine.quant.base import CPU_ONLY
 from runtime.engine.quant.checkpoint import SCALE_SUFFIXES, declared_quantization, read_projection, resolve_quantization
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")

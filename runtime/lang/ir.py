@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.sampling_params import SamplingParams
 
 
 class _Concat:
@@ -70,7 +70,7 @@ class Gen(_Concat):
 @dataclass
 class Select(_Concat):
     """Append the choice the model finds likeliest after the state's text, by mean token
-    logprob (runtime/engine/scoring.py: length-normalised, so a longer choice is not
+    logprob (runtime/common/continuations.py: length-normalised, so a longer choice is not
     penalised for its length), and store it in `name`."""
 
     name: str | None

@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.detokenizer import IncrementalDetokenizer
+from runtime.common.sampling_params import SamplingParams
 from runtime.messages import RequestError, TokenDelta, params_to_dict
-from runtime.engine.detokenizer import IncrementalDetokenizer
 from runtime.tokenizer.protocol import APIError
 from runtime.tokenizer.state import GatewayState, Ticket
 

@@ -15,8 +15,8 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scoring import split_continuations
+from runtime.common.continuations import split_continuations
+from runtime.common.sampling_params import SamplingParams
 from runtime.tokenizer.generation import Generation
 from runtime.tokenizer.protocol import APIError, ChatMessage, Int, PromptTokensDetails, Usage, _Request, new_id
 

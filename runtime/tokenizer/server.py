@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from runtime.common.model_files import read_model_facts
 from runtime.config import ClusterConfig
 from runtime.env import ENV
 from runtime.tokenizer.app import build_app
@@ -31,10 +32,7 @@ def load_tokenizer(model_path: str) -> Any:
 def _model_facts(model_path: str) -> tuple[int | None, int | None]:
     """(vocab size, max position embeddings) from the model's config, if it can be read."""
     try:
-        from runtime.engine.weights import load_config_only
-
-        mc = load_config_only(model_path)
-        return mc.vocab_size, mc.max_position_embeddings
+        return read_model_facts(model_path)
     except Exception as e:  # the gateway can serve without it: ids are then checked against the tokenizer
         log.warning("could not read the model config of %s (%s); using the tokenizer's vocabulary", model_path, e)
         return None, None
@@ -46,12 +44,15 @@ def run_gateway(
     served_name: str | None = None,
     max_model_len: int | None = None,
 ) -> None:
-    """Process entry. Arguments left out come from `cfg` (as `runtime up` resolves them)."""
+    """Process entry. Arguments left out come from `cfg`, which must be resolved (the default
+    model turned into its local folder) first: `runtime.launcher.resolve_model` does it."""
     if model_path is None:
-        from runtime.engine.default_model import default_model_path, is_default_model
-
-        model_path = default_model_path() if is_default_model(cfg.engine.model) else cfg.engine.model
-    assert model_path is not None
+        model_path = cfg.engine.model
+        if model_path is None or not os.path.exists(model_path):
+            raise ValueError(
+                f"the gateway needs a local model folder or .gguf file, got {model_path!r} (the default model's "
+                "alias, or a missing path): resolve the config first with runtime.launcher.resolve_model"
+            )
     served_name = served_name or cfg.served_model_name or os.path.basename(os.path.normpath(model_path)).removesuffix(".gguf")
     tokenizer = load_tokenizer(model_path)
     vocab_size, max_pos = _model_facts(model_path)

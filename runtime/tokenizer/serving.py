@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from runtime.engine.sampling_params import SamplingParamError, SamplingParams
+from runtime.common.sampling_params import SamplingParamError, SamplingParams
 from runtime.tokenizer.generation import ClientGone, Generation, Update
 from runtime.tokenizer.logprobs import TextOffsets, TokenText, chat_logprobs, completion_logprobs
 from runtime.tokenizer.prompts import PromptEncoder, prompt_count

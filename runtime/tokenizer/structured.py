@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.engine.sampling_params import SamplingParams
+from runtime.common.sampling_params import SamplingParams
 from runtime.tokenizer.protocol import APIError
 
 GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")

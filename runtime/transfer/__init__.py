@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import logging
 
-from runtime.engine.kv_pool import KVPool
-from runtime.transfer.base import KVReceiver, KVSender, TransferError, TransferState
+from runtime.transfer.base import KVReceiver, KVSender, PagedKVMemory, TransferError, TransferState
 
-__all__ = ["KVReceiver", "KVSender", "TransferError", "TransferState", "make_transfer"]
+__all__ = ["KVReceiver", "KVSender", "PagedKVMemory", "TransferError", "TransferState", "make_transfer"]
 
 log = logging.getLogger(__name__)
 ROLES = ("prefill", "decode")
 
 
-def make_transfer(kind: str, pool: KVPool, worker_id: int, role: str) -> KVSender | KVReceiver:
+def make_transfer(kind: str, pool: PagedKVMemory, worker_id: int, role: str) -> KVSender | KVReceiver:
     """The sender (role "prefill") or receiver (role "decode") of backend `kind`:
     auto | zmq | nixl | fake. auto takes NIXL when it imports and can register the pool,
     else zmq; both sides of a transfer must end up on the same backend (start() says so

@@ -19,11 +19,30 @@ from __future__ import annotations
 import enum
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from runtime.engine.kv_pool import KVPool
+
+class PagedKVMemory(Protocol):
+    """What a transfer reads of the worker's KV memory: the registered tensor and its page
+    geometry. The engine's KVPool satisfies it structurally; transfer never needs its class."""
+
+    @property
+    def kv(self) -> torch.Tensor:  # page-major [pages, layers, 2 (k, v), page_size, Hkv, D]: page p is kv[p]
+        ...
+
+    @property
+    def page_size(self) -> int:  # token slots per page
+        ...
+
+    @property
+    def num_pages(self) -> int:  # pages in kv, page 0 included (never handed out)
+        ...
+
+    @property
+    def page_bytes(self) -> int:  # bytes of one page, kv[p]
+        ...
 
 
 class TransferState(enum.Enum):
@@ -41,7 +60,7 @@ class TransferError(RuntimeError):
     """A transfer that cannot start: mismatched backends or KV layouts, bad page lists."""
 
 
-def kv_layout(pool: KVPool) -> dict[str, Any]:
+def kv_layout(pool: PagedKVMemory) -> dict[str, Any]:
     """What both sides must agree on for a page copy to be meaningful."""
     _, layers, _, page_size, heads, head_dim = pool.kv.shape  # page-major: page p is kv[p]
     return {
@@ -58,7 +77,7 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
 
 
 def check_request(
-    backend: str, pool: KVPool, src_pages: list[int], dest: dict[str, Any], num_tokens: int
+    backend: str, pool: PagedKVMemory, src_pages: list[int], dest: dict[str, Any], num_tokens: int
 ) -> list[int]:
     """Validate a sender's start() arguments against `dest`; return the destination pages
     that carry the first `num_tokens` tokens (one per source page, in order)."""
@@ -92,7 +111,7 @@ class KVSender(ABC):
 
     kind: str = ""
 
-    def __init__(self, pool: KVPool, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int) -> None:
         self.pool = pool
         self.worker_id = worker_id
         self.bytes_sent = 0
@@ -126,7 +145,7 @@ class KVReceiver(ABC):
 
     kind: str = ""
 
-    def __init__(self, pool: KVPool, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int) -> None:
         self.pool = pool
         self.worker_id = worker_id
         self.bytes_received = 0

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from runtime.engine.kv_pool import KVPool
 from runtime.transfer.base import (
     KVReceiver,
     KVSender,
+    PagedKVMemory,
     TransferError,
     TransferState,
     check_request,
@@ -40,7 +40,7 @@ DEFAULT_FABRIC = FakeFabric()
 class FakeSender(KVSender):
     kind = "fake"
 
-    def __init__(self, pool: KVPool, worker_id: int, fabric: FakeFabric | None = None) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int, fabric: FakeFabric | None = None) -> None:
         super().__init__(pool, worker_id)
         self.fabric = fabric or DEFAULT_FABRIC
         self._rooms: dict[int, list[Any]] = {}  # room -> [state, polls left, receiver, src, dst]
@@ -83,7 +83,7 @@ class FakeSender(KVSender):
 class FakeReceiver(KVReceiver):
     kind = "fake"
 
-    def __init__(self, pool: KVPool, worker_id: int, fabric: FakeFabric | None = None) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int, fabric: FakeFabric | None = None) -> None:
         super().__init__(pool, worker_id)
         self.fabric = fabric or DEFAULT_FABRIC
         self.fabric.receivers[worker_id] = self

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine.kv_pool import KVPool
 from runtime.transfer.base import (
     KVReceiver,
     KVSender,
+    PagedKVMemory,
     TransferError,
     TransferState,
     check_request,
@@ -80,7 +80,7 @@ def merged_rows(
 class _Agent:
     """One NIXL agent with the whole KV pool registered."""
 
-    def __init__(self, pool: KVPool, role: str, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, role: str, worker_id: int) -> None:
         nixl_agent, nixl_agent_config = _import_nixl()
         kv = pool.kv
         if not kv.is_contiguous():
@@ -112,7 +112,7 @@ class _Agent:
 class NixlSender(KVSender):
     kind = "nixl"
 
-    def __init__(self, pool: KVPool, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int) -> None:
         super().__init__(pool, worker_id)
         self._a = _Agent(pool, "prefill", worker_id)
         self._peers: set[str] = set()
@@ -209,7 +209,7 @@ class NixlSender(KVSender):
 class NixlReceiver(KVReceiver):
     kind = "nixl"
 
-    def __init__(self, pool: KVPool, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int) -> None:
         super().__init__(pool, worker_id)
         self._a = _Agent(pool, "decode", worker_id)
         self._metadata = self._a.agent.get_agent_metadata()

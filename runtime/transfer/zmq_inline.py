@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from runtime.engine.kv_pool import KVPool
 from runtime.transfer.base import (
     KVReceiver,
     KVSender,
+    PagedKVMemory,
     TransferError,
     TransferState,
     check_request,
@@ -30,13 +30,13 @@ from runtime.transfer.base import (
 log = logging.getLogger(__name__)
 
 
-def _split(pool: KVPool, num_tokens: int) -> tuple[int, int, int]:
+def _split(pool: PagedKVMemory, num_tokens: int) -> tuple[int, int, int]:
     """(full pages, slots of the partial last page, elements of one whole page)."""
     full, rem = divmod(num_tokens, pool.page_size)
     return full, rem, pool.kv[0].numel()
 
 
-def gather_tokens(pool: KVPool, pages: list[int], num_tokens: int) -> torch.Tensor:
+def gather_tokens(pool: PagedKVMemory, pages: list[int], num_tokens: int) -> torch.Tensor:
     """The payload of the first num_tokens slots of `pages`, flat in the pool's dtype on its
     device: one gather of whole pages, one copy of the partial page's slots."""
     kv = pool.kv
@@ -50,7 +50,7 @@ def gather_tokens(pool: KVPool, pages: list[int], num_tokens: int) -> torch.Tens
     return out
 
 
-def scatter_tokens(pool: KVPool, pages: list[int], data: torch.Tensor, num_tokens: int) -> None:
+def scatter_tokens(pool: PagedKVMemory, pages: list[int], data: torch.Tensor, num_tokens: int) -> None:
     """Inverse of gather_tokens: the flat payload `data` into pages' first num_tokens slots."""
     kv = pool.kv
     full, rem, page_numel = _split(pool, num_tokens)
@@ -67,7 +67,7 @@ def scatter_tokens(pool: KVPool, pages: list[int], data: torch.Tensor, num_token
 class ZmqSender(KVSender):
     kind = "zmq"
 
-    def __init__(self, pool: KVPool, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int) -> None:
         super().__init__(pool, worker_id)
         self._rooms: dict[int, TransferState] = {}
 
@@ -92,7 +92,7 @@ class ZmqSender(KVSender):
 class ZmqReceiver(KVReceiver):
     kind = "zmq"
 
-    def __init__(self, pool: KVPool, worker_id: int) -> None:
+    def __init__(self, pool: PagedKVMemory, worker_id: int) -> None:
         super().__init__(pool, worker_id)
         self._layout = kv_layout(pool)
         self._rooms: dict[int, tuple[list[int], TransferState]] = {}

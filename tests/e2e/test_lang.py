@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from runtime import Engine
-from runtime.engine.scoring import split_continuations
+from runtime.common.continuations import split_continuations
 from runtime.lang import EngineBackend, ProgramError, RuntimeEndpoint, function, gen, select
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))

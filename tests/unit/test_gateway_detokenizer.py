@@ -9,7 +9,7 @@ import random
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.common.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from runtime import Engine, SamplingParams
-from runtime.engine.speculative.eagle_head import EagleHead, save_head
+from runtime.common.sampling_params import SamplingParamError
 from runtime.engine.grammar import GrammarError
-from runtime.engine.sampling_params import SamplingParamError
+from runtime.engine.speculative.eagle_head import EagleHead, save_head
 from runtime.messages import params_from_dict, params_to_dict
 
 KW = dict(device="cpu", dtype="float32", page_size=4)

@@ -1,6 +1,6 @@
 """Scoring continuations (`Engine.score`, what `select` ranks by): logprobs equal to
 transformers' fp32 ones, the prompt's KV shared through the prefix cache, the boundary
-split of runtime/engine/scoring.py, and clear errors for bad input."""
+split of runtime/common/continuations.py, and clear errors for bad input."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from runtime import Engine
-from runtime.engine.scoring import split_continuations
+from runtime.common.continuations import split_continuations
 
 PROMPT = "Paris is the capital of France. Berlin is the capital of"
 CHOICES = [" Germany.", " France", " the lazy dog"]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from runtime.common.sampling_params import SamplingParams
 from runtime.engine.sampler import (
     Sampler,
     SamplingBatch,
@@ -13,7 +14,6 @@ from runtime.engine.sampler import (
     top_k_top_p_min_p_mask,
     uniform_noise,
 )
-from runtime.engine.sampling_params import SamplingParams
 
 M64 = (1 << 64) - 1
 

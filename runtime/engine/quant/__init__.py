@@ -2,7 +2,8 @@
 checkpoints hand them. See base.py for the interface and README.md, Quantization."""
 from __future__ import annotations
 
-from runtime.engine.quant.base import CPU_ONLY, QUANTIZATIONS, QuantLinear, dense_weight
+from runtime.config import CPU_ONLY, QUANTIZATIONS
+from runtime.engine.quant.base import QuantLinear, dense_weight
 from runtime.engine.quant.fp8 import Fp8Linear
 from runtime.engine.quant.int4 import Int4Linear
 from runtime.engine.quant.int8 import Int8Linear

@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# What `--quantization` accepts. "auto": what the checkpoint declares (an FP8 config.json,
-# a GGUF's Q4_0/Q4_1/Q8_0 blocks on CPU), else none.
-QUANTIZATIONS = ("auto", "none", "fp8", "int8", "int4")
-CPU_ONLY = ("int8", "int4")  # torch's weight-only packed ops exist for CPU only
+# QUANTIZATIONS (what `--quantization` accepts) and CPU_ONLY are defined in runtime/config.py.
 # torch's packed int8/int4 CPU ops read 2-4x fewer bytes than a bf16 GEMM and win for a few
 # rows (decode), but lose 4-10x to the oneDNN bf16 GEMM on prefill-sized inputs (2-core Xeon
 # with AMX, K 576 N 3072: 1 row int4 147 us vs bf16 356 us; 512 rows 23.8 ms vs 5.5 ms). A

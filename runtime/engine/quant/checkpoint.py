@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from runtime.engine.quant.base import CPU_ONLY, QUANTIZATIONS
+from runtime.config import CPU_ONLY, QUANTIZATIONS
 from runtime.engine.quant.fp8 import FP8, checkpoint_fp8_weight
 from runtime.engine.quant.payload import Payload, QWeight
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from runtime.config import INT4_GROUP_SIZES as GROUP_SIZES  # without a choice: 32 (GGUF Q4 blocks are 32 wide)
 from runtime.engine.quant.base import QuantLinear
-
-GROUP_SIZES = (32, 64, 128)  # without a choice: 32 (GGUF Q4 blocks are 32 wide)
 
 
 def pick_group_size(k: int, want: int | None = None) -> int:

@@ -8,8 +8,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scoring import ContinuationScore
+from runtime.common.continuations import ContinuationScore
+from runtime.common.sampling_params import SamplingParams
 
 OnText = Callable[[str], None]
 

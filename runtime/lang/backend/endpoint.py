@@ -13,8 +13,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from runtime.client import APIError, AsyncClient
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scoring import ContinuationScore
+from runtime.common.continuations import ContinuationScore
+from runtime.common.sampling_params import SamplingParams
 from runtime.lang.backend.base import Backend, BackendError, GenOutput, OnText
 
 POLL_S = 0.05  # how often a waiting caller checks its cancel flag

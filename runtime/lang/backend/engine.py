@@ -9,10 +9,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine.detokenizer import IncrementalDetokenizer
+from runtime.common.continuations import ContinuationScore, split_continuations
+from runtime.common.detokenizer import IncrementalDetokenizer
+from runtime.common.sampling_params import SamplingParams
 from runtime.engine.request import Req
-from runtime.engine.sampling_params import SamplingParams
-from runtime.engine.scoring import ContinuationScore, split_continuations
 from runtime.lang.backend.base import Backend, BackendError, GenOutput, OnText
 
 POLL_S = 0.05  # how often a waiting caller checks its cancel flag
