@@ -114,8 +114,41 @@ class PolicyTrace:
         return out
 
 
+class StepTrace:
+    """Every engine decode step (no prefill in it), by batch size bucket: steps, mean wall ms,
+    tokens per request. For every method (no speculation included), so adaptive's plain
+    and drafting steps can be set against no speculation's and fixed's."""
+
+    def __init__(self, engine: Engine) -> None:
+        core = engine.core
+        self.steps: list[tuple[int, float, float]] = []
+        inner = core.step
+
+        def step(*args, **kwargs):
+            t0 = time.perf_counter()
+            outs = inner(*args, **kwargs)
+            dt = time.perf_counter() - t0
+            live = [o for o in outs if o.new_token_ids]
+            # Decode steps only: a step that gave some request its first token ran its prefill.
+            if live and all(len(o.req.output_ids) > len(o.new_token_ids) for o in live):
+                self.steps.append((len(live), dt, sum(len(o.new_token_ids) for o in live) / len(live)))
+            return outs
+
+        core.step = step
+
+    def take(self) -> dict:
+        by: dict[int, list[tuple[float, float]]] = {}
+        for n, dt, tok in self.steps:
+            by.setdefault(1 << max(0, n - 1).bit_length(), []).append((dt, tok))
+        self.steps = []
+        return {f"b{b}": dict(steps=len(xs), step_ms=round(1000 * sum(x[0] for x in xs) / len(xs), 3),
+                              tokens=round(sum(x[1] for x in xs) / len(xs), 3))
+                for b, xs in sorted(by.items())}
+
+
 def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
-        ignore_eos: bool, trace: PolicyTrace | None = None) -> tuple[dict, list[list[int]]]:
+        ignore_eos: bool, trace: PolicyTrace | None = None,
+        steps: StepTrace | None = None) -> tuple[dict, list[list[int]]]:
     """timed_generate's tokens/s; accept length the mean over all requests."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     if batch > len(prompts):  # a batch bigger than the workload: its prompts again, in turn
@@ -126,6 +159,8 @@ def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
                  tokens=n, requests=len(res))
     if trace is not None:
         stats["policy_steps"] = trace.take()  # warm-up and timed run together
+    if steps is not None:
+        stats["engine_steps"] = steps.take()  # warm-up and timed run together
     return stats, [r.token_ids for r in res]
 
 
@@ -151,7 +186,8 @@ def main() -> None:
     ap.add_argument("--policies", default="fixed", help="speculative policies to run each drafter under "
                     "(fixed, adaptive; comma-separated)")
     ap.add_argument("--trace-policy", action="store_true", help="under adaptive, record every step the policy "
-                    "weighs (per bucket and k: steps, step ms, tokens per request) into the rows")
+                    "weighs (per bucket and k: steps, step ms, tokens per request) into the rows, and for every method "
+                    "the engine's steps per batch bucket")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -181,12 +217,13 @@ def main() -> None:
             method = f"{method}@{policy}"
         tok = engine.tokenizer
         trace = PolicyTrace(engine) if policy == "adaptive" and a.trace_policy else None
+        steps = StepTrace(engine) if a.trace_policy else None
         sources = {"chat": CHAT, "copy": COPY, "train": make_prompts(16, seed=987_654)}
         workloads = {name: [engine.apply_chat_template([{"role": "user", "content": p}]) for p in sources[name]]
                      for name in a.workloads.split(",")}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
-                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace)
+                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace, steps)
                 # Greedy speculation is exact; in bf16 a row batched differently can round
                 # differently, so report how many outputs equal no-speculation's.
                 ref = outputs.setdefault((wl, bs), toks)
