@@ -95,15 +95,22 @@ def test_notices_a_change_in_the_text() -> None:
     assert switched < MAX_PROBE_EVERY  # at the next probe, not after many
 
 
-def test_probes_back_off_while_the_choice_holds() -> None:
-    """A drafter that never pays costs ever fewer probe steps: at most two per
-    MAX_PROBE_EVERY once the interval has grown."""
+def test_probes_are_paced_by_what_they_cost() -> None:
+    """A probe of a drafter that loses badly costs a lot, so the first comes late; near
+    break-even the first comes soon; probes that confirm the choice back off to at most
+    PROBE_STEPS per MAX_PROBE_EVERY."""
     policy = SpeculationPolicy(4)
-    early = drive(policy, 1, 4 * PROBE_EVERY, spec_loses)
-    drive(policy, 1, 4 * MAX_PROBE_EVERY, spec_loses)
+    bad = drive(policy, 1, 4 * MAX_PROBE_EVERY, spec_loses)
+    first = next(i for i in range(3, len(bad)) if bad[i])
+    assert first >= 3 + 100  # a probe loses 3 x (1 - 0.52) steps' worth: with PROBE_BUDGET 1%, ~144 steps
     late = drive(policy, 1, 4 * MAX_PROBE_EVERY, spec_loses)
-    assert early.count(4) >= 4  # probed often at first
     assert late.count(4) <= PROBE_STEPS * 4 + PROBE_STEPS
+
+    def near_even(k: int) -> tuple[float, float]:
+        return (1.05e-3, 1.02) if k else (1.0e-3, 1.0)  # 971 vs 1000 tokens/s
+
+    near = drive(SpeculationPolicy(4), 1, 3 * PROBE_EVERY, near_even)
+    assert near[3:].count(4) >= PROBE_STEPS  # re-checked within the first PROBE_EVERY steps or so
 
 
 def test_never_drafts_above_max_batch() -> None:

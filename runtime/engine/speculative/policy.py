@@ -6,40 +6,63 @@ one. Whether that pays depends on the model, the device, the batch size and the 
 (copy-heavy text accepts long runs, open chat few), so `adaptive` measures it: per batch-
 size bucket it keeps a running estimate of the wall time of pure-decode steps with and
 without drafting and of the tokens each gains per request, and drafts only where that
-yields more tokens per second.
+yields more tokens per second (by a margin, when that means changing its mind).
 
-Now and then a bucket runs the other option for PROBE_STEPS steps, weighted more than
-routine steps, so a shift in the text or the load is noticed within one probe: PROBE_EVERY
-steps after a change of mind, twice as long after each probe that confirms the choice, up
-to MAX_PROBE_EVERY (a drafter that never pays then costs PROBE_STEPS steps in
-MAX_PROBE_EVERY). The first drafting step after plain ones is not measured: stateful
-drafters (EAGLE, a draft model) catch up there on the tokens they skipped, a cost steady
-drafting does not pay. Above `max_batch` decoding requests it never drafts (the verify rows
-would not fit the captured graphs). `fixed` always drafts k. Under both, the engine trims
-drafts so that a verify step fits the decode graphs (EngineCore._propose).
+Now and then a bucket runs the other option for PROBE_STEPS steps, so a shift in the text
+or the load is noticed. Probes are paced by what they cost: the first comes after enough
+steps that a confirming probe costs at most PROBE_BUDGET of the bucket's output (a drafter
+that loses badly is re-checked rarely, one near break-even soon), each confirming probe
+doubles the wait up to MAX_PROBE_EVERY, and a probe that moves the other option's
+estimate up re-checks after PROBE_EVERY steps. The first drafting step after plain ones is
+not measured as drafting: stateful drafters (EAGLE, a draft model) catch up there on the
+tokens they skipped; its extra time counts as a cost of probing instead.
+
+A bucket that has not measured both options yet follows the nearest bucket that has, and
+measures the missing option at its first probe, which comes sooner the farther that
+neighbour is (a batch that shrinks as its requests finish passes through every bucket
+below it, and measuring each from scratch cost more than it learned); with nothing judged
+anywhere it drafts first, then runs plain.
+
+Above `max_batch` decoding requests it never drafts (the verify rows would not fit the
+captured graphs). `fixed` always drafts k. Under both, the engine trims drafts so that a
+verify step fits the decode graphs (EngineCore._propose). tests/unit/test_spec_policy_sim.py
+holds the policy to its contract on a simulated cost model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROBE_EVERY = 16  # steps per bucket between two tries of the option not in use, at first
-MAX_PROBE_EVERY = 256  # ... and at most, after probes that kept confirming the choice
-PROBE_STEPS = 3  # a try's length (a drafter's first step, its catch-up, is not counted)
-SMOOTHING = 0.2  # weight of the newest step in the running estimates
-PROBE_SMOOTHING = 0.5  # ... and of a step of the option not in use
+PROBE_EVERY = 16  # the shortest wait between two tries of the option not in use
+MAX_PROBE_EVERY = 256  # ... and the longest, after probes that kept confirming the choice
+PROBE_STEPS = 3  # a try's length
+# The estimates average the last HORIZON steps of the option in use (a plain mean until
+# there are that many) and the last PROBE_HORIZON of the option not in use, whose steps
+# come a few per probe. One step says little: at batch 1 a drafting step gains 1 token or
+# k+1, and wall times jitter by 10% or more; averaging ~5 steps (a weight of 0.2, before)
+# flipped the choice on noise.
+HORIZON = 32
+PROBE_HORIZON = 8
+# The option not in use must beat the choice by this fraction to replace it: near break-
+# even, flipping on noise costs probes and catch-ups and gains nothing.
+MARGIN = 0.02
+PROBE_BUDGET = 0.01  # the share of a bucket's output confirming probes may cost at first
+SHIFT = 1.1  # a probe that raises the other option's rate over the choice's by this factor
 
 
 @dataclass
 class _Estimate:
     seconds: float  # running estimate of one step's wall time
     tokens: float  # running estimate of the tokens one step gains per request
+    samples: int = 1
 
     @property
     def rate(self) -> float:
         """Tokens per request per second."""
         return self.tokens / max(self.seconds, 1e-9)
 
-    def update(self, seconds: float, tokens: float, weight: float) -> None:
+    def update(self, seconds: float, tokens: float, horizon: int) -> None:
+        self.samples += 1
+        weight = 1.0 / min(self.samples, horizon)
         self.seconds += weight * (seconds - self.seconds)
         self.tokens += weight * (tokens - self.tokens)
 
@@ -47,10 +70,14 @@ class _Estimate:
 @dataclass
 class _Bucket:
     steps: int = 0  # decisions taken
-    choice: int = -1  # the option last judged best (-1: none yet)
-    interval: int = PROBE_EVERY
-    probe_at: int = PROBE_EVERY  # the step at which the next probe starts
+    choice: int = -1  # the option last judged best, or borrowed from a neighbour (-1: none yet)
+    judged: bool = False  # whether `choice` was judged from this bucket's own estimates
+    interval: int = PROBE_EVERY  # the wait before the next probe
+    probe_at: int = 0  # the step at which the next probe starts
+    probe_left: int = 0  # steps left in the probe under way
+    probe_ratio: float = 0.0  # at its start: the other option's rate over the choice's
     last_recorded: int = 0  # k of the last measured step (0: plain)
+    catch_up: float = 0.0  # the drafter's catch-up step: its extra seconds over a drafting step
 
 
 class SpeculationPolicy:
@@ -77,20 +104,58 @@ class SpeculationPolicy:
         st = self._buckets.setdefault(b, _Bucket())
         st.steps += 1
         spec, plain = self._estimates.get((b, self.k)), self._estimates.get((b, 0))
-        if spec is None:
-            return self.k  # measure speculation first
-        if plain is None:
-            return 0
-        best = self.k if spec.rate >= plain.rate else 0
-        if best != st.choice:  # a change of mind (or the first judgement): re-check soon
-            st.choice, st.interval = best, PROBE_EVERY
-            st.probe_at = st.steps + PROBE_EVERY
-        if st.steps >= st.probe_at:
-            if st.steps == st.probe_at + PROBE_STEPS - 1:  # the probe's last step: the next further off
-                st.interval = min(2 * st.interval, MAX_PROBE_EVERY)
-                st.probe_at = st.steps + st.interval
-            return self.k - best  # the other option
-        return best
+        if spec is None or plain is None:
+            return self._measure(b, st, self.k if spec is None else 0)
+        if st.choice == self.k:  # keep the choice unless the other option is better by MARGIN
+            best = 0 if plain.rate > (1 + MARGIN) * spec.rate else self.k
+        elif st.choice == 0:
+            best = self.k if spec.rate > (1 + MARGIN) * plain.rate else 0
+        else:
+            best = self.k if spec.rate > plain.rate else 0
+        ratio = (plain.rate / spec.rate) if best else (spec.rate / plain.rate)  # the other over the choice
+        if best != st.choice or not st.judged:  # a change of mind, or the first judgement
+            st.choice, st.judged, st.probe_left = best, True, 0
+            st.interval = self._first_interval(ratio, st, plain)
+            st.probe_at = st.steps + st.interval
+        if not st.probe_left and st.steps >= st.probe_at:
+            st.probe_left, st.probe_ratio = PROBE_STEPS, ratio
+        if not st.probe_left:
+            return best
+        st.probe_left -= 1
+        if not st.probe_left:  # the probe's last step: when the next comes
+            other = spec if best == 0 else plain
+            if other.samples >= PROBE_HORIZON and ratio > SHIFT * st.probe_ratio:
+                st.interval = PROBE_EVERY  # the other option gained: the text or the load changed
+            else:
+                st.interval = max(min(2 * st.interval, MAX_PROBE_EVERY), self._first_interval(ratio, st, plain))
+            st.probe_at = st.steps + st.interval
+        return self.k - best  # the other option
+
+    def _measure(self, b: int, st: _Bucket, missing: int) -> int:
+        """A bucket short of one estimate: measure `missing` at once if nothing was judged
+        anywhere, else follow the nearest judged bucket until its first probe."""
+        if st.choice == -1:
+            judged = [(abs(c.bit_length() - b.bit_length()), c) for c, s in self._buckets.items() if s.judged]
+            if not judged:
+                return missing
+            distance, near = min(judged)
+            st.choice = self._buckets[near].choice
+            # Its first probe when the neighbour's would come (soon near break-even, late
+            # where the neighbour's choice wins by far), halved for each further doubling
+            # of the batch between them: a distant neighbour says less.
+            spec, plain = self._estimates[(near, self.k)], self._estimates[(near, 0)]
+            ratio = (plain.rate / spec.rate) if st.choice else (spec.rate / plain.rate)
+            wait = self._first_interval(ratio, self._buckets[near], plain) >> (distance - 1)
+            st.probe_at = st.steps + max(PROBE_EVERY, wait)
+        return missing if st.steps >= st.probe_at else st.choice
+
+    @staticmethod
+    def _first_interval(ratio: float, st: _Bucket, plain: _Estimate) -> int:
+        """Steps to the first probe after a judgement: what a probe would cost (in steps'
+        worth of output: its steps of the worse option, and the drafter's catch-up) over
+        PROBE_BUDGET."""
+        cost = PROBE_STEPS * max(0.0, 1.0 - ratio) + st.catch_up / max(plain.seconds, 1e-9)
+        return max(PROBE_EVERY, min(MAX_PROBE_EVERY, int(cost / PROBE_BUDGET)))
 
     def record_step(self, batch_size: int, k: int, seconds: float, tokens_per_request: float) -> None:
         """A pure-decode step of batch_size requests drafted with k (0: none) took `seconds`
@@ -100,13 +165,15 @@ class SpeculationPolicy:
         b = self.bucket(batch_size)
         st = self._buckets.setdefault(b, _Bucket())
         after_plain, st.last_recorded = not st.last_recorded, k
-        if k and after_plain:
-            return  # the drafter's catch-up step
         est = self._estimates.get((b, k))
+        if k and after_plain:  # the drafter's catch-up step: not a drafting step's cost
+            if est is not None:
+                st.catch_up += 0.5 * (max(0.0, seconds - est.seconds) - st.catch_up)
+            return
         if est is None:
             self._estimates[(b, k)] = _Estimate(seconds, tokens_per_request)
         else:
-            est.update(seconds, tokens_per_request, PROBE_SMOOTHING if st.choice not in (-1, k) else SMOOTHING)
+            est.update(seconds, tokens_per_request, PROBE_HORIZON if st.choice not in (-1, k) else HORIZON)
 
     def speedup(self, batch_size: int) -> float | None:
         """The measured tokens/s of drafting over not drafting at this batch size (None until

@@ -1,0 +1,93 @@
+"""The adaptive policy against a simulated cost model of whole benchmark runs (what
+bench_spec.py does on a GPU): groups of requests decoded together until each reaches its
+own length, so the batch shrinks through the buckets; wall times jitter; a drafting step
+gains a random number of tokens; a stateful drafter (EAGLE) pays a catch-up for every
+token decoded while it was off. The contract of issue 18: adaptive is at least 0.97x no
+speculation wherever drafting loses, and keeps nearly all of the gain where it pays."""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from runtime.engine.speculative.policy import SpeculationPolicy
+
+K = 4
+PLAIN_MS = 4.0
+
+
+def _group(policy: SpeculationPolicy | None, lengths: list[int], spec_cost: float,
+           gain: Callable[[random.Random], int], catch_up_ms: float, seed: int) -> tuple[int, float]:
+    """(tokens, seconds) of one group; spec_cost: a drafting step's wall time over a plain
+    one's. Common random numbers: what a drafting step accepts depends on the request and
+    its position only, a step's jitter on its index only, so runs under different policies
+    differ by their decisions, not by their luck."""
+    left, behind = list(lengths), [0] * len(lengths)  # behind: tokens the drafter has not seen
+    tokens, seconds, step = 0, 0.0, 0
+    while any(left):
+        live = [i for i, n in enumerate(left) if n]
+        k = policy.num_draft_tokens(len(live)) if policy else 0
+        step += 1
+        jitter = random.Random(seed * 100_003 + step).lognormvariate(0, 0.1)
+        sec = PLAIN_MS * (spec_cost if k else 1.0) * jitter / 1000
+        if k:
+            sec += catch_up_ms * sum(behind[i] for i in live) / 1000
+        gained = 0
+        for i in live:
+            done = lengths[i] - left[i]
+            g = min(left[i], gain(random.Random((seed * 1_000 + i) * 10_007 + done)) if k else 1)
+            left[i] -= g
+            gained += g
+            behind[i] = 0 if k else behind[i] + g
+        if policy:
+            policy.record_step(len(live), k, sec, gained / len(live))
+        tokens, seconds = tokens + gained, seconds + sec
+    return tokens, seconds
+
+
+def _rate(mode: str | None, batch: int, spec_cost: float, gain: Callable[[random.Random], int],
+          catch_up_ms: float, seed: int) -> float:
+    """Tokens/s of the 16 requests in groups of `batch`, after one untimed warm-up pass."""
+    lengths = [random.Random(seed * 16 + i).randint(40, 256) for i in range(16)]
+    groups = [lengths[i : i + batch] for i in range(0, 16, batch)]
+    policy = SpeculationPolicy(K, mode, max_batch=64) if mode else None
+    tokens = seconds = 0.0
+    for timed in (False, True):
+        for j, g in enumerate(groups):
+            t, s = _group(policy, g, spec_cost, gain, catch_up_ms, (2 * seed + timed) * 64 + j)
+            if timed:
+                tokens, seconds = tokens + t, seconds + s
+    return tokens / seconds
+
+
+def rarely(rng: random.Random) -> int:  # open chat with n-gram lookup: a hit now and then
+    return 1 + (rng.random() < 0.15) * rng.randint(1, 3)
+
+
+def often(rng: random.Random) -> int:  # copying: long accepted runs
+    return 1 + rng.choice([0, 1, 2, 3, 4, 4, 4])
+
+
+# (name, batch, drafting step cost over plain, gain, catch-up ms per token behind)
+CASES = [
+    ("chat b1: pays a little", 1, 1.1, rarely, 0.0),
+    ("chat b16: loses", 16, 1.4, rarely, 0.0),
+    ("chat b16 with catch-ups: loses", 16, 1.4, rarely, 0.01),
+    ("chat b16: break-even", 16, 1.3, lambda rng: 1 + (rng.random() < 0.3), 0.0),
+    ("copy b1: pays", 1, 1.1, often, 0.0),
+    ("copy b16: pays", 16, 1.4, often, 0.01),
+    ("b16: never pays", 16, 2.0, rarely, 0.01),
+]
+
+
+@pytest.mark.parametrize("name,batch,cost,gain,catch_up", CASES, ids=[c[0] for c in CASES])
+def test_adaptive_never_costs_and_keeps_the_gain(name: str, batch: int, cost: float,
+                                                 gain: Callable[[random.Random], int], catch_up: float) -> None:
+    for seed in range(3):
+        none = _rate(None, batch, cost, gain, catch_up, seed)
+        fixed = _rate("fixed", batch, cost, gain, catch_up, seed)
+        adaptive = _rate("adaptive", batch, cost, gain, catch_up, seed)
+        assert adaptive >= 0.97 * none, f"seed {seed}: adaptive {adaptive / none:.3f}x of no speculation"
+        if fixed > 1.05 * none:  # drafting pays: adaptive keeps nearly all of it
+            assert adaptive >= 0.95 * fixed, f"seed {seed}: adaptive {adaptive / fixed:.3f}x of fixed"
