@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 18 on one GPU: n-gram speculation, fixed and adaptive, against none in the same run,
-# chat and copy at batch 1, 16 and 64, with the adaptive policy's step-by-step trace.
+# chat and copy at batch 16, 64 and 1, with the adaptive policy's step-by-step trace.
 #
 # SmolLM2's GGUF (98 MB) does not fit one call: the call before copies .carry/gguf/smolpart_aa
 # to /tmp (gpu_fp8.sh does), this one carries .carry2/ (the rest) and must follow while the
@@ -12,7 +12,10 @@ export PYTHONUNBUFFERED=1
 cat /tmp/smolpart_aa .carry2/smolpart_* > /tmp/smol.gguf || exit 1
 python -c "from pathlib import Path; from runtime.engine.default_model import convert_gguf_to_hf; \
 convert_gguf_to_hf(Path('/tmp/smol.gguf'), Path('/tmp/smol'))" 2>&1 | tail -2
-timeout "${SPEC_SECONDS:-400}" python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 \
-    --policies fixed,adaptive --workloads chat,copy --batch-sizes 1,16,64 --max-tokens 256 --trace-policy \
-    --out "$OUT/bench_spec.json" > "$OUT/bench_spec.log" 2>&1
-echo "rc=$?"; tail -16 "$OUT/bench_spec.log"
+SPEC=(python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 --policies fixed,adaptive
+      --workloads chat,copy --max-tokens 256 --trace-policy)
+# Batch 16 and 64 first (where adaptive lost), then batch 1.
+timeout "${SPEC_SECONDS:-240}" "${SPEC[@]}" --batch-sizes 16,64 --out "$OUT/bench_spec_b16.json" > "$OUT/bench_spec_b16.log" 2>&1
+echo "rc=$?"; tail -14 "$OUT/bench_spec_b16.log"
+timeout "${SPEC1_SECONDS:-240}" "${SPEC[@]}" --batch-sizes 1 --out "$OUT/bench_spec_b1.json" > "$OUT/bench_spec_b1.log" 2>&1
+echo "rc=$?"; tail -8 "$OUT/bench_spec_b1.log"
