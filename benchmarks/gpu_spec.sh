@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18 on one GPU: n-gram speculation, fixed and adaptive, against none in the same run,
+# Issue 15's structured-output benchmark with SmolLM2's real weights, then issue 18 on one GPU: n-gram speculation, fixed and adaptive, against none in the same run,
 # chat and copy at batch 16, 64 and 1, with the adaptive policy's step-by-step trace.
 #
 # SmolLM2's GGUF (98 MB) does not fit one call: the call before copies .carry/gguf/smolpart_aa
@@ -12,6 +12,11 @@ export PYTHONUNBUFFERED=1
 cat /tmp/smolpart_aa .carry2/smolpart_* > /tmp/smol.gguf || exit 1
 python -c "from pathlib import Path; from runtime.engine.default_model import convert_gguf_to_hf; \
 convert_gguf_to_hf(Path('/tmp/smol.gguf'), Path('/tmp/smol'))" 2>&1 | tail -2
+# Issue 15: structured output with the real weights (JSON schema vs free at 1 and 16,
+# jump-forward on vs off).
+timeout "${STRUCT_SECONDS:-90}" python benchmarks/bench_structured.py --model /tmp/smol --device cuda --batch-sizes 1,16 \
+    --num-prompts 16 --max-tokens 128 --out "$OUT/structured.json" > "$OUT/structured.log" 2>&1
+echo "rc=$?"; tail -12 "$OUT/structured.log"
 SPEC=(python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 --policies fixed,adaptive
       --workloads chat,copy --max-tokens 256 --trace-policy)
 # Batch 16 and 64 first (where adaptive lost), then batch 1.
