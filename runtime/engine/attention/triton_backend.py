@@ -29,6 +29,12 @@ class TritonAttention(AttentionBackend):
         self._plan: ExtendPlan | None = None
         self._plan_key: tuple | None = None
 
+    @classmethod
+    def for_graph(cls, rows: int, num_kv_heads: int, device: torch.device, max_kv_len: int) -> "TritonAttention":
+        """A backend for a CUDA graph of `rows` decode rows of up to max_kv_len keys: its
+        split count fixed to what a step of that shape would pick."""
+        return cls(num_splits=default_num_splits(rows, num_kv_heads, device, max_kv_len))
+
     def prepare(self, meta: AttentionMetadata) -> None:
         self._meta = meta
         self._plan = self._plan_key = None

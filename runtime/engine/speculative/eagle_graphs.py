@@ -71,11 +71,9 @@ class _BucketGraphs:
         self.outputs: dict[int, Grown] = {}
 
     def _attn(self, rows: int):
-        from runtime.kernels.paged_decode import default_num_splits
         from runtime.engine.attention.triton_backend import TritonAttention
 
-        hkv = self.d.head.cfg.num_kv_heads
-        return TritonAttention(num_splits=default_num_splits(rows, hkv, self.d.device, self.max_len))
+        return TritonAttention.for_graph(rows, self.d.head.cfg.num_kv_heads, self.d.device, self.max_len)
 
     def _capture(self, body) -> None:
         """body(b) runs the drafter on the first b rows of the static buffers."""
