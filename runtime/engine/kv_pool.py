@@ -42,6 +42,11 @@ class KVPool:
         self.kv = torch.zeros(
             num_pages, num_layers, 2, page_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
+        # Per-layer views, made once (a forward asks for them in every layer): K, V, and both
+        # as [pages, page_size, 2, Hkv, D], where a (page, offset) pair indexes a token's K|V.
+        self._k = [self.kv[:, layer, 0] for layer in range(num_layers)]
+        self._v = [self.kv[:, layer, 1] for layer in range(num_layers)]
+        self._kv_by_slot = [self.kv[:, layer].transpose(1, 2) for layer in range(num_layers)]
         self._free: list[int] = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._used = bytearray(num_pages)
 
@@ -66,10 +71,15 @@ class KVPool:
         return self.kv[0].numel() * self.kv.element_size()
 
     def k_cache(self, layer: int) -> torch.Tensor:  # [pages, page_size, Hkv, D], strided pages
-        return self.kv[:, layer, 0]
+        return self._k[layer]
 
     def v_cache(self, layer: int) -> torch.Tensor:  # [pages, page_size, Hkv, D], strided pages
-        return self.kv[:, layer, 1]
+        return self._v[layer]
+
+    def store(self, layer: int, index: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor) -> None:
+        """Write new tokens' K and V (kv [T, 2, Hkv, D]) of `layer` at (page, offset) `index`:
+        one scatter for both (an FP8 pool rounds here)."""
+        self._kv_by_slot[layer].index_put_(index, kv.to(self.kv.dtype))
 
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):

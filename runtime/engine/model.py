@@ -6,9 +6,10 @@ each row's key/value goes in the cache and how rows attend (see attention/base.p
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,22 @@ from runtime.engine.quant import Int8Linear, Payload, QuantLinear, build_linear,
 from runtime.engine.quant.base import DENSE_ABOVE
 from runtime.env import ENV
 
+if TYPE_CHECKING:
+    from runtime.engine.cpu_decode import FlatLayers
+
 
 @dataclass
 class ForwardContext:
     kv: KVPool
     attn: AttentionBackend  # already prepared with this step's metadata
     out_slots: torch.Tensor  # int64 [T] device: page * page_size + offset for each new token
+
+    @functools.cached_property
+    def kv_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset) of each new token's slot: computed once per forward for every layer's
+        KV store (pages are strided in the page-major pool, so a flat slot cannot index it)."""
+        ps = self.kv.page_size
+        return self.out_slots // ps, self.out_slots % ps
 
 
 _KERNELS: bool | None = None  # whether runtime/kernels/ (Triton) imports on this machine
@@ -99,11 +110,20 @@ class RMSNorm(nn.Module):
         return self._norm(x)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu:
+            return apply_rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 like the reference implementation, then cast back.
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def apply_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm._norm's math on CPU: torch's CPU rms_norm is that math as one call (upcast,
+    x * rsqrt(mean(x^2) + eps), cast back), so the same bits with less dispatch
+    (tests/unit/test_cpu_decode.py checks it); CUDA's is a fused kernel that rounds otherwise."""
+    return weight * F.rms_norm(x, weight.shape, eps=eps)
 
 
 def _fuse_linears(parts: list[nn.Linear]) -> nn.Linear:
@@ -171,6 +191,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary in place, in five ops whatever the head count (q and k of a fused
+    projection go through together, where rotating each took seven): the same products and
+    sum, so the same bits."""
+    t, h, d = x.shape
+    rot = x.view(t, h, 2, d // 2).flip(2)  # (x2, x1): rotate_half before its sign
+    rot[:, :, 0].neg_()
+    rot = rot.view(t, h, d).mul_(sin)
+    return x.mul_(cos).add_(rot)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -197,26 +228,31 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         cfg = self.cfg
-        t = x.shape[0]
-        k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
-        if hasattr(self, "qkv_proj") and x.dim() == 2 and fused_kernels(x):
+        fused = "qkv_proj" in self._modules
+        if fused and x.dim() == 2 and fused_kernels(x):
             from runtime.kernels.rope_kv import rope_store_kv
 
+            t = x.shape[0]
+            k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
             q = rope_store_kv(linear(self.qkv_proj, x, attn_block=True), *rope, k_cache, v_cache, ctx.out_slots,
                               cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             attn = ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size)
             return linear(self.o_proj, attn, attn_block=True)
-        q, k, v = self.project(x)
-        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        # Pages are strided in the page-major pool: index (page, slot), not a flat slot.
-        page, slot = ctx.out_slots // k_cache.shape[1], ctx.out_slots % k_cache.shape[1]
-        k_cache[page, slot] = k.to(k_cache.dtype)  # an FP8 cache rounds here
-        v_cache[page, slot] = v.to(v_cache.dtype)
-        out = ctx.attn.forward(q, k_cache, v_cache, self.scale)
-        return linear(self.o_proj, out.reshape(t, cfg.q_size), attn_block=True)
+        qkv = linear(self.qkv_proj, x, attn_block=True) if fused else torch.cat(self.project(x), dim=-1)
+        return linear(self.o_proj, attend(qkv, rope, ctx, self.layer_id, cfg, self.scale), attn_block=True)
+
+
+def attend(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext, layer_id: int,
+           cfg: ModelConfig, scale: float) -> torch.Tensor:
+    """The torch path's attention of one layer, from the q|k|v projection [T, q + 2 kv] to
+    the output before o_proj [T, q_size]. q and k are adjacent in it, and so are k and v: one
+    rotary in place over q|k, then one store of k|v ([T, 2, Hkv, D]) into the pool."""
+    t = qkv.shape[0]
+    qk = qkv[:, : cfg.q_size + cfg.kv_size].view(t, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+    apply_rotary_(qk, *rope)
+    ctx.kv.store(layer_id, ctx.kv_index, qkv[:, cfg.q_size :].view(t, 2, cfg.num_kv_heads, cfg.head_dim))
+    out = ctx.attn.forward(qk[:, : cfg.num_heads], ctx.kv.k_cache(layer_id), ctx.kv.v_cache(layer_id), scale)
+    return out.reshape(t, cfg.q_size)
 
 
 class MLP(nn.Module):
@@ -240,8 +276,13 @@ class MLP(nn.Module):
             from runtime.kernels.silu_mul import silu_and_mul
 
             return linear(self.down_proj, silu_and_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return linear(self.down_proj, F.silu(gate) * up)
+        return linear(self.down_proj, silu_mul(gate_up))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate|up projection [T, 2 * I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 # (block, fused projection, its parts under HF names)
@@ -282,13 +323,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
+        # CPU serving: the layers' decode-sized forwards without module dispatch (cpu_decode.py)
+        self.flat: FlatLayers | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary(positions, x.dtype)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope, ctx)
+        if self.flat is not None and x.shape[0] <= DENSE_ABOVE and x.is_cpu and not torch.is_grad_enabled():
+            x, residual = self.flat(x, rope, ctx)
+        else:
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(x, residual, rope, ctx)
         return self.norm(x, residual)[0] if residual is not None else self.norm(x)
 
 
@@ -308,10 +354,16 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def fuse_projections(self) -> None:
-        """Serve with one q|k|v GEMM and one gate|up GEMM per layer (after loading)."""
+        """Serve with one q|k|v GEMM and one gate|up GEMM per layer (after loading); on CPU
+        also with the flat decode path over them (a later change of the layers must call this
+        again)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        if self.lm_head.weight.is_cpu:
+            from runtime.engine.cpu_decode import FlatLayers
+
+            self.model.flat = FlatLayers.build(self.model.layers)
 
     def build_projections(self, read: Callable[[str], Payload], scheme: str, dtype: torch.dtype,
                           group_size: int | None = None, dense_prefill: bool = False) -> None:

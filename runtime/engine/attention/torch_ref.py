@@ -9,7 +9,6 @@ SDPA for 6.4e9 score elements (25 GB in fp32) with an 8-head model; see the budg
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ class _Call:
     q_index: torch.Tensor | None  # int64 [n * max_q] device: packed token of each padded query row
     valid: torch.Tensor | None  # int64 [t] device: the real rows of the padded output (None: all are)
     tokens: torch.Tensor | None  # int64 [t] device: the packed token of each real row (with q_index)
-    mask: torch.Tensor | None  # bool [n, 1, max_q, max_kv] device (None when causal)
+    mask: torch.Tensor | None  # [n, 1, max_q, max_kv] device, 0 or -inf in q's dtype (None when causal)
     causal: bool  # every row is a fresh prompt of max_q == max_kv tokens
 
 
@@ -80,7 +79,7 @@ class TorchAttention(AttentionBackend):
         if self._meta is None:
             raise RuntimeError("TorchAttention.forward called before prepare()")
         hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
-        key = (hq, hkv, d, q.element_size())
+        key = (hq, hkv, d, q.dtype)
         if self._plan_key != key:
             self._plan(*key)
             self._plan_key = key
@@ -98,8 +97,10 @@ class TorchAttention(AttentionBackend):
         return out
 
     # ---- the plan: once per forward ------------------------------------------------------
-    def _plan(self, hq: int, hkv: int, d: int, itemsize: int) -> None:
+    def _plan(self, hq: int, hkv: int, d: int, dtype: torch.dtype) -> None:
         meta = self._meta
+        self._dtype = dtype
+        itemsize = dtype.itemsize
         q_lens, kv_lens = meta.q_lens_cpu, meta.kv_lens_cpu
         limit = max(1, self.score_bytes // (hq * 4))  # score elements per head in one call
         key_limit = max(1, self.key_bytes // (hkv * d * itemsize))  # gathered key rows in one call
@@ -142,7 +143,7 @@ class TorchAttention(AttentionBackend):
         causal = (max_q > 1 and meta.custom_mask is None and meta.tree_start is None
                   and all(q == kv == max_q for q, kv in zip(q_lens, kv_lens)))
         r = None if n == meta.batch_size else to_device(rows, torch.int64, dev)  # None: every row, in order
-        mask = None if causal else self._mask(r, max_q, max_kv)
+        mask = None if causal else _additive(self._mask(r, max_q, max_kv), self._dtype)
         return _Call(n, max_q, max_kv, self._pages(_pick(meta.page_table, r), max_kv), cu[rows[0]], q_index, valid,
                      tokens, mask, causal)
 
@@ -172,7 +173,10 @@ class TorchAttention(AttentionBackend):
     # ---- per layer -----------------------------------------------------------------------
     def _run(self, c: _Call, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """[t, Hq, D]: the call's real query rows, in the order of its rows."""
-        qp = q[c.t0 : c.t0 + c.n * c.max_q] if c.q_index is None else q.index_select(0, c.q_index)
+        if c.q_index is not None:
+            qp = q.index_select(0, c.q_index)
+        else:
+            qp = q if self._whole else q[c.t0 : c.t0 + c.n * c.max_q]
         k, v = _gather(k_cache, c.pages, c.n, c.max_kv, q.dtype), _gather(v_cache, c.pages, c.n, c.max_kv, q.dtype)
         out = _sdpa(qp.view(c.n, c.max_q, *q.shape[1:]), k, v, c.mask, c.causal, scale)
         out = out.reshape(c.n * c.max_q, *q.shape[1:])
@@ -230,15 +234,29 @@ def _pick(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 def _gather(cache: torch.Tensor, pages: torch.Tensor, n: int, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
     """[n, num_keys, Hkv, D] in `dtype`: whole pages copied (a page is contiguous in the cache),
     then trimmed; an FP8 cache is widened to the queries' dtype here."""
-    return cache.index_select(0, pages).view(n, -1, *cache.shape[2:])[:, :num_keys].to(dtype)
+    keys = cache.index_select(0, pages).view(n, -1, *cache.shape[2:])[:, :num_keys]
+    return keys if keys.dtype == dtype else keys.to(dtype)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as SDPA turns it into an additive one (0 where True, -inf where False),
+    once per forward instead of in every layer's call."""
+    return torch.where(mask.logical_not(), float("-inf"), torch.scalar_tensor(0.0, dtype=dtype, device=mask.device))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
           scale: float) -> torch.Tensor:
     """q [n, q, Hq, D], k/v [n, kv, Hkv, D] -> [n, q, Hq, D]."""
-    with sdpa_kernel(_CUDA_SDPA) if q.is_cuda else contextlib.nullcontext():
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
-            scale=scale, enable_gqa=k.shape[2] != q.shape[2],
-        )
+    if q.is_cuda:
+        with sdpa_kernel(_CUDA_SDPA):
+            return _sdpa_call(q, k, v, mask, causal, scale)
+    return _sdpa_call(q, k, v, mask, causal, scale)
+
+
+def _sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               scale: float) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal,
+        scale=scale, enable_gqa=k.shape[2] != q.shape[2],
+    )
     return out.transpose(1, 2)

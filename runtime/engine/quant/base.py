@@ -9,6 +9,8 @@ q|k|v and gate|up, o_proj, down_proj); embeddings, norms and lm_head stay dense.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -44,16 +46,20 @@ class QuantLinear(nn.Module):
         """x [M, K] contiguous -> [M, N] in x's dtype, without the bias."""
         raise NotImplementedError
 
+    def decode_op(self, dtype: torch.dtype) -> tuple[Callable[..., torch.Tensor], tuple] | None:
+        """(op, args) with op(x, *args) == self(x) for x [M, K] contiguous in `dtype`, M at most
+        DENSE_ABOVE: the packed op itself, for callers that skip the module (cpu_decode.py);
+        None where there is no such single op (a bias, another dtype's scales)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)
+        if x.dim() != 2:  # [..., K]: as rows (the packed serving rows are 2-D already)
+            return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if self.dense is not None and x.shape[0] > DENSE_ABOVE:
             y = torch.nn.functional.linear(x, self.dense.to(x.dtype))
         else:
             y = self.matmul(x.contiguous())
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"

@@ -15,6 +15,8 @@ import torch
 from runtime.config import INT4_GROUP_SIZES as GROUP_SIZES  # without a choice: 32 (GGUF Q4 blocks are 32 wide)
 from runtime.engine.quant.base import QuantLinear
 
+_INT4_MM = torch._weight_int4pack_mm_for_cpu  # the C++ binding itself: no Python frame per call
+
 
 def pick_group_size(k: int, want: int | None = None) -> int:
     """`want` if given (it must divide K), else the smallest supported group dividing K."""
@@ -66,6 +68,13 @@ class Int4Linear(QuantLinear):
                                                          self.scales_and_zeros.float())
         return wt.t().to(dtype).contiguous()
 
+    def decode_op(self, dtype: torch.dtype):
+        if self.bias is not None or self.scales_and_zeros.dtype != dtype:
+            return None
+        return _INT4_MM, (self.weight, self.group_size, self.scales_and_zeros)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
-                                                          self.scales_and_zeros.to(x.dtype))
+        scales = self.scales_and_zeros
+        if scales.dtype != x.dtype:  # built for the model's dtype: only dequantize() differs
+            scales = scales.to(x.dtype)
+        return _INT4_MM(x, self.weight, self.group_size, scales)

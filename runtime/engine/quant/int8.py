@@ -11,6 +11,8 @@ import torch
 
 from runtime.engine.quant.base import QuantLinear
 
+_INT8_MM = torch._weight_int8pack_mm  # the C++ binding itself: no Python frame per call
+
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (q int8 [N, K], scale fp32 [N]) with w ~= q * scale[:, None]."""
@@ -41,5 +43,10 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.scale.float()[:, None]).to(dtype)
 
+    def decode_op(self, dtype: torch.dtype):
+        if self.bias is not None or self.scale.dtype != dtype:
+            return None
+        return _INT8_MM, (self.weight, self.scale)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale.to(x.dtype))
+        return _INT8_MM(x, self.weight, self.scale.to(x.dtype))
