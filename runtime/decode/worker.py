@@ -16,7 +16,7 @@ import torch
 from runtime import ipc
 from runtime.common.logprobs import TokenLogprob
 from runtime.config import ClusterConfig
-from runtime.engine.core import alloc_failure_detail, is_alloc_failure
+from runtime.engine.alloc_failure import alloc_failure_detail, is_alloc_failure
 from runtime.messages import (
     AbortTask, DecodeTask, GenerateTask, KVDestination, KVDone, RequestError, Streaming, TaskDone,
     TokenDelta, TokenDeltas, logprob_to_wire, params_from_dict,

@@ -3,10 +3,8 @@ forward over the scheduled batch and returns what each request gained. Shared by
 offline `Engine`, the prefill worker and the decode worker."""
 from __future__ import annotations
 
-import functools
 import logging
 import random
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -16,21 +14,23 @@ import torch
 from runtime.common.logprobs import TokenLogprob
 from runtime.common.sampling_params import SamplingParams
 from runtime.config import EngineConfig
+from runtime.engine.alloc_failure import _injected_failures, alloc_failure_detail, is_alloc_failure
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
 from runtime.engine.grammar import (GrammarCompiler, GrammarError, compile_failures, constrained_trees, plan_jump,
                                     wait_compiles)
 from runtime.engine.h2d import to_device
 from runtime.engine.jump_forward import MAX_JUMP_TOKENS, JumpForward
-from runtime.engine.kv_pool import KVPool, OutOfPages
+from runtime.engine.kv_pool import KVPool
 from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
 from runtime.engine.prompt_logprobs import record_prompt_logprobs, wants_prompt_logprobs
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req
 from runtime.engine.runner import ModelRunner
-from runtime.engine.sampler import Sampler, SamplingBatch, uniform_noise
+from runtime.engine.sampler import Sampler, SamplingBatch, plain_greedy
 from runtime.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
 from runtime.engine.speculative import SpeculationPolicy, make_drafter
+from runtime.engine.verify import Drafts, SpeculativeSteps
 from runtime.engine.weights import LoadedModel, load_model
 from runtime.env import ENV
 
@@ -58,38 +58,6 @@ class StepOutput:
 # ("DefaultCPUAllocator: can't allocate memory", "not enough memory"), CUDA libraries and
 # kernels that report cudaErrorMemoryAllocation as text. Any other RuntimeError is a bug
 # and must still crash the step loudly.
-_ALLOC_FAILURE_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def is_alloc_failure(e: BaseException) -> bool:
-    """Whether `e` is an allocation failure a step survives (see EngineCore.step)."""
-    if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfPages)):
-        return True
-    return isinstance(e, RuntimeError) and any(t in str(e) for t in _ALLOC_FAILURE_TEXT)
-
-
-def alloc_failure_detail(e: BaseException) -> str:
-    """What the client is told of an allocation failure: the size asked for ("tried to
-    allocate 8.12 GiB", CUDA's and the CPU allocator's wording), else the message's start.
-    The per-process memory breakdown CUDA appends is for the log, not the client."""
-    m = re.search(r"tried to allocate ([0-9.]+ ?[A-Za-z]+)", str(e), re.IGNORECASE)
-    return f"tried to allocate {m.group(1)}" if m else (" ".join(str(e).split()) or type(e).__name__)[:200]
-
-
-@functools.lru_cache(maxsize=8)
-def _injected_failures(spec: str) -> tuple[frozenset[int], int | None]:
-    """RUNTIME_TEST_FAIL_ALLOC parsed: (forward numbers that fail, token threshold or None)."""
-    kind, _, arg = spec.strip().partition(":")
-    try:
-        if kind == "steps":
-            return frozenset(int(x) for x in arg.split(",") if x.strip()), None
-        if kind == "tokens":
-            return frozenset(), int(arg)
-    except ValueError:
-        pass
-    raise ValueError(f"RUNTIME_TEST_FAIL_ALLOC must be 'steps:N[,N...]' or 'tokens:N' (got {spec!r})")
-
-
 def graph_rows(cfg: EngineConfig) -> int:
     """Rows the decode CUDA graphs cover: the batch, or with speculation the verify rows of
     the batches that draft (each request's last token plus its drafts)."""
@@ -100,27 +68,7 @@ def graph_rows(cfg: EngineConfig) -> int:
     return min(rows, 512)
 
 
-Drafts = dict[str, list[int] | DraftTree | PendingDraft]
-
-
-def cap_verify_rows(drafts: Drafts, num_reqs: int, max_rows: int) -> Drafts:
-    """Drafts cut so that one verify step of num_reqs decoding requests (each one row plus
-    its drafts) has at most max_rows rows when it can: every request keeps the same number
-    of draft tokens, at least one. Trees keep their first nodes (parents come first,
-    siblings best first), chains their first tokens."""
-    rows = num_reqs + sum(len(d) for d in drafts.values())
-    if rows <= max_rows:
-        return drafts
-    per_req = max(1, max_rows // max(num_reqs, 1) - 1)
-    return {rid: d[:per_req] if isinstance(d, list) else d.truncated(per_req) for rid, d in drafts.items()}
-
-
-def _plain_greedy(p: SamplingParams) -> bool:
-    return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty)
-
-
-class EngineCore:
+class EngineCore(SpeculativeSteps):
     def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.torch_device
@@ -486,65 +434,6 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _propose_or_skip(self) -> tuple[Drafts, int | None]:
-        """`_propose`, or no drafts when drafting runs out of memory: the step then verifies
-        nothing (it loses speed, no request fails). Every decoding request's drafter state is
-        dropped, as the failure may have left it half updated; drafters start over from the
-        requests' tokens."""
-        try:
-            return self._propose()
-        except Exception as e:
-            if not is_alloc_failure(e):
-                raise
-            log.warning("drafting ran out of memory on %s (%s); this step verifies no drafts",
-                        self.device, alloc_failure_detail(e))
-        for r in self.scheduler.running:
-            if r.phase is Phase.DECODE:
-                self.drafter.release(r)
-        self._empty_device_cache()
-        return {}, None
-
-    def _compact_tree_kv(self, seqs: list, trees: dict[str, DraftTree], accepted: dict) -> None:
-        """Move the KV of accepted tree nodes to consecutive positions: node i was written
-        at slot position start+1+i; the j-th accepted node belongs at start+j."""
-        src, dst = [], []
-        ps = self.pool.page_size
-        for s in seqs:
-            if s.req.rid not in trees:
-                continue
-            pages = s.req.pages
-            for j, r in enumerate(accepted[s.req.rid][2][1:], start=1):
-                if r != j:  # row r is node r-1, at slot position start + r
-                    a, b = s.start + r, s.start + j
-                    src.append(pages[a // ps] * ps + a % ps)
-                    dst.append(pages[b // ps] * ps + b % ps)
-        if src:
-            self.pool.copy_slots(src, dst)
-
-    def _propose(self) -> tuple[Drafts, int]:
-        """Drafts for this step's decoding requests, and the policy's k (0: no drafting)."""
-        # Drafts of constrained requests are cut to what the grammar allows (constrained_trees);
-        # a request with jump-forward tokens pending verifies those instead.
-        reqs = [r for r in self.scheduler.running
-                if r.phase is Phase.DECODE and (r.grammar is None or not r.grammar.pending_jump(len(r.output_ids)))]
-        k = self.policy.num_draft_tokens(len(reqs))
-        if not k or not reqs:
-            return {}, 0
-        drafts = self.drafter.propose(reqs, k)
-        for r in reqs:
-            d = drafts.get(r.rid)
-            if d:
-                # Never verify past max_tokens or the context: those rows would be wasted.
-                room = max(0, min(k, r.params.max_tokens - len(r.output_ids) - 1, self.max_model_len - r.seq_len - 1))
-                drafts[r.rid] = d[:room] if isinstance(d, list) else d.within_depth(room)
-        graphs = self.runner.graphs
-        if graphs is not None:
-            # Keep the verify step inside the captured graphs, under either policy: an eager
-            # step of many rows costs more than the extra draft nodes can gain (on the H200,
-            # 16 trees of 48 nodes took 18.9 ms of wall time eagerly for 3.8 ms of GPU work).
-            drafts = cap_verify_rows(drafts, len(reqs), graphs.max_batch)
-        return drafts, k
-
     def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:
         self.scheduler.finish(req, reason, stop_reason)
         self.requests.pop(req.rid, None)
@@ -567,7 +456,7 @@ class EngineCore:
 
     def _sample(self, seqs: list, logits: torch.Tensor) -> dict[str, tuple[list[int], list[TokenLogprob]]]:
         reqs = [s.req for s in seqs]
-        if all(_plain_greedy(r.params) for r in reqs):
+        if all(plain_greedy(r.params) for r in reqs):
             # The common serving case: skip building per-request sampling tensors.
             return {r.rid: ([t], []) for r, t in zip(reqs, logits.argmax(dim=-1).tolist())}
         out = self.sampler(logits, self._sampling_batch(reqs, [len(r.output_ids) for r in reqs]))
@@ -590,116 +479,6 @@ class EngineCore:
             top = list(zip(ids[row][:k], vals[row][:k])) if ids is not None and k else []
             res.append(TokenLogprob(tok, chosen[row], top))
         return res
-
-    def _read_drafts(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor,
-                     hidden: torch.Tensor, greedy: bool) -> list[int] | None:
-        """Read drafts still on the device (a drafter that proposes without a host sync)
-        and, under greedy, the verify rows' argmax: one host sync for both. Before it, a
-        drafter may queue the next step's drafting (continue_after_verify)."""
-        pending = {id(t.drafts): t.drafts for t in trees.values() if isinstance(t, PendingDraft)}
-        if len(pending) > 1:
-            raise ValueError("drafts of more than one propose in one step")
-        best = logits.argmax(dim=-1) if greedy else None
-        if not pending:
-            return best.tolist() if best is not None else None
-        drafts = next(iter(pending.values()))
-        drafts.start_read(best)
-        width = drafts.tokens.shape[1]
-        if greedy and len(trees) == len(seqs) and all(
-                isinstance(t, PendingDraft) and t.drafts is drafts and t.row == i and len(t) == width
-                for i, t in enumerate(trees.get(s.req.rid) for s in seqs)):
-            self.drafter.continue_after_verify([s.req for s in seqs], drafts, best, hidden)
-        return drafts.fetch()
-
-    def _accept(self, seqs: list, trees: dict[str, DraftTree | PendingDraft], logits: torch.Tensor,
-                hidden: torch.Tensor, forced: set[str] = frozenset()
-                ) -> dict[str, tuple[list[int], list[TokenLogprob], list[int]]]:
-        """Speculative acceptance. A sequence with a draft tree has rows [root, node 0, ...];
-        from the root, the children of the current row are tried in order: child c is
-        accepted with probability p'(c), where p' is the row's target distribution with the
-        children already rejected removed and renormalised (1 or 0 under greedy); an
-        accepted child's row is tried next; when every child is rejected, the row samples
-        from p' (its bonus token). For deterministic drafts (q one-hot per child) this is
-        rejection sampling with min(1, p/q) and residual max(0, p - q) applied child by
-        child, so the output keeps the target's distribution exactly; under greedy it is
-        exact match plus the target's own token. Returns rid -> (tokens, logprobs, the
-        rows, relative to the sequence's first row, that produced the tokens). A request in
-        `forced` accepts its chain whole and samples the token after it."""
-        greedy = all(_plain_greedy(s.req.params) for s in seqs)
-        best = self._read_drafts(seqs, trees, logits, hidden, greedy)
-        trees = {rid: t.resolve() if isinstance(t, PendingDraft) else t for rid, t in trees.items()}
-        kids: list[list[int]] = []  # per row: child rows, in order
-        reqs, steps = [], []
-        for s in seqs:
-            t = trees.get(s.req.rid)
-            depths = [0] + (t.depths() if t else [])
-            first = len(kids)
-            kids += [[] for _ in range(s.num_logits)]
-            for i, p in enumerate(t.parents if t else []):
-                kids[first + p + 1].append(i + 1)
-            for j in range(s.num_logits):
-                reqs.append(s.req)
-                steps.append(len(s.req.output_ids) + depths[j])
-        width = max(1, max(len(c) for c in kids))
-        row_tokens: list[list[int]] = []  # per row: its children's tokens
-        row0 = 0
-        for s in seqs:
-            t = trees.get(s.req.rid)
-            for j in range(s.num_logits):
-                row_tokens.append([t.tokens[c - 1] for c in kids[row0 + j]])
-            row0 += s.num_logits
-        if not greedy:
-            sb = self._sampling_batch(reqs, steps)
-            probs = self.sampler.probs(logits, sb)  # [N, V]
-            child = to_device([c + [-1] * (width - len(c)) for c in row_tokens], torch.int64, logits.device)
-            valid = child >= 0
-            p_child = probs.gather(1, child.clamp(min=0)) * valid  # [N, width]
-            u = uniform_noise(sb.seed, sb.step, width, stream=1)  # [N, width]
-            # The bonus token of a row where every child was rejected: p without its children.
-            residual = probs.clone()
-            rows_idx, cols_idx = valid.nonzero(as_tuple=True)
-            residual[rows_idx, child[rows_idx, cols_idx]] = 0.0
-            race = residual / -torch.log(uniform_noise(sb.seed, sb.step, probs.shape[1], stream=0))
-            alt = race.argmax(dim=1).tolist()
-            pc, uu = p_child.tolist(), u.tolist()
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in reqs) else None
-        result: dict[str, tuple[list[int], list[TokenLogprob], list[int]]] = {}
-        row0 = 0
-        for s in seqs:
-            r, path, tokens = 0, [0], []
-            while True:
-                nxt = None
-                if s.req.rid in forced:
-                    nxt = kids[row0 + r][0] if kids[row0 + r] else None
-                elif greedy:
-                    for c, tok in zip(kids[row0 + r], row_tokens[row0 + r]):
-                        if tok == best[row0 + r]:
-                            nxt = c
-                            break
-                else:
-                    removed = 0.0
-                    for ci, c in enumerate(kids[row0 + r]):
-                        q = pc[row0 + r][ci]
-                        if uu[row0 + r][ci] * max(1.0 - removed, 0.0) < q:
-                            nxt = c
-                            break
-                        removed += q
-                if nxt is None:
-                    tokens.append(best[row0 + r] if greedy else alt[row0 + r])
-                    break
-                tokens.append(row_tokens[row0 + r][kids[row0 + r].index(nxt)])
-                r = nxt
-                path.append(r)
-            lps: list[TokenLogprob] = []
-            if raw_lp is not None and s.req.params.logprobs is not None:
-                k = s.req.params.logprobs
-                for j, t in zip(path, tokens):
-                    lp_row = raw_lp[row0 + j]
-                    top = torch.topk(lp_row, k) if k else None
-                    lps.append(TokenLogprob(t, lp_row[t].item(), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []))
-            result[s.req.rid] = (tokens, lps, path)
-            row0 += s.num_logits
-        return result
 
     def _append(self, req: Req, tokens: list[int]) -> tuple[list[int], str | None, int | None]:
         """Append sampled tokens up to the first stop condition; returns (kept tokens,

@@ -296,3 +296,9 @@ class Sampler:
             return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=None, top_logprobs=None)
         top_lp, top_ids = logp.topk(k, dim=-1)  # sorted descending
         return SampleOutput(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_lp)
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Greedy with nothing that needs per-request sampling tensors (logprobs, penalties)."""
+    return (p.temperature == 0.0 and p.logprobs is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)

@@ -115,7 +115,7 @@ def test_draft_tree_helpers() -> None:
 
 
 def test_verify_rows_capped_to_graph_capacity() -> None:
-    from runtime.engine.core import cap_verify_rows
+    from runtime.engine.verify import cap_verify_rows
 
     tree = DraftTree(list(range(10)), [-1, -1, 0, 0, 1, 2, 2, 4, 6, 7])
     drafts = {"a": tree, "b": [5, 6, 7, 8]}

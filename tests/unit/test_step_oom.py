@@ -17,7 +17,8 @@ import torch
 from runtime import Engine, SamplingParams
 from runtime.config import ClusterConfig
 from runtime.controller import controller as ctl
-from runtime.engine.core import EngineCore, is_alloc_failure
+from runtime.engine.alloc_failure import is_alloc_failure
+from runtime.engine.core import EngineCore
 from runtime.engine.kv_pool import OutOfPages
 from runtime.engine.llm import GenerationError
 from runtime.messages import Ready

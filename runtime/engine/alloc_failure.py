@@ -1,0 +1,41 @@
+"""Allocation failures a step survives (EngineCore.step): what counts as one, what the
+client is told of it, and the test-only hook that injects them (RUNTIME_TEST_FAIL_ALLOC)."""
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+
+from runtime.engine.kv_pool import OutOfPages
+
+_ALLOC_FAILURE_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_alloc_failure(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure a step survives (see EngineCore.step)."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfPages)):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e) for t in _ALLOC_FAILURE_TEXT)
+
+
+def alloc_failure_detail(e: BaseException) -> str:
+    """What the client is told of an allocation failure: the size asked for ("tried to
+    allocate 8.12 GiB", CUDA's and the CPU allocator's wording), else the message's start.
+    The per-process memory breakdown CUDA appends is for the log, not the client."""
+    m = re.search(r"tried to allocate ([0-9.]+ ?[A-Za-z]+)", str(e), re.IGNORECASE)
+    return f"tried to allocate {m.group(1)}" if m else (" ".join(str(e).split()) or type(e).__name__)[:200]
+
+
+@functools.lru_cache(maxsize=8)
+def _injected_failures(spec: str) -> tuple[frozenset[int], int | None]:
+    """RUNTIME_TEST_FAIL_ALLOC parsed: (forward numbers that fail, token threshold or None)."""
+    kind, _, arg = spec.strip().partition(":")
+    try:
+        if kind == "steps":
+            return frozenset(int(x) for x in arg.split(",") if x.strip()), None
+        if kind == "tokens":
+            return frozenset(), int(arg)
+    except ValueError:
+        pass
+    raise ValueError(f"RUNTIME_TEST_FAIL_ALLOC must be 'steps:N[,N...]' or 'tokens:N' (got {spec!r})")
