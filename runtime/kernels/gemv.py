@@ -47,6 +47,7 @@ from runtime.kernels._common import INTERPRETED, check_dtype, check_placement, m
 
 MAX_M = 16  # rows of x one program holds (BM <= 16); wider x is a GEMM, torch's job
 HALF = (torch.float16, torch.bfloat16)
+FP8_WEIGHT = torch.float8_e4m3fn  # gemv(..., scale=): FP8 weight-only (quant/fp8.py's Fp8Linear)
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,13 @@ CANDIDATES = (
 
 @triton.jit
 def _gemv_kernel(
-    X, W, B, Y,
+    X, W, B, S, Y,
     M, N, K,
     stride_xm, stride_wn, stride_ym,  # row strides; last dims are contiguous
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BK == 0: no K mask
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,  # FP8 W: y = (x @ W^T) * S[N], S fp32 per output channel
     DOT: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not tf32
     UPCAST: tl.constexpr,  # the interpreter's dot mishandles half-precision inputs
@@ -141,6 +143,8 @@ def _gemv_kernel(
             if UPCAST:
                 w = w.to(tl.float32)
                 xt = xt.to(tl.float32)
+            elif HAS_SCALE:  # e4m3 -> x's dtype, exact (e4m3 values are bf16/fp16 values)
+                w = w.to(xt.dtype)
             if IEEE:
                 acc = tl.dot(w, xt, acc, input_precision="ieee")
             else:
@@ -163,6 +167,8 @@ def _gemv_kernel(
             w_ptrs += BK
             x_ptrs += BK
         acc = tl.sum(part, 1)[:, None]  # [BN, 1]
+    if HAS_SCALE:
+        acc *= tl.load(S + rn_in)[:, None]
     if HAS_BIAS:
         acc += tl.load(B + rn_in).to(tl.float32)[:, None]
     y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y^T
@@ -171,8 +177,8 @@ def _gemv_kernel(
 
 def gemv_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `gemv` should compute F.linear(x, weight) in serving: CUDA half precision,
-    2-D x of 1..16 rows with a contiguous last dim, a contiguous weight of x's dtype on x's
-    device, and no autograd (the kernel has no backward). False under Triton's interpreter:
+    2-D x of 1..16 rows with a contiguous last dim, a contiguous weight of x's dtype (or FP8,
+    with a scale) on x's device, and no autograd (the kernel has no backward). False under Triton's interpreter:
     the tests call `gemv` directly there."""
     return (
         not INTERPRETED
@@ -181,7 +187,7 @@ def gemv_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dim() == 2
         and 1 <= x.shape[0] <= MAX_M
         and x.dtype in HALF
-        and weight.dtype == x.dtype
+        and weight.dtype in (x.dtype, FP8_WEIGHT)
         and x.shape[1] == weight.shape[1]
         and x.stride(1) == 1
         and weight.is_contiguous()
@@ -196,8 +202,12 @@ def gemv(
     bias: torch.Tensor | None = None,  # [N], x's dtype
     out: torch.Tensor | None = None,  # [M, N], x's dtype, last dim contiguous
     config: GemvConfig | None = None,  # None: default_config(M, N, K)
+    scale: torch.Tensor | None = None,  # [N] fp32: weight is FP8 (e4m3) and stands for weight * scale[:, None]
 ) -> torch.Tensor:
-    """F.linear(x, weight, bias) as one kernel launch; returns `out` (or a new [M, N] tensor)."""
+    """F.linear(x, weight, bias) as one kernel launch; returns `out` (or a new [M, N] tensor).
+    With `scale`, an FP8 weight-only product: the e4m3 weight is widened to x's dtype in
+    registers (exactly), multiplied by x on the tensor cores in fp32, and each output column
+    is multiplied by its scale before the bias; x is not quantized."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     m, k = x.shape
@@ -207,8 +217,16 @@ def gemv(
     if k == 0:
         raise ValueError("gemv: K must be at least 1")
     check_dtype("x", x)
-    check_dtype("weight", weight, x.dtype)
     tensors = {"x": x, "weight": weight}
+    if scale is None:
+        check_dtype("weight", weight, x.dtype)
+    else:
+        if x.dtype not in HALF:
+            raise ValueError(f"gemv: an FP8 weight needs bf16 or fp16 x, got {x.dtype}")
+        check_dtype("weight", weight, FP8_WEIGHT)
+        if scale.shape != (n,) or scale.dtype != torch.float32:
+            raise ValueError(f"gemv: scale must be fp32 [N={n}], got {scale.dtype} {tuple(scale.shape)}")
+        tensors["scale"] = scale
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"gemv: bias must be [N={n}], got {tuple(bias.shape)}")
@@ -230,11 +248,11 @@ def gemv(
     if m == 0 or n == 0:
         return out
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else weight, out,
+        x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out,
         m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
         BM=triton.next_power_of_2(m), BN=cfg.block_n, BK=cfg.block_k,
-        EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, DOT=cfg.dot,
+        EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, DOT=cfg.dot,
         IEEE=x.dtype == torch.float32 or INTERPRETED, UPCAST=INTERPRETED and x.dtype != torch.float32,
         MANUAL_BF16=manual_bf16(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

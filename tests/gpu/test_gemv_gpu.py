@@ -140,3 +140,35 @@ def test_model_linear_rejects_a_bad_switch(monkeypatch: pytest.MonkeyPatch) -> N
     lin = torch.nn.Linear(16, 8, device="cuda")
     with pytest.raises(ValueError, match="RUNTIME_GEMV must be 'auto', 'attn' or 'off', got 'on'"):
         model.linear(lin, torch.randn(1, 16, device="cuda"))
+
+
+@pytest.mark.parametrize("m", (1, 4, 16))
+@pytest.mark.parametrize("name", ["llama8b_qkv", "llama8b_gate_up", "llama8b_down", "smollm2_down"])
+def test_fp8_weight_gemv_matches_fp64_on_model_shapes(name: str, m: int) -> None:
+    """FP8 weight-only gemv (what Fp8Linear runs for decode) against x @ (q * s)^T in fp64."""
+    pytest.importorskip("triton")
+    from runtime.engine.quant.fp8 import quantize_fp8
+    from runtime.kernels.gemv import gemv
+
+    w, _ = _weight(*SHAPES[name])
+    q, s = quantize_fp8(w)
+    x = torch.randn(m, w.shape[1], device="cuda").to(torch.bfloat16)
+    got = gemv(x, q, scale=s)
+    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+    _, exp = torch.frexp(ref)
+    tol = 0.5 * torch.finfo(torch.bfloat16).eps * torch.exp2(exp.double() - 1) + 1e-4
+    assert bool(((got.double() - ref).abs() <= tol).all()), (name, m, (got.double() - ref).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fp8_row_quantization_kernel_equals_torch_bit_for_bit(dtype: torch.dtype) -> None:
+    pytest.importorskip("triton")
+    from runtime.engine.quant.fp8 import quantize_rows_fp8
+    from runtime.kernels.fp8_quant import quantize_rows
+
+    x = (torch.randn(64, 14336, device="cuda") * torch.logspace(-4, 3, 64, device="cuda")[:, None]).to(dtype)
+    x[3] = 0
+    q, s = quantize_rows(x)
+    rq, rs = quantize_rows_fp8(x)
+    assert torch.equal(s, rs)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))

@@ -73,8 +73,62 @@ CASES = [
 ]
 
 
+def _fp8_case(name: str, dtype: torch.dtype, m: int, n: int, k: int, bias: bool, config: tuple | None,
+              seed: int) -> str | None:
+    """gemv(..., scale=) with an e4m3 weight and per-channel scales, against x @ (q * s)^T in
+    fp64 (the same tolerance as _case: the weight's widening to x's dtype is exact)."""
+    from runtime.engine.quant.fp8 import quantize_fp8
+    from runtime.kernels.gemv import GemvConfig, gemv
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    q, s = quantize_fp8(torch.randn(n, k, generator=gen) * k ** -0.5 * (1 + torch.rand(n, 1, generator=gen)))
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    got = gemv(x, q, b, config=GemvConfig(*config) if config else None, scale=s)
+    ref = x.double() @ (q.double() * s.double()[:, None]).t() + (b.double() if bias else 0)
+    _, exp = torch.frexp(ref)
+    tol = 0.5 * torch.finfo(dtype).eps * torch.exp2(exp.double() - 1) + 1e-5
+    err = (got.double() - ref).abs()
+    if got.shape != (m, n) or got.dtype != dtype or not bool((err <= tol).all()):
+        return f"{name}: {got.dtype} {tuple(got.shape)}, worst error {err.max():.3g} (tolerance {tol.min():.3g}+)"
+    return None
+
+
+FP8_CASES = [
+    ("fp8_m1_bf16_default", torch.bfloat16, 1, 37, 96, False, None, 20),
+    ("fp8_m5_fp16_bias_ktail", torch.float16, 5, 45, 77, True, (16, 32, 1, 3), 21),
+    ("fp8_m16_bf16_odd", torch.bfloat16, 16, 19, 53, True, (16, 32, 1, 2), 22),
+    ("fp8_ew_bf16_ktail", torch.bfloat16, 1, 10, 83, True, (8, 32, 4, 1, False), 23),
+]
+
+
+def _row_quant_case(name: str, dtype: torch.dtype, m: int, k: int, seed: int) -> str | None:
+    """kernels/fp8_quant.py's one-launch row quantization equals quant/fp8.py's torch ops bit
+    for bit (values, scales, an all-zero row, a row longer than one block)."""
+    from runtime.engine.quant.fp8 import quantize_rows_fp8
+    from runtime.kernels.fp8_quant import quantize_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k + 3, generator=gen) * torch.logspace(-3, 3, m)[:, None]).to(dtype)[:, :k]
+    x[0] = 0
+    q, s = quantize_rows(x)
+    rq, rs = quantize_rows_fp8(x)
+    if not torch.equal(s, rs):
+        return f"{name}: scales differ by up to {(s - rs).abs().max():.3g}"
+    if not torch.equal(q.view(torch.uint8), rq.view(torch.uint8)):
+        return f"{name}: {int((q.view(torch.uint8) != rq.view(torch.uint8)).sum())} of {q.numel()} codes differ"
+    return None
+
+
+ROW_QUANT_CASES = [
+    ("rows_bf16", torch.bfloat16, 7, 2100, 30),
+    ("rows_fp16_short", torch.float16, 3, 40, 31),
+    ("rows_fp32", torch.float32, 4, 1024, 32),
+]
+
+
 def _main() -> int:
-    return run_cases(CASES, _case)
+    return run_cases(CASES, _case) | run_cases(FP8_CASES, _fp8_case) | run_cases(ROW_QUANT_CASES, _row_quant_case)
 
 
 def test_gemv_matches_fp64_reference_under_interpreter() -> None:
@@ -102,6 +156,10 @@ def _args(m: int = 2, n: int = 8, k: int = 16) -> dict:
         (dict(out=torch.empty(2, 8)), "out must be torch.bfloat16"),
         (dict(x=torch.randn(2, 32, dtype=torch.bfloat16)[:, ::2]), "x must be contiguous in its last dim"),
         (dict(weight=torch.randn(16, 8, dtype=torch.bfloat16).t()), "weight must be contiguous in its last dim"),
+        (dict(scale=torch.ones(8)), "weight must be torch.float8_e4m3fn"),
+        (dict(weight=torch.zeros(8, 16, dtype=torch.float8_e4m3fn), scale=torch.ones(7)), "scale must be fp32 \\[N=8\\]"),
+        (dict(x=torch.randn(2, 16), weight=torch.zeros(8, 16, dtype=torch.float8_e4m3fn), scale=torch.ones(8)),
+         "needs bf16 or fp16 x"),
         ({}, "needs CUDA tensors"),
     ],
 )
