@@ -57,9 +57,12 @@ def make_draft(target: str, out: str, layers: int) -> None:
     save_file(keep, os.path.join(out, "model.safetensors"))
 
 
-def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams) -> tuple[list, float, int]:
+def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams,
+                   repeats: int = 1) -> tuple[list, float, int]:
     """Every prompt, in groups of `batch` run one after another (a group finishes before the
-    next starts): the results, the wall time and the engine forwards summed over the groups."""
+    next starts): the results, the wall time and the engine forwards summed over the groups.
+    With repeats > 1 each group is timed that many times and its median time counts (a batch
+    of 16 x 256 tokens of a small model is ~0.3 s on a GPU, where one run's noise is ~10%)."""
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     cuda = engine.core.device.type == "cuda"
     warmed: set[tuple[int, ...]] = set()
@@ -73,11 +76,15 @@ def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingPa
             warmed.add(shape)
         if cuda:
             torch.cuda.synchronize()
-        f0, t0 = engine.core.num_forwards, time.perf_counter()
-        res += engine.generate(group, params)
-        if cuda:
-            torch.cuda.synchronize()
-        dt += time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            f0, t0 = engine.core.num_forwards, time.perf_counter()
+            out = engine.generate(group, params)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        res += out
+        dt += sorted(times)[len(times) // 2]
         forwards += engine.core.num_forwards - f0
     return res, dt, forwards
 
@@ -148,19 +155,19 @@ class StepTrace:
 
 def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
         ignore_eos: bool, trace: PolicyTrace | None = None,
-        steps: StepTrace | None = None) -> tuple[dict, list[list[int]]]:
+        steps: StepTrace | None = None, repeats: int = 1) -> tuple[dict, list[list[int]]]:
     """timed_generate's tokens/s; accept length the mean over all requests."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     if batch > len(prompts):  # a batch bigger than the workload: its prompts again, in turn
         prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    res, dt, _ = timed_generate(engine, prompts, batch, params)
+    res, dt, _ = timed_generate(engine, prompts, batch, params, repeats)
     n = sum(len(r.token_ids) for r in res)  # what was generated: fewer than max_tokens at EOS
     stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt,
                  tokens=n, requests=len(res))
     if trace is not None:
-        stats["policy_steps"] = trace.take()  # warm-up and timed run together
+        stats["policy_steps"] = trace.take()  # warm-up and timed runs together
     if steps is not None:
-        stats["engine_steps"] = steps.take()  # warm-up and timed run together
+        stats["engine_steps"] = steps.take()  # warm-up and timed runs together
     return stats, [r.token_ids for r in res]
 
 
@@ -188,6 +195,7 @@ def main() -> None:
     ap.add_argument("--trace-policy", action="store_true", help="under adaptive, record every step the policy "
                     "weighs (per bucket and k: steps, step ms, tokens per request) into the rows, and for every method "
                     "the engine's steps per batch bucket")
+    ap.add_argument("--repeats", type=int, default=3, help="time each group this many times; the median counts")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -223,7 +231,7 @@ def main() -> None:
                      for name in a.workloads.split(",")}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
-                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace, steps)
+                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace, steps, a.repeats)
                 # Greedy speculation is exact; in bf16 a row batched differently can round
                 # differently, so report how many outputs equal no-speculation's.
                 ref = outputs.setdefault((wl, bs), toks)

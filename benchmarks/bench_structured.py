@@ -72,8 +72,9 @@ def validate(text: str, schema: dict) -> bool:
     return True
 
 
-def run(engine: Engine, prompts: list[list[int]], batch: int, params: SamplingParams, schema: dict | None) -> dict:
-    res, dt, forwards = timed_generate(engine, prompts, batch, params)
+def run(engine: Engine, prompts: list[list[int]], batch: int, params: SamplingParams, schema: dict | None,
+        repeats: int = 1) -> dict:
+    res, dt, forwards = timed_generate(engine, prompts, batch, params, repeats)
     n = sum(len(r.token_ids) for r in res)
     valid = sum(validate(r.text, schema) for r in res) / len(res) if schema is not None else None
     return dict(tok_s=n / dt, seconds=dt, tokens=n, forwards=forwards, tokens_per_forward=n / max(forwards, 1),
@@ -90,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=256, help="per request (constrained ones stop when complete)")
+    ap.add_argument("--repeats", type=int, default=3, help="time each group this many times; the median counts")
     ap.add_argument("--out", default="bench_structured.json")
     a = ap.parse_args()
     batches = [int(x) for x in a.batch_sizes.split(",")]
@@ -107,7 +109,7 @@ def main() -> None:
             params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=schema is None,
                                     json_schema=json.dumps(schema) if schema is not None else None)
             for bs in batches:
-                r = dict(mode=name, batch=bs, jump_forward=jump, **run(engine, prompts, bs, params, schema))
+                r = dict(mode=name, batch=bs, jump_forward=jump, **run(engine, prompts, bs, params, schema, a.repeats))
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         engine.shutdown()
