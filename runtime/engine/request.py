@@ -37,6 +37,10 @@ class Req:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_steps: int = 0  # decode forward passes that produced tokens for this request
+    # Of those, the steps the speculation policy drafted in, and the tokens they gained this
+    # request (its own accept length under drafting, what the policy weighs near the end of a batch).
+    draft_steps: int = 0
+    draft_tokens: int = 0
     num_retractions: int = 0
     # Prefill workers keep a finished request's pages until its KV has been sent.
     hold_kv: bool = False

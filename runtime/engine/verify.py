@@ -74,7 +74,12 @@ class SpeculativeSteps:
         # a request with jump-forward tokens pending verifies those instead.
         reqs = [r for r in self.scheduler.running
                 if r.phase is Phase.DECODE and (r.grammar is None or not r.grammar.pending_jump(len(r.output_ids)))]
-        k = self.policy.num_draft_tokens(len(reqs))
+        finish = None
+        if self.policy.mode == "adaptive" and reqs and not self.scheduler.waiting:
+            # Nothing waits to take a finished request's place: drafting must finish the batch sooner.
+            finish = [(min(r.params.max_tokens - len(r.output_ids), self.max_model_len - r.seq_len),
+                       r.draft_steps, r.draft_tokens) for r in reqs]
+        k = self.policy.num_draft_tokens(len(reqs), finish)
         if not k or not reqs:
             return {}, 0
         drafts = self.drafter.propose(reqs, k)
