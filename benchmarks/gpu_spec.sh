@@ -19,7 +19,11 @@ convert_gguf_to_hf(Path('/tmp/smol.gguf'), Path('/tmp/smol'))" 2>&1 | tail -2
 timeout "${STRUCT_SECONDS:-90}" python benchmarks/bench_structured.py --model /tmp/smol --device cuda --batch-sizes 1,16 \
     --num-prompts 16 --max-tokens 128 --out "$OUT/structured.json" > "$OUT/structured.log" 2>&1
 echo "rc=$?"; tail -12 "$OUT/structured.log"
-[ "${RUN_SPEC:-1}" = 1 ] || exit 0  # RUN_SPEC=0: the structured benchmark alone
+# Issue 17: the accuracy report of FP8 weights on SmolLM2's real weights (bf16 baseline).
+timeout "${QUANT_SECONDS:-90}" python benchmarks/bench_quant.py --model /tmp/smol --device cuda --schemes none,fp8 \
+    --out "$OUT/quant_smol.json" > "$OUT/quant_smol.log" 2>&1
+echo "rc=$?"; tail -5 "$OUT/quant_smol.log"
+[ "${RUN_SPEC:-1}" = 1 ] || exit 0  # RUN_SPEC=0: the structured and accuracy benchmarks alone
 SPEC=(python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 --policies fixed,adaptive
       --workloads chat,copy --max-tokens 256 --trace-policy)
 # Batch 16 and 64 first (where adaptive lost), then batch 1.
