@@ -5,19 +5,19 @@ import os
 from pathlib import Path
 
 
-def _config_source(path: str) -> tuple[str, str | None]:
-    """(folder, gguf file name or None) to hand `AutoConfig.from_pretrained`, for an HF
-    folder, a .gguf file or a folder holding one .gguf file (as the engine's loader takes)."""
+def model_source(path: str) -> tuple[str, str]:
+    """("safetensors", the folder) or ("gguf", the .gguf file) for what `--model` names: an
+    HF folder (config.json and/or *.safetensors), a .gguf file, or a folder holding exactly
+    one .gguf file. The engine's loader and the gateway both read a model through this."""
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ValueError(f"{path} is a file but not a .gguf file; pass a model folder or a .gguf file")
-        full = os.path.abspath(path)
-        return os.path.dirname(full), os.path.basename(full)
+        return "gguf", path
     if any(Path(path).glob("*.safetensors")) or os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
+        return "safetensors", path
     ggufs = sorted(Path(path).glob("*.gguf"))
     if len(ggufs) == 1:
-        return str(Path(path).resolve()), ggufs[0].name
+        return "gguf", str(ggufs[0])
     if ggufs:
         raise ValueError(f"{path} holds {len(ggufs)} .gguf files; pass the one to load")
     raise ValueError(f"{path} holds neither config.json + *.safetensors nor a .gguf file")
@@ -28,6 +28,10 @@ def read_model_facts(path: str) -> tuple[int, int]:
     file), from its config through `transformers.AutoConfig`; raises if it cannot be read."""
     from transformers import AutoConfig
 
-    folder, gguf_file = _config_source(path)
-    hf = AutoConfig.from_pretrained(folder, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(folder)
+    fmt, source = model_source(path)
+    if fmt == "gguf":
+        full = os.path.abspath(source)
+        hf = AutoConfig.from_pretrained(os.path.dirname(full), gguf_file=os.path.basename(full))
+    else:
+        hf = AutoConfig.from_pretrained(source)
     return int(hf.vocab_size), int(getattr(hf, "max_position_embeddings", 2048))

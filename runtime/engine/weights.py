@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from runtime.common.model_files import model_source
 from runtime.config import CPU_ONLY
 from runtime.engine.default_model import (DEFAULT_MODEL_NAME, DEFAULT_MODEL_SCHEME, default_model_path,
                                           is_default_model, is_default_model_folder)
@@ -114,11 +115,11 @@ def load_model(
                 f"*.safetensors), a .gguf file, or {DEFAULT_MODEL_NAME!r} for the embedded default"
             )
         name = Path(path).stem if os.path.isfile(path) else Path(path).name
-    fmt = _detect_format(path) if load_format in ("auto", "dummy") else load_format
+    fmt = model_source(path)[0] if load_format in ("auto", "dummy") else load_format
 
     tensors: dict[str, Payload] | None = None
     if fmt == "gguf":
-        gguf_file = path if os.path.isfile(path) else _single_gguf(path)
+        gguf_file = model_source(path)[1]
         hf_config = gguf_config(gguf_file)
         declared = "none" if load_format == "dummy" else declared_quantization(gguf_file=gguf_file)
         scheme = resolve_quantization(quantization, declared, dev)
@@ -168,28 +169,10 @@ def load_model(
 
 def load_config_only(path: str) -> ModelConfig:
     """The model's shape without its weights (an HF folder or a .gguf file)."""
-    if _detect_format(path) == "gguf":
-        return ModelConfig.from_hf(gguf_config(path if os.path.isfile(path) else _single_gguf(path)))
+    fmt, source = model_source(path)
+    if fmt == "gguf":
+        return ModelConfig.from_hf(gguf_config(source))
     return ModelConfig.from_hf(AutoConfig.from_pretrained(path))
-
-
-def _detect_format(path: str) -> str:
-    if os.path.isfile(path):
-        if path.endswith(".gguf"):
-            return "gguf"
-        raise ValueError(f"{path} is a file but not a .gguf file; pass a model folder or a .gguf file")
-    if any(Path(path).glob("*.safetensors")) or os.path.isfile(os.path.join(path, "config.json")):
-        return "safetensors"
-    if any(Path(path).glob("*.gguf")):
-        return "gguf"
-    raise ValueError(f"{path} holds neither config.json + *.safetensors nor a .gguf file")
-
-
-def _single_gguf(folder: str) -> str:
-    files = sorted(Path(folder).glob("*.gguf"))
-    if len(files) != 1:
-        raise ValueError(f"{folder} holds {len(files)} .gguf files; pass the one to load")
-    return str(files[0])
 
 
 def _load_tokenizer(path: str, required: bool) -> PreTrainedTokenizerBase | None:
