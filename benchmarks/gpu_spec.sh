@@ -27,7 +27,7 @@ echo "rc=$?"; tail -5 "$OUT/quant_smol.log"
 SPEC=(python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 --policies fixed,adaptive
       --workloads chat,copy --max-tokens 256 --trace-policy)
 # Batch 16 and 64 first (where adaptive lost), then batch 1.
-timeout "${SPEC_SECONDS:-240}" "${SPEC[@]}" --batch-sizes 16,64 --out "$OUT/bench_spec_b16.json" > "$OUT/bench_spec_b16.log" 2>&1
+timeout "${SPEC_SECONDS:-240}" "${SPEC[@]}" --batch-sizes "${SPEC_BATCHES:-16,64}" --out "$OUT/bench_spec_b16.json" > "$OUT/bench_spec_b16.log" 2>&1
 echo "rc=$?"; tail -14 "$OUT/bench_spec_b16.log"
 timeout "${SPEC1_SECONDS:-240}" "${SPEC[@]}" --batch-sizes 1 --out "$OUT/bench_spec_b1.json" > "$OUT/bench_spec_b1.log" 2>&1
 echo "rc=$?"; tail -8 "$OUT/bench_spec_b1.log"
