@@ -127,8 +127,48 @@ ROW_QUANT_CASES = [
 ]
 
 
+def _fp8_linear_case(name: str, rows: int, gemv_breaks: bool) -> str | None:
+    """Fp8Linear's serving dispatch (what it does on CUDA, here under the interpreter): at
+    most 16 rows through the weight-only gemv (x @ dequantized W), more through one-launch
+    row quantization and _scaled_mm (the reference's math); a gemv that raises is dropped
+    for _scaled_mm, with the same results as that path."""
+    from runtime.engine.quant import fp8
+
+    torch.manual_seed(40 + rows)
+    lin = fp8.Fp8Linear.from_float(torch.randn(48, 64) / 8, None)
+    lin.use_scaled_mm = True  # as on CUDA (K and N are multiples of 16)
+    kernels = fp8._kernels_for(torch.empty(0))
+    x = torch.randn(rows, 64).to(torch.bfloat16)
+    if gemv_breaks:
+        kernels.gemv_ok = True
+        good, kernels.gemv = kernels.gemv, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no e4m3 here"))
+        try:
+            got = lin(x)
+        finally:
+            kernels.gemv = good
+        if kernels.gemv_ok:
+            return f"{name}: a failing gemv was not dropped"
+        kernels.gemv_ok = True
+        want = lin.scaled_mm(x)
+        return None if torch.equal(got, want) else f"{name}: the fallback differs from _scaled_mm's path"
+    got = lin(x)
+    if rows <= 16:
+        ref = (x.double() @ lin.dequantize(torch.float64).t())
+        tol = 0.5 * torch.finfo(torch.bfloat16).eps * ref.abs() + 1e-5
+    else:
+        ref = lin.reference(x).double()
+        tol = torch.finfo(torch.bfloat16).eps * ref.abs() + 1e-4
+    err = (got.double() - ref).abs()
+    return None if bool((err <= tol).all()) else f"{name}: worst error {err.max():.3g}"
+
+
+FP8_LINEAR_CASES = [("fp8_linear_decode", 5, False), ("fp8_linear_prefill", 40, False),
+                    ("fp8_linear_gemv_fails", 3, True)]
+
+
 def _main() -> int:
-    return run_cases(CASES, _case) | run_cases(FP8_CASES, _fp8_case) | run_cases(ROW_QUANT_CASES, _row_quant_case)
+    return (run_cases(CASES, _case) | run_cases(FP8_CASES, _fp8_case) | run_cases(ROW_QUANT_CASES, _row_quant_case)
+            | run_cases(FP8_LINEAR_CASES, _fp8_linear_case))
 
 
 def test_gemv_matches_fp64_reference_under_interpreter() -> None:

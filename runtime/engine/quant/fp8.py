@@ -15,9 +15,14 @@ reference: both operands dequantized, then one fp32 matmul.
 """
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from runtime.engine.quant.base import QuantLinear
+
+log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -63,19 +68,23 @@ def scaled_mm_serves(device: torch.device, n: int, k: int) -> bool:
 
 
 class _Kernels:
-    """runtime/kernels' FP8 pieces, imported once on first CUDA use (None without Triton)."""
+    """runtime/kernels' FP8 pieces, imported once on first use (None without Triton)."""
 
     def __init__(self) -> None:
         from runtime.kernels.fp8_quant import quantize_rows
         from runtime.kernels.gemv import MAX_M, gemv
 
         self.gemv, self.gemv_rows, self.quantize_rows = gemv, MAX_M, quantize_rows
+        self.gemv_ok = True  # False after the gemv failed once (then _scaled_mm serves every shape)
 
 
 _KERNELS: list[_Kernels | None] = []
 
 
-def _cuda_kernels() -> _Kernels | None:
+def _kernels_for(x: torch.Tensor) -> _Kernels | None:
+    """The Triton kernels for x: on CUDA, or anywhere under Triton's interpreter (its tests)."""
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
     if not _KERNELS:
         try:
             _KERNELS.append(_Kernels())
@@ -109,14 +118,20 @@ class Fp8Linear(QuantLinear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_scaled_mm:
             return self.reference(x)
-        kernels = _cuda_kernels() if x.is_cuda else None
-        if kernels is not None and x.shape[0] <= kernels.gemv_rows and x.dtype in (torch.bfloat16, torch.float16):
-            return kernels.gemv(x, self.weight, scale=self.scale.view(-1))
+        kernels = _kernels_for(x)
+        if (kernels is not None and kernels.gemv_ok and x.shape[0] <= kernels.gemv_rows
+                and x.dtype in (torch.bfloat16, torch.float16)):
+            try:
+                return kernels.gemv(x, self.weight, scale=self.scale.view(-1))
+            except Exception as e:  # e.g. a Triton without e4m3 on this GPU: compile errors come at the first (eager) call
+                kernels.gemv_ok = False
+                log.warning("FP8 weight-only gemv failed on %s (%s: %s); FP8 projections use torch._scaled_mm",
+                            x.device, type(e).__name__, e)
         return self.scaled_mm(x)
 
     def scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA path (also runs on CPU where torch implements `_scaled_mm` there)."""
-        kernels = _cuda_kernels() if x.is_cuda else None
+        kernels = _kernels_for(x)
         xq, sx = kernels.quantize_rows(x) if kernels is not None else quantize_rows_fp8(x)
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=sx, scale_b=self.scale, out_dtype=torch.bfloat16)
         return y if y.dtype == x.dtype else y.to(x.dtype)
