@@ -42,7 +42,7 @@ def _quant_rows_kernel(X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, MI
     for k0 in range(0, K, BLOCK):
         x = tl.load(X + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, MIN_SCALE)
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), tl.full([], FP8_MAX, tl.float32)), MIN_SCALE)
     for k0 in range(0, K, BLOCK):
         m = k0 + cols < K
         x = tl.load(X + row * stride_x + k0 + cols, mask=m, other=0.0).to(tl.float32)

@@ -5,9 +5,10 @@ On CUDA, inputs of at most 16 rows (decode) run runtime/kernels/gemv.py's weight
 product: the e4m3 weight widened in registers and multiplied by x itself (not quantized), one
 launch reading the weight's bytes once. `torch._scaled_mm` at 1-64 rows lost to bf16 on the
 H200 (8B shape, batch-1 step 6.8 ms against 4.5 ms in bf16, mostly the eight torch launches
-that quantized each activation). Wider inputs run `torch._scaled_mm` with row-wise scales: the activation rows are
-quantized per token on the device in one launch (runtime/kernels/fp8_quant.py; no host
-sync, so this runs inside the decode CUDA graphs; padded rows are zeros and stay zeros), scale_a fp32 [M, 1],
+that quantized each activation). Wider inputs run `torch._scaled_mm` with row-wise scales:
+the activation rows are quantized per token on the device in one launch
+(runtime/kernels/fp8_quant.py; no host sync, so this runs inside the decode CUDA graphs;
+padded rows are zeros and stay zeros), scale_a fp32 [M, 1],
 scale_b fp32 [1, N], the weight passed column-major as wq.t() of the row-major [N, K]
 buffer, out_dtype bf16. `_scaled_mm` needs K and N to be multiples of 16 and places no
 constraint on M. Elsewhere (CPU, or a shape it refuses) the same math runs as the
@@ -123,7 +124,7 @@ class Fp8Linear(QuantLinear):
                 and x.dtype in (torch.bfloat16, torch.float16)):
             try:
                 return kernels.gemv(x, self.weight, scale=self.scale.view(-1))
-            except Exception as e:  # e.g. a Triton without e4m3 on this GPU: compile errors come at the first (eager) call
+            except Exception as e:  # e.g. no e4m3 in this GPU's Triton: compile errors come at the first (eager) call
                 kernels.gemv_ok = False
                 log.warning("FP8 weight-only gemv failed on %s (%s: %s); FP8 projections use torch._scaled_mm",
                             x.device, type(e).__name__, e)

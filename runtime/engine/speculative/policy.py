@@ -26,13 +26,13 @@ anywhere it drafts first, then runs plain.
 While requests wait to join the batch, a finished request's place is taken at once and the
 batch's tokens/s is what counts: the mean tokens a drafting step gains per request. With
 none waiting, the batch is done when its last request is, and drafting must bring that
-moment closer: the engine passes each request's tokens left and its drafting record, and the
-policy weighs drafting by the smaller of the mean gain and `finish_gain`, the factor by which
-drafting shortens the steps the batch still needs (each request's tokens left over its own
-accept length, against its tokens left). On the H200 (SmolLM2, n-gram, chat, batch 16) the mean was 1.86 tokens
-per drafting step for 1.43x the plain step's time, yet the batch finished 11% later: its
-requests accept 1.0-3.5 tokens per step, the fast ones finished first, and the slow ones
-then ran nearly alone in steps that cost almost as much.
+moment closer: the engine passes each request's tokens left and its drafting record, and
+the policy weighs drafting by the smaller of the mean gain and `finish_gain`, the factor by
+which drafting shortens the steps the batch still needs (each request's tokens left over
+its own accept length, against its tokens left). On the H200 (SmolLM2, n-gram, chat, batch
+16) the mean was 1.86 tokens per drafting step for 1.43x the plain step's time, yet the
+batch finished 11% later: its requests accept 1.0-3.5 tokens per step, the fast ones
+finished first, and the slow ones then ran nearly alone in steps that cost almost as much.
 
 Above `max_batch` decoding requests it never drafts (the verify rows would not fit the
 captured graphs). `fixed` always drafts k. Under both, the engine trims drafts so that a
