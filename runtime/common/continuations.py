@@ -34,7 +34,8 @@ class ContinuationScore:
         return self.logprob_sum / len(self.logprobs)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -57,7 +58,7 @@ def split_continuations(encode: Encode, prompt: str | list[int], continuations: 
             raise ValueError("a text prompt takes text continuations")
         base = encode(prompt)
         fulls = [encode(prompt + c) for c in continuations]  # type: ignore[operator]
-        split = min(_common_prefix(base, f) for f in fulls)
+        split = min(common_prefix(base, f) for f in fulls)
         ctx, conts = base[:split], [f[split:] for f in fulls]
     if not ctx:
         raise ValueError("the prompt is empty: the first token has no logprob to score")

@@ -297,12 +297,7 @@ class EngineCore(SpeculativeSteps):
                     continue
                 tokens, logprobs, path = accepted[req.rid]
                 if req.phase is Phase.DECODE:
-                    req.num_steps += 1
-                    if self.drafter is not None and req.rid not in forced:
-                        self.accept_samples.append(len(tokens))
-                        if drafted:
-                            req.draft_steps += 1
-                            req.draft_tokens += len(tokens)
+                    self._count_accepted(req, len(tokens), drafted, req.rid in forced)
                 if self.drafter is not None and self.drafter.reads_hidden:
                     # Views only where a drafter reads them: a few us each, per request per step.
                     if path == list(range(path[0], path[0] + len(path))):  # a chain's accepted run

@@ -51,6 +51,16 @@ class SpeculativeSteps:
         self._empty_device_cache()
         return {}, None
 
+    def _count_accepted(self, req, n: int, drafted: int | None, forced: bool) -> None:
+        """A decode step gave `req` n tokens: its step count, the accept-length samples (not
+        for a forced jump-forward run), and its own drafting record, which the policy weighs."""
+        req.num_steps += 1
+        if self.drafter is not None and not forced:
+            self.accept_samples.append(n)
+            if drafted:
+                req.draft_steps += 1
+                req.draft_tokens += n
+
     def _compact_tree_kv(self, seqs: list, trees: dict[str, DraftTree], accepted: dict) -> None:
         """Move the KV of accepted tree nodes to consecutive positions: node i was written
         at slot position start+1+i; the j-th accepted node belongs at start+j."""

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from runtime import bench  # noqa: E402
 from runtime.client import APIConnectionError, APIError, AsyncClient  # noqa: E402
+from runtime.common.continuations import common_prefix  # noqa: E402
 
 API_KEY = "sk-test"
 MODEL = "fake-model"
@@ -74,7 +75,7 @@ def make_app(state: FakeState) -> FastAPI:
         if prompt == "bad":
             return _err(400, "prompt is too long for the context", "invalid_request_error", "prompt")
         words = [str(t) for t in prompt] if isinstance(prompt, list) else prompt.split()
-        cached = max((_common(words, s) for s in state.seen), default=0)
+        cached = max((common_prefix(words, s) for s in state.seen), default=0)
         state.seen.append(words)
         with_ids = bool(body.get("return_token_ids"))
         usage_on = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -131,15 +132,6 @@ def make_app(state: FakeState) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
-
-
-def _common(a: list[str], b: list[str]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @pytest.fixture
