@@ -57,29 +57,32 @@ def make_draft(target: str, out: str, layers: int) -> None:
     save_file(keep, os.path.join(out, "model.safetensors"))
 
 
-def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams,
+def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams | list[SamplingParams],
                    repeats: int = 1) -> tuple[list, float, int]:
     """Every prompt, in groups of `batch` run one after another (a group finishes before the
     next starts): the results, the wall time and the engine forwards summed over the groups.
+    `params`: one for all, or one per prompt.
     With repeats > 1 each group is timed that many times and its median time counts (a batch
     of 16 x 256 tokens of a small model is ~0.3 s on a GPU, where one run's noise is ~10%)."""
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     cuda = engine.core.device.type == "cuda"
     warmed: set[tuple[int, ...]] = set()
     dt, forwards, res = 0.0, 0, []
-    for group in groups:
+    per = params if isinstance(params, list) else [params] * len(prompts)
+    for g, group in enumerate(groups):
+        gp = per[g * batch : g * batch + len(group)]
         # Warm-up on the same prompt lengths: Triton compiles a kernel variant the first
         # time a shape class appears (e.g. one split vs several), which must not be timed.
         shape = tuple(len(p) for p in group)
         if shape not in warmed:
-            engine.generate(group, params)
+            engine.generate(group, gp)
             warmed.add(shape)
         if cuda:
             torch.cuda.synchronize()
         times = []
         for _ in range(repeats):
             f0, t0 = engine.core.num_forwards, time.perf_counter()
-            out = engine.generate(group, params)
+            out = engine.generate(group, gp)
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

@@ -6,8 +6,12 @@ jump-forward on against off on a schema of long fixed keys, at each batch size, 
 
 Rows (greedy; batch B runs --num-prompts prompts in groups of B, one group after another):
   free       unconstrained, --max-tokens tokens each (ignore_eos), the baseline
+  free=json  unconstrained, each request as many tokens (ignore_eos) as the json row gave
+             the same prompt at the same batch: the same work as json without a grammar
   json       a JSON schema (nested object, bounded strings, an array), jump-forward off:
-             the cost of masking alone (target: within 10% of free at batch 16)
+             the cost of masking alone (target: within 10% at batch 16). Its ratio is
+             against free=json: against free it also counts that constrained requests stop
+             at different lengths, so a batch's last steps run fewer rows (also printed)
   json+jf    the same schema, jump-forward on
   keys       a schema of long fixed keys, jump-forward off
   keys+jf    the same, jump-forward on (target: 1.5x keys at batch 1)
@@ -72,13 +76,15 @@ def validate(text: str, schema: dict) -> bool:
     return True
 
 
-def run(engine: Engine, prompts: list[list[int]], batch: int, params: SamplingParams, schema: dict | None,
-        repeats: int = 1) -> dict:
+def run(engine: Engine, prompts: list[list[int]], batch: int, params: SamplingParams | list[SamplingParams],
+        schema: dict | None, repeats: int = 1) -> tuple[dict, list[int]]:
+    """The row's figures, and each request's output length."""
     res, dt, forwards = timed_generate(engine, prompts, batch, params, repeats)
-    n = sum(len(r.token_ids) for r in res)
+    lengths = [len(r.token_ids) for r in res]
+    n = sum(lengths)
     valid = sum(validate(r.text, schema) for r in res) / len(res) if schema is not None else None
     return dict(tok_s=n / dt, seconds=dt, tokens=n, forwards=forwards, tokens_per_forward=n / max(forwards, 1),
-                valid=valid, requests=len(res), stopped=sum(r.finish_reason == "stop" for r in res) / len(res))
+                valid=valid, requests=len(res), stopped=sum(r.finish_reason == "stop" for r in res) / len(res)), lengths
 
 
 def main() -> None:
@@ -97,7 +103,7 @@ def main() -> None:
     batches = [int(x) for x in a.batch_sizes.split(",")]
     rows: list[dict] = []
     # (row name, engine's jump_forward, schema): one engine per jump-forward setting.
-    plan = [(False, [("free", None), ("json", RECORD), ("keys", LONG_KEYS)]),
+    plan = [(False, [("free", None), ("json", RECORD), ("free=json", "json"), ("keys", LONG_KEYS)]),
             (True, [("json+jf", RECORD), ("keys+jf", LONG_KEYS)])]
     for jump, modes in plan:
         engine = Engine(a.model, device=a.device, dtype=a.dtype, load_format=a.load_format, jump_forward=jump)
@@ -105,11 +111,18 @@ def main() -> None:
         for i in range(a.num_prompts):
             ask = f"Describe {SUBJECTS[i % len(SUBJECTS)]} as a JSON record."
             prompts.append(engine.apply_chat_template([{"role": "user", "content": ask}]))
+        lengths: dict[tuple[str, int], list[int]] = {}
         for name, schema in modes:
-            params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=schema is None,
-                                    json_schema=json.dumps(schema) if schema is not None else None)
             for bs in batches:
-                r = dict(mode=name, batch=bs, jump_forward=jump, **run(engine, prompts, bs, params, schema, a.repeats))
+                check = schema if isinstance(schema, dict) else None
+                if isinstance(schema, str):  # free, each request as long as that row's
+                    params = [SamplingParams(max_tokens=max(n, 1), temperature=0.0, ignore_eos=True)
+                              for n in lengths[(schema, bs)]]
+                else:
+                    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=check is None,
+                                            json_schema=json.dumps(check) if check is not None else None)
+                figures, lengths[(name, bs)] = run(engine, prompts, bs, params, check, a.repeats)
+                r = dict(mode=name, batch=bs, jump_forward=jump, **figures)
                 rows.append(r)
                 print(json.dumps(r), flush=True)
         engine.shutdown()
@@ -118,18 +131,22 @@ def main() -> None:
             torch.cuda.empty_cache()
     by = {(r["mode"], r["batch"]): r["tok_s"] for r in rows}
     for r in rows:
-        base = {"free": "free", "json": "free", "json+jf": "json", "keys": "keys", "keys+jf": "keys"}[r["mode"]]
+        base = {"free": "free", "json": "free=json", "free=json": "free", "json+jf": "json", "keys": "keys",
+                "keys+jf": "keys"}[r["mode"]]
         r["vs"] = base
         r["ratio"] = r["tok_s"] / by[(base, r["batch"])]
+        if r["mode"] == "json":
+            r["ratio_vs_free"] = r["tok_s"] / by[("free", r["batch"])]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu"
     with open(a.out, "w") as f:
         json.dump(dict(args=vars(a), device=device, rows=rows), f, indent=2)
-    print(f"\n{'mode':>8} {'batch':>5} {'tok/s':>9} {'vs':>5} {'ratio':>6} {'tok/fwd':>7} {'forwards':>8} "
+    print(f"\n{'mode':>9} {'batch':>5} {'tok/s':>9} {'vs':>9} {'ratio':>6} {'tok/fwd':>7} {'forwards':>8} "
           f"{'valid':>5} {'stop':>5}   ({device}, max_tokens={a.max_tokens})")
     for r in rows:
         valid = f"{r['valid']:5.2f}" if r["valid"] is not None else "    -"
-        print(f"{r['mode']:>8} {r['batch']:>5} {r['tok_s']:9.1f} {r['vs']:>5} {r['ratio']:5.2f}x "
-              f"{r['tokens_per_forward']:7.2f} {r['forwards']:8d} {valid} {r['stopped']:5.2f}")
+        also = f"   ({r['ratio_vs_free']:.2f}x vs free)" if "ratio_vs_free" in r else ""
+        print(f"{r['mode']:>9} {r['batch']:>5} {r['tok_s']:9.1f} {r['vs']:>9} {r['ratio']:5.2f}x "
+              f"{r['tokens_per_forward']:7.2f} {r['forwards']:8d} {valid} {r['stopped']:5.2f}{also}")
 
 
 if __name__ == "__main__":

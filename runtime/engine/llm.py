@@ -46,9 +46,11 @@ class Engine:
         self._ids = itertools.count()
 
     # ---- the public API ------------------------------------------------------------------
-    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None) -> list[Result]:
+    def generate(self, prompts: Prompt | list[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
         """One result per prompt (n > 1: n consecutive results per prompt). All prompts are
-        scheduled together (continuous batching).
+        scheduled together (continuous batching). `params`: one SamplingParams for every
+        prompt, or a sequence of them, one per prompt (as vLLM's generate takes).
 
         A prompt whose engine step ran out of memory gets a result with finish_reason
         "error", `error` saying so, and the tokens it had so far; the other prompts' results
@@ -56,12 +58,13 @@ class Engine:
         rest of its work. Check finish_reason, and retry those alone or shorter."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        return self._run([self._encode(p) for p in prompts], params or SamplingParams())
+        return self._run([self._encode(p) for p in prompts], params)
 
-    def chat(self, conversations: list[list[dict[str, str]]], params: SamplingParams | None = None) -> list[Result]:
+    def chat(self, conversations: list[list[dict[str, str]]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Result]:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
-        return self._run([self.apply_chat_template(c) for c in conversations], params or SamplingParams())
+        return self._run([self.apply_chat_template(c) for c in conversations], params)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one generation as they are produced. Raises GenerationError when
@@ -128,14 +131,21 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
         return req, detok
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Result]:
+    def _run(self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams] | None) -> list[Result]:
+        if params is None or isinstance(params, SamplingParams):
+            per_prompt = [params or SamplingParams()] * len(prompts)
+        else:
+            per_prompt = list(params)
+            if len(per_prompt) != len(prompts) or not all(isinstance(p, SamplingParams) for p in per_prompt):
+                raise ValueError(f"params: one SamplingParams, or a sequence of one per prompt ({len(prompts)} "
+                                 f"prompts, {len(per_prompt)} given)")
         added = []
         errors: dict[str, str] = {}  # rid -> why it failed
         try:
-            for ids in prompts:
-                for i in range(params.n):
+            for ids, sp in zip(prompts, per_prompt):
+                for i in range(sp.n):
                     # n samples of one prompt need distinct seeds to differ.
-                    p = params if params.n == 1 or params.seed is None else replace(params, seed=params.seed + i, n=1)
+                    p = sp if sp.n == 1 or sp.seed is None else replace(sp, seed=sp.seed + i, n=1)
                     added.append(self._add(ids, p))
             watched = {req.rid: (req, detok) for req, detok in added if detok is not None and req.params.stop}
             while any(not req.finished for req, _ in added):

@@ -155,6 +155,22 @@ def test_seeded_sampling_reproducible(tiny_model_dir: str) -> None:
     engine.shutdown()
 
 
+def test_params_per_prompt(tiny_model_dir: str) -> None:
+    """A sequence of SamplingParams applies one to each prompt, in one batch: each result
+    equals its prompt run alone with its params; a sequence of the wrong length is an error."""
+    engine = Engine(tiny_model_dir, device="cpu", dtype="float32")
+    params = [SamplingParams(max_tokens=3 + 2 * i, temperature=0.0, ignore_eos=True) for i in range(3)]
+    params[1] = SamplingParams(max_tokens=6, temperature=1.0, seed=7, ignore_eos=True, n=2)
+    both = engine.generate(PROMPTS[:3], params)
+    assert [len(r.token_ids) for r in both] == [3, 6, 6, 7]
+    alone = [r for p, sp in zip(PROMPTS[:3], params) for r in engine.generate([p], sp)]
+    assert [r.token_ids for r in both] == [r.token_ids for r in alone]
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(PROMPTS[:3], params[:2])
+    engine.shutdown()
+    engine.core.pool.check_no_leak(0)
+
+
 def test_stops_and_bad_input(tiny_model_dir: str) -> None:
     engine = Engine(tiny_model_dir, device="cpu", dtype="float32", max_model_len=64)
     free = engine.generate(["The quick brown fox"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
