@@ -164,3 +164,23 @@ def test_with_nothing_waiting_the_slowest_request_decides() -> None:
 
     assert run(None) == 4
     assert run([(200, 500, 550)] + [(150, 500, 1500)] * 15) == 0
+
+
+def test_finish_figures_are_listed_only_when_weighed() -> None:
+    """A function for `finish` is called only where the decision uses it: not for a batch
+    over max_batch, nor while the options are first measured; then on every judged step."""
+    calls = []
+
+    def finish() -> list:
+        calls.append(1)
+        return [(100, 10, 20)] * 4
+
+    policy = SpeculationPolicy(4, "adaptive", max_batch=8)
+    assert policy.num_draft_tokens(16, finish) == 0 and not calls
+    for _ in range(8):
+        k = policy.num_draft_tokens(4, finish)
+        policy.record_step(4, k, 0.0014 if k else 0.001, 2.0 if k else 1.0)
+    judged = len(calls)
+    assert 0 < judged < 8
+    policy.num_draft_tokens(4, finish)
+    assert len(calls) == judged + 1

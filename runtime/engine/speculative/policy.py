@@ -41,6 +41,7 @@ holds the policy to its contract on a simulated cost model.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 PROBE_EVERY = 16  # the shortest wait between two tries of the option not in use
@@ -58,6 +59,8 @@ PROBE_HORIZON = 8
 MARGIN = 0.02
 PROBE_BUDGET = 0.01  # the share of a bucket's output confirming probes may cost at first
 SHIFT = 1.1  # a probe that raises the other option's rate over the choice's by this factor
+# Per decoding request: (tokens it may still generate, drafting steps, tokens those gained).
+Finish = list[tuple[int, int, int]] | Callable[[], list[tuple[int, int, int]]]
 PRIOR_STEPS = 8  # finish_gain: a request's accept length counts the bucket's mean as this many steps
 
 
@@ -121,9 +124,10 @@ class SpeculationPolicy:
         """Batch sizes measured together: 1, 2, 3-4, 5-8, ... (the next power of two)."""
         return 1 << max(0, batch_size - 1).bit_length()
 
-    def num_draft_tokens(self, batch_size: int, finish: list[tuple[int, int, int]] | None = None) -> int:
+    def num_draft_tokens(self, batch_size: int, finish: Finish | None = None) -> int:
         """k for a step of batch_size decoding requests (0: no drafting). finish: with no
-        request waiting, finish_gain's per-request figures (see the module note)."""
+        request waiting, finish_gain's per-request figures (see the module note), or a
+        function that lists them, called only when the decision weighs them."""
         if self.mode == "fixed":
             return self.k
         if batch_size > self.max_batch or batch_size < 1:
@@ -134,7 +138,8 @@ class SpeculationPolicy:
         spec, plain = self._estimates.get((b, self.k)), self._estimates.get((b, 0))
         if spec is None or plain is None:
             return self._measure(b, st, self.k if spec is None else 0)
-        to_finish = finish_gain(finish, spec.tokens) if finish else None
+        figures = finish() if callable(finish) else finish
+        to_finish = finish_gain(figures, spec.tokens) if figures else None
         gain = spec.tokens if to_finish is None else min(spec.tokens, to_finish)
         spec_rate = gain / max(spec.seconds, 1e-9)
         if st.choice == self.k:  # keep the choice unless the other option is better by MARGIN
