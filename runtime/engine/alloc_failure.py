@@ -8,6 +8,7 @@ import re
 import torch
 
 from runtime.engine.kv_pool import OutOfPages
+from runtime.env import ENV
 
 _ALLOC_FAILURE_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
@@ -39,3 +40,18 @@ def _injected_failures(spec: str) -> tuple[frozenset[int], int | None]:
     except ValueError:
         pass
     raise ValueError(f"RUNTIME_TEST_FAIL_ALLOC must be 'steps:N[,N...]' or 'tokens:N' (got {spec!r})")
+
+
+def maybe_inject_alloc_failure(num_forwards: int, num_tokens: int) -> None:
+    """TEST ONLY (RUNTIME_TEST_FAIL_ALLOC): fail the engine's forward number `num_forwards` (of
+    `num_tokens` new tokens) as CUDA would when its logits or activations do not fit. Called
+    after the forward, so the KV of the new tokens was written, as a real failure late in the
+    forward leaves it."""
+    spec = ENV.test_fail_alloc
+    if not spec:
+        return
+    steps, max_tokens = _injected_failures(spec)
+    if num_forwards in steps or (max_tokens is not None and num_tokens > max_tokens):
+        raise torch.cuda.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate 8.12 GiB. (injected by RUNTIME_TEST_FAIL_ALLOC={spec!r} "
+            f"in forward {num_forwards} of {num_tokens} new tokens)")

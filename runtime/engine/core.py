@@ -14,7 +14,7 @@ import torch
 from runtime.common.logprobs import TokenLogprob
 from runtime.common.sampling_params import SamplingParams
 from runtime.config import EngineConfig
-from runtime.engine.alloc_failure import _injected_failures, alloc_failure_detail, is_alloc_failure
+from runtime.engine.alloc_failure import alloc_failure_detail, is_alloc_failure, maybe_inject_alloc_failure
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
 from runtime.engine.grammar import (GrammarCompiler, GrammarError, compile_failures, constrained_trees, plan_jump,
@@ -32,7 +32,6 @@ from runtime.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerCo
 from runtime.engine.speculative import SpeculationPolicy, make_drafter
 from runtime.engine.verify import Drafts, SpeculativeSteps
 from runtime.engine.weights import LoadedModel, load_model
-from runtime.env import ENV
 
 log = logging.getLogger("runtime.engine")
 
@@ -347,7 +346,7 @@ class EngineCore(SpeculativeSteps):
             or any(wants_prompt_logprobs(s.req) for s in batch.seqs)
         logits, hidden, all_hidden = self.runner.forward(batch, seq_trees, all_hidden=want_prompt)
         self.num_forwards += 1
-        self._maybe_inject_alloc_failure(batch)
+        maybe_inject_alloc_failure(self.num_forwards, batch.num_tokens)
         sampled = [s for s in batch.seqs if s.num_logits]
         self.grammars.mask_batch(sampled, logits, seq_trees)
         if seq_trees:
@@ -356,19 +355,6 @@ class EngineCore(SpeculativeSteps):
         else:
             accepted = {rid: (toks, lps, [0]) for rid, (toks, lps) in self._sample(sampled, logits).items()}
         return logits, hidden, all_hidden, accepted
-
-    def _maybe_inject_alloc_failure(self, batch: Batch) -> None:
-        """TEST ONLY (RUNTIME_TEST_FAIL_ALLOC): fail this forward as CUDA would when its
-        logits or activations do not fit. Raised after the forward, so the KV of the new
-        tokens was written, as a real failure late in the forward leaves it."""
-        spec = ENV.test_fail_alloc
-        if not spec:
-            return
-        steps, max_tokens = _injected_failures(spec)
-        if self.num_forwards in steps or (max_tokens is not None and batch.num_tokens > max_tokens):
-            raise torch.cuda.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate 8.12 GiB. (injected by RUNTIME_TEST_FAIL_ALLOC={spec!r} "
-                f"in forward {self.num_forwards} of {batch.num_tokens} new tokens)")
 
     def _fail_alloc(self, seqs: list[ScheduledSeq], e: BaseException, rerun_decode: bool) -> list[StepOutput]:
         """After an allocation failure in a step of `seqs`: finish the requests it fails with
