@@ -102,7 +102,9 @@ class PromptEncoder:
                 for part in m.content:
                     if part.type != "text":
                         raise APIError(400, f"message content of type {part.type!r} is not supported (text only)", "messages")
-                    texts.append(part.text or "")
+                    if part.text is None:
+                        raise APIError(400, "a message content part of type 'text' needs its 'text'", "messages")
+                    texts.append(part.text)
                 d["content"] = "\n".join(texts)
             messages.append(d)
         messages, tool_list = render_messages(messages, tools or [], template_handles_tools(template))

@@ -41,6 +41,7 @@ log = logging.getLogger("runtime.gateway")
 
 MAX_N = 128  # choices per request: a bound on what one request may ask of the cluster
 MAX_STOP = 64  # stop strings: the gateway searches each one after every token of every choice
+COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens: OpenAI's default
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 DONE = "data: [DONE]\n\n"
 
@@ -83,7 +84,11 @@ class Serving:
         with self.state.admit(count * req.n).released_on_error() as ticket:
             prompts = await self.encoder.completion(req.prompt)
             self._check_request_tokens(prompts, req.n, "prompt")
-            plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt", constraint)) for ids in prompts]
+            # Not sent: OpenAI's default for completions (vLLM's and SGLang's too), within the
+            # context; sent as null: the rest of the context.
+            default = COMPLETION_MAX_TOKENS if "max_tokens" not in req.model_fields_set else None
+            plan = [(ids, self._params(req, ids, req.max_tokens, "max_tokens", req.logprobs, {}, "prompt", constraint,
+                                       default)) for ids in prompts]
             gen = Generation(self.state, new_id("cmpl"), plan, arrival, ticket)
         want_lp = req.logprobs is not None
         opts = req.stream_options
@@ -259,6 +264,8 @@ class Serving:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if req.n > MAX_N:
             raise APIError(400, f"n must be at most {MAX_N} (got {req.n})", "n")
+        if req.stream_options is not None and not req.stream:
+            raise APIError(400, "stream_options is only allowed with stream set to true", "stream_options")
         if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
             raise APIError(400, f"stop may hold at most {MAX_STOP} strings (got {len(req.stop)})", "stop")
         vocab = self.state.vocab_size
@@ -282,8 +289,10 @@ class Serving:
         rename: dict[str, str],
         prompt_param: str,
         constraint: Constraint | None = None,
+        default_max_tokens: int | None = None,
     ) -> SamplingParams:
-        """SamplingParams for one prompt; max_tokens defaults to the rest of the context."""
+        """SamplingParams for one prompt; max_tokens None: default_max_tokens or the rest of the
+        context, whichever is less."""
         rename = {"max_tokens": max_param, **rename}
         kw = {k: getattr(req, k) for k in _OPTIONAL_SAMPLING if getattr(req, k) is not None}
         try:
@@ -314,7 +323,7 @@ class Serving:
                 prompt_param,
             )
         if max_tokens is None:
-            max_tokens = limit - n_prompt
+            max_tokens = min(limit - n_prompt, default_max_tokens or limit)
         elif n_prompt + max_tokens > limit:
             raise APIError(
                 400,

@@ -426,13 +426,20 @@ async def test_concurrent_requests(gw: Gateway, engine: Engine) -> None:
     assert [r.json()["choices"][0]["text"] for r in rs] == [w.text for w in want]
 
 
-def test_default_max_tokens_is_rest_of_context(gw: Gateway) -> None:
+def test_default_max_tokens(gw: Gateway) -> None:
+    """Completions without max_tokens: 16, as OpenAI's (within the context); max_tokens null
+    and chat completions without it: the rest of the context."""
+    def usage(r: httpx.Response) -> int:
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        return r.json()["usage"]["completion_tokens"]
+
+    assert usage(gw.complete(prompt=[5, 6, 7], temperature=0, ignore_eos=True)) == 16
     ids = [(7 * i) % 500 + 3 for i in range(MAX_LEN - 10)]
-    r = gw.complete(prompt=ids, temperature=0, ignore_eos=True)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["usage"]["completion_tokens"] == 10
-    assert body["choices"][0]["finish_reason"] == "length"
+    assert usage(gw.complete(prompt=ids, temperature=0, ignore_eos=True)) == 10
+    assert usage(gw.complete(prompt=ids[:MAX_LEN - 20], temperature=0, ignore_eos=True, max_tokens=None)) == 20
+    chat = gw.chat(messages=[{"role": "user", "content": "hi"}], temperature=0, ignore_eos=True)
+    assert usage(chat) == MAX_LEN - chat.json()["usage"]["prompt_tokens"]
 
 
 def test_stop_string_ends_text_and_aborts(gw: Gateway, engine: Engine) -> None:
@@ -528,6 +535,8 @@ def test_bad_requests_are_openai_errors(gw: Gateway) -> None:
     assert_error(gw.chat(messages=CHAT, max_tokens=4, logprobs=True, top_logprobs=50), 400, "top_logprobs")
     img = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
     assert_error(gw.chat(messages=img, max_tokens=4), 400, "messages")
+    assert_error(gw.chat(messages=[{"role": "user", "content": [{"type": "text"}]}], max_tokens=4), 400, "messages")
+    assert_error(gw.complete(prompt="hi", max_tokens=4, stream_options={"include_usage": True}), 400, "stream_options")
     err = assert_error(gw.complete(prompt="hi", model="gpt-9"), 404, "model")
     assert "gpt-9" in err["message"]
     # Prompt longer than the context, or prompt + max_tokens over it.
