@@ -73,6 +73,11 @@ class InternalErrorMiddleware:
             await error_response(err)(scope, receive, send)
 
 
+# The largest request body read: far above any request --max-request-tokens admits at its
+# default (262,144 tokens), far below what would strain the gateway's memory.
+MAX_BODY_BYTES = 64 << 20
+
+
 async def read_json(request: Request, model: type[R]) -> R:
     """The request body as `model`. Parsed from the raw bytes by pydantic's JSON parser, which
     refuses invalid UTF-8 and lone surrogates (`\\ud800`, which Python's json module would
@@ -81,12 +86,24 @@ async def read_json(request: Request, model: type[R]) -> R:
     mime = ctype.partition(";")[0].strip().lower()
     if mime and mime != "application/json" and not mime.endswith("+json"):
         raise APIError(400, f"the request body must be JSON, sent with Content-Type: application/json (got {ctype!r})")
+    # Answered before the rest of the body is read: the connection closes after it.
+    too_big = APIError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MiB", headers={"Connection": "close"})
     try:
-        body = await request.body()
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            raise too_big
+    except ValueError:
+        raise APIError(400, "the Content-Length header is not a number") from None
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():  # counted as it arrives: a chunked body has no length
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            chunks.append(chunk)
     except ClientDisconnect:
         raise APIError(499, "client disconnected") from None
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(b"".join(chunks))
     except ValidationError as e:
         raise _validation_error(e.errors()) from None
 

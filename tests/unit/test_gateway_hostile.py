@@ -246,6 +246,24 @@ def test_content_type(gw: Gateway) -> None:
         assert post_raw(gw, COMPLETIONS, body, headers).status_code == 200
 
 
+def test_oversized_body_is_413(gw: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body over the cap is refused before it is read whole (by its Content-Length, or
+    counted as it arrives when chunked), with an OpenAI error object; the server serves on."""
+    import runtime.tokenizer.app as app_mod
+
+    monkeypatch.setattr(app_mod, "MAX_BODY_BYTES", 1 << 20)
+    big = json.dumps({"model": MODEL, "prompt": "x " * (1 << 20), "max_tokens": 1}).encode()
+    err = assert_error(gw.http.post(COMPLETIONS, content=big, headers={"content-type": "application/json"}), 413)
+    assert "1 MiB" in err["message"]
+
+    def chunked() -> Iterator[bytes]:
+        for i in range(0, len(big), 64 << 10):
+            yield big[i : i + (64 << 10)]
+
+    assert_error(gw.http.post(COMPLETIONS, content=chunked(), headers={"content-type": "application/json"}), 413)
+    assert gw.complete(prompt="hi", max_tokens=2).status_code == 200
+
+
 def test_random_field_values_never_500(gw: Gateway) -> None:
     """Every field of a valid body, set to values of every JSON type: 200, 400 or 404
     (the model name), never a 500, with an error object whenever it fails."""
