@@ -156,9 +156,11 @@ def test_matches_dense_reference(ps: int, heads: tuple[int, int], kind: str, bud
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_matches_reference(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("kind", ["custom", "tree"])
+def test_half_precision_matches_reference(dtype: torch.dtype, kind: str) -> None:
+    """Half precision, GQA: the decode rows take the grouped-heads call (_sdpa_call)."""
     rows = _ragged(random.Random(7), n_decode=12, long_rows=3, n_verify=2)
-    b = _batch(rows, 8, 2, 16, dtype, 7, custom=True)
+    b = _batch(rows, 8, 2, 16, dtype, 7, custom=kind == "custom", tree=kind == "tree")
     got = _run(b, D**-0.5, score_bytes=2000 * 8 * 4)
     torch.testing.assert_close(got.double(), _reference(b, D**-0.5), atol=TOL[dtype], rtol=0)
 
