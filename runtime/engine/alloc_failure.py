@@ -10,6 +10,10 @@ import torch
 from runtime.engine.kv_pool import OutOfPages
 from runtime.env import ENV
 
+# RuntimeErrors whose message says an allocation failed: torch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory", "not enough memory"), CUDA libraries and
+# kernels that report cudaErrorMemoryAllocation as text. Any other RuntimeError is a bug
+# and must still crash the step loudly.
 _ALLOC_FAILURE_TEXT = ("out of memory", "can't allocate memory", "not enough memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 

@@ -53,10 +53,6 @@ class StepOutput:
         return self.req.finished
 
 
-# RuntimeErrors whose message says an allocation failed: torch's CPU allocator
-# ("DefaultCPUAllocator: can't allocate memory", "not enough memory"), CUDA libraries and
-# kernels that report cudaErrorMemoryAllocation as text. Any other RuntimeError is a bug
-# and must still crash the step loudly.
 def graph_rows(cfg: EngineConfig) -> int:
     """Rows the decode CUDA graphs cover: the batch, or with speculation the verify rows of
     the batches that draft (each request's last token plus its drafts)."""
