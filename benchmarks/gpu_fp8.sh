@@ -7,23 +7,8 @@
 # tokenizer files; .carry/smol = SmolLM2's config.json and tokenizer files (dummy weights);
 # .carry/wheels = the wheels the GPU image lacks (pyzmq, fastapi, uvicorn, xgrammar, ...).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-DEADLINE=${DEADLINE:-560}  # seconds this script may take in all
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-T0=$(date +%s)
 STEPS=${STEPS:-gpu_tests quant_micro serve_fp8 serve_bf16 serve_fp8kv}  # which steps run
-step() {  # step NAME SECONDS CMD...: run CMD under a timeout if SECONDS are still left
-    local name=$1 need=$2; shift 2
-    [[ " $STEPS " == *" $name "* ]] || return 0
-    local left=$(( DEADLINE - ($(date +%s) - T0) ))
-    if (( left < need )); then echo "== $name: skipped ($left s left, needs $need)"; return; fi
-    echo "== $name (t=$(( $(date +%s) - T0 )) s)"
-    timeout "$need" "$@" > "$OUT/$name.log" 2>&1
-    echo "   rc=$? in $(( $(date +%s) - T0 )) s"
-    pkill -9 -f "runtime\.(cli|worker_main)" 2>/dev/null && sleep 2  # a server left by a step out of time
-    tail -n "${TAIL:-14}" "$OUT/$name.log" | grep -v "^row\|Writing\|it/s\]"
-}
+. benchmarks/gpu_lib.sh
 # The first part of SmolLM2's GGUF, for gpu_spec.sh in the next call (a call carries 64 MiB).
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
