@@ -5,7 +5,9 @@
 #
 # Needs: .carry/l8b = the Llama-3-8B shape's config.json (vocab 49152) beside SmolLM2's
 # tokenizer files; .carry/smol = SmolLM2's config.json and tokenizer files (dummy weights);
-# .carry/wheels = the wheels the GPU image lacks (pyzmq, fastapi, uvicorn, xgrammar, ...).
+# .carry/wheels = the wheels the GPU image lacks (pyzmq, fastapi, uvicorn, xgrammar, ...);
+# benchmarks/make_carry.sh builds them. Then gpu_spec.sh, then gpu_eagle.sh, each in the next
+# call at once (the machine stays warm 30 s and /tmp with it).
 set -uo pipefail
 STEPS=${STEPS:-gpu_tests quant_micro serve_fp8 serve_bf16 serve_fp8kv}  # which steps run
 . benchmarks/gpu_lib.sh
