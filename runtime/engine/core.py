@@ -117,6 +117,7 @@ class EngineCore(SpeculativeSteps):
         # Compiled once per distinct grammar; xgrammar allows the stop tokens only where the
         # grammar may end.
         self.grammars = GrammarCompiler(tok, mc.vocab_size, sorted(self.eos_ids), self.device)
+        self.grammars.warm()
         self.jumper = JumpForward(tok) if cfg.jump_forward and tok is not None else None
         self.compiling: list[Req] = []  # constrained requests whose grammar is still compiling
         self.requests: dict[str, Req] = {}

@@ -262,6 +262,19 @@ class GrammarCompiler:
         self._host: torch.Tensor | None = None  # int32 [rows, ceil(V/32)] CPU (pinned on CUDA)
         self.num_compiles = 0
 
+    def warm(self) -> None:
+        """Start the compile thread and make xgrammar's tokenizer info there now, so that the
+        first constrained request waits for neither (importing xgrammar alone took 0.5-1.3 s on
+        a 2-core machine, and the first parse imports it on the caller's thread: a worker's
+        step loop). A failure here shows again, as a GrammarError, at the first compile."""
+        if self.tokenizer is not None:
+            self._executor().submit(self._xgr)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        return self._pool
+
     def _xgr(self) -> Any:
         # Only on the compile thread (one), so it is made once.
         if self._compiler is None:
@@ -307,9 +320,7 @@ class GrammarCompiler:
             raise GrammarError(param, "this model has no tokenizer (dummy weights?): "
                                "grammar-constrained decoding needs one")
         grammar = self._parse(param, text)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
-        fut = self._pool.submit(self._compile_parsed, param, grammar)
+        fut = self._executor().submit(self._compile_parsed, param, grammar)
         self._cache[key] = fut
         if len(self._cache) > MAX_CACHED_GRAMMARS:
             self._cache.popitem(last=False)

@@ -138,7 +138,11 @@ class ProgramState:
             if item is None:
                 return
             try:
-                if self._error is None and not self.program.cancel.is_set():
+                if self._error is None and self.program.cancel.is_set():
+                    # Reading this state's values must say why they are missing.
+                    self._error = ProgramError(_call_label(item),
+                                               "not run: the program was cancelled (another call failed)")
+                elif self._error is None:
                     run_call(self, item)
             except ProgramError as e:
                 self._error = e
@@ -174,6 +178,17 @@ class ProgramState:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+def _call_label(item: str | Gen | Select | Role | Seq) -> str:
+    """The first gen or select an appended item holds ("gen 'x'"), else "text"."""
+    if isinstance(item, (Gen, Select)):
+        return item.label
+    for it in item.items if isinstance(item, (Seq, Role)) else ():
+        label = _call_label(it)
+        if label != "text":
+            return label
+    return "text"
 
 
 class Forks(list):

@@ -34,7 +34,7 @@ from runtime.tokenizer.protocol import (
     new_id,
 )
 from runtime.tokenizer.state import GatewayState
-from runtime.tokenizer.structured import INLINE_CHARS, Constraint, GrammarChecker, request_constraint, schema_text, with_constraint
+from runtime.tokenizer.structured import Constraint, GrammarChecker, request_constraint, schema_text, with_constraint
 from runtime.tokenizer.tools import FORCED, ToolOutput, call_schema, check_tools, tool_mode
 
 log = logging.getLogger("runtime.gateway")
@@ -61,6 +61,7 @@ class Serving:
         self.tt = TokenText(state.tokenizer)
         self.encoder = PromptEncoder(state.tokenizer, state.vocab_size)
         self.grammars = GrammarChecker()
+        self.grammars.warm(self.encoder.pool)
 
     def close(self) -> None:
         self.encoder.close()
@@ -251,7 +252,7 @@ class Serving:
         """`c`, once xgrammar compiles it (400 otherwise); large new ones off the event loop."""
         if c is None:
             return None
-        if self.grammars.cached(c) or len(c.text) <= INLINE_CHARS:
+        if self.grammars.inline(c):
             self.grammars.check(c, what)
         else:
             await asyncio.get_running_loop().run_in_executor(self.encoder.pool, self.grammars.check, c, what)

@@ -109,6 +109,16 @@ def test_generate_and_compile_cache(engine: Engine) -> None:
     engine.core.scheduler.check_no_leak()
 
 
+def test_grammar_backend_is_warmed_at_start(tiny_model_dir: str) -> None:
+    """The engine makes xgrammar's tokenizer info on its compile thread when it starts, so the
+    first constrained request does not wait for the import (nor stall the caller's loop)."""
+    e = Engine(tiny_model_dir, device="cpu", dtype="float32")
+    g = e.core.grammars
+    g._executor().submit(lambda: None).result(timeout=60)  # the single compile thread: warm ran first
+    assert g._compiler is not None and g.num_compiles == 0
+    e.shutdown()
+
+
 def test_grammar_that_cannot_finish_ends_with_length(engine: Engine) -> None:
     r = engine.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0, regex=r"a{10}"))[0]
     assert (r.finish_reason, r.text) == ("length", "a" * 6)

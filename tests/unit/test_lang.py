@@ -53,3 +53,18 @@ def test_program_written_wrong() -> None:
         "a" + gen("x") + 3  # noqa: B018
     with pytest.raises(TypeError, match="takes text, gen"):
         user(42)
+
+
+def test_calls_left_when_the_program_is_cancelled_say_so(backend: EngineBackend) -> None:
+    """A call still queued when the program is cancelled (another call failed) is not run, and
+    reading what it would have captured raises a ProgramError naming it, not a KeyError."""
+    from runtime.lang import ProgramError
+    from runtime.lang.state import Program, ProgramState
+
+    program = Program(backend)
+    s = ProgramState(program, "Hello")
+    program.cancel.set()
+    s += " there" + gen("rest", max_tokens=4)
+    with pytest.raises(ProgramError, match="gen 'rest' failed: not run: the program was cancelled"):
+        s["rest"]
+    program.finish()
