@@ -117,7 +117,6 @@ class EngineCore(SpeculativeSteps):
         # Compiled once per distinct grammar; xgrammar allows the stop tokens only where the
         # grammar may end.
         self.grammars = GrammarCompiler(tok, mc.vocab_size, sorted(self.eos_ids), self.device)
-        self.grammars.warm()
         self.jumper = JumpForward(tok) if cfg.jump_forward and tok is not None else None
         self.compiling: list[Req] = []  # constrained requests whose grammar is still compiling
         self.requests: dict[str, Req] = {}
@@ -128,6 +127,7 @@ class EngineCore(SpeculativeSteps):
         self.accept_samples: deque[int] = deque()
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
+        self.grammars.warm()  # last: the CUDA graphs (the drafter's too) are captured by now
         log.info(
             "engine ready: %s on %s (%s, quantization %s), %d KV pages x %d tokens, attention=%s",
             self.loaded.name, self.device, dtype, self.loaded.model.quantization,
