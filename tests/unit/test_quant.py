@@ -251,9 +251,9 @@ def test_smollm2_int8_agrees_with_fp32(smollm2_dir: str) -> None:
 
 @pytest.mark.parametrize("make", ["int8", "int4"])
 def test_dense_copy_serves_prefill_sized_inputs(make: str) -> None:
-    """keep_dense: more than DENSE_ABOVE rows go through the dense copy (the packed ops lose
-    4-10x there), fewer through the packed op; both follow the dequantized weight."""
-    from runtime.engine.quant.base import DENSE_ABOVE
+    """keep_dense: more than PACKED_MAX_ROWS rows go through the dense copy (the packed ops
+    lose 4-10x there), fewer through the packed op; both follow the dequantized weight."""
+    from runtime.engine.quant.base import PACKED_MAX_ROWS
 
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(96, 64, generator=gen)
@@ -262,10 +262,10 @@ def test_dense_copy_serves_prefill_sized_inputs(make: str) -> None:
     ref_w = layer.dequantize(torch.float32)
     layer.keep_dense(torch.bfloat16)
     assert layer.dense is not None and layer.dense.dtype == torch.bfloat16
-    for rows in (1, DENSE_ABOVE, DENSE_ABOVE + 1, 64):
+    for rows in (1, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 64):
         x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
         got = layer(x)
-        expected_path = torch.nn.functional.linear(x, layer.dense) if rows > DENSE_ABOVE else layer.matmul(x)
+        expected_path = torch.nn.functional.linear(x, layer.dense) if rows > PACKED_MAX_ROWS else layer.matmul(x)
         assert torch.equal(got, expected_path), rows
         torch.testing.assert_close(got.float(), x.float() @ ref_w.t(), atol=0.15, rtol=0.05)
 

@@ -14,12 +14,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from runtime.common.hardware import cpu_flags
+
 # QUANTIZATIONS (what `--quantization` accepts) and CPU_ONLY are defined in runtime/config.py.
 # torch's packed int8/int4 CPU ops read 2-4x fewer bytes than a bf16 GEMM and win for a few
 # rows (decode), but lose 4-10x to the oneDNN bf16 GEMM on prefill-sized inputs (2-core Xeon
 # with AMX, K 576 N 3072: 1 row int4 147 us vs bf16 356 us; 512 rows 23.8 ms vs 5.5 ms). A
-# layer with a dense copy (keep_dense) runs inputs of more than DENSE_ABOVE rows through it.
+# layer with a dense copy (keep_dense) runs inputs of more than PACKED_MAX_ROWS rows through it.
+# DENSE_ABOVE: the rows up to which the model's per-layer decode path and int8 lm_head serve.
 DENSE_ABOVE = 8
+
+
+def _packed_max_rows() -> int:
+    """Where the packed ops stop winning depends on the bf16 GEMM they race. With AMX it is
+    fast and 8 stays (the Xeon above; rows between 1 and 512 were not measured there).
+    Without it (AVX-512 BF16 only: 2-core AMD EPYC, the default model's 120 projections with
+    cold weights) int4 still won at 12 rows (9.6 vs 11.5 ms) and 16 (11.0 vs 11.8) and lost
+    at 24 (15.8 vs 13.4); decode steps of batch 12 went from 27.7 to 24.3 ms with 16."""
+    return DENSE_ABOVE if "amx_bf16" in cpu_flags() else 16
+
+
+PACKED_MAX_ROWS = _packed_max_rows()
 
 
 class QuantLinear(nn.Module):
@@ -31,7 +46,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", bias)
-        self.dense: torch.Tensor | None = None  # [N, K] for inputs of more than DENSE_ABOVE rows
+        self.dense: torch.Tensor | None = None  # [N, K] for inputs of more than PACKED_MAX_ROWS rows
 
     def keep_dense(self, dtype: torch.dtype, weight: torch.Tensor | None = None) -> None:
         """Also keep the dense [N, K] weight (`weight`, shared, or this layer's dequantized)
@@ -55,7 +70,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:  # [..., K]: as rows (the packed serving rows are 2-D already)
             return self.forward(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
-        if self.dense is not None and x.shape[0] > DENSE_ABOVE:
+        if self.dense is not None and x.shape[0] > PACKED_MAX_ROWS:
             y = torch.nn.functional.linear(x, self.dense.to(x.dtype))
         else:
             y = self.matmul(x.contiguous())
