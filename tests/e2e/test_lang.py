@@ -164,9 +164,9 @@ def test_stream_yields_pieces_as_generated(local, endpoint) -> None:
 def failing(s, branches: list):
     forks = s.fork(3)
     branches.extend(forks)
-    for f in forks:  # as long as the context allows (1,024): the branches must still be running
-        f += "Once" + gen("long", max_tokens=1000, ignore_eos=True)  # when "code" fails (CI once lost
-    s += "Code: " + gen("code", regex=r"[0-9]{40}", max_tokens=3)  # that race at 600 after a long prompt)
+    for f in forks:  # near the context (1,024), on slow_endpoint 20 s or more: still running when "code" fails
+        f += "Once" + gen("long", max_tokens=1000, ignore_eos=True)
+    s += "Code: " + gen("code", regex=r"[0-9]{40}", max_tokens=3)
     s["code"]  # raises: the regex cannot be met in 3 tokens; the branches are still running
 
 
