@@ -4,8 +4,10 @@
 (widen, abs, amax, divide, clamp, divide, clamp, narrow); in a Llama-3-8B decode step that is
 ~1,000 small launches, which cost more than the FP8 GEMMs save. Here one program owns one
 row: a first pass over the row finds amax, a second writes q = clamp(x / s, +-448) in e4m3
-and s = max(amax / 448, 1e-12) in fp32, the same arithmetic as the torch version (an exact
-division, round-to-nearest-even onto the e4m3 grid), so results are equal bit for bit.
+and s = max(amax * (1/448), 1e-12) in fp32, the same arithmetic as the torch version (one
+fp32 product for s: torch on CUDA divides by a host scalar as a product by its reciprocal,
+so a division here differed from it in the last bit; then an exact division and round-to-
+nearest-even onto the e4m3 grid), so results are equal bit for bit.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from runtime.kernels._common import check_placement
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+INV_MAX = 1.0 / FP8_MAX  # the scale is amax times this, rounded to fp32 once, as in torch
 MIN_SCALE = 1e-12
 BLOCK = 1024  # columns per loop step
 
@@ -34,7 +37,8 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _quant_rows_kernel(X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+def _quant_rows_kernel(X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, INV_MAX: tl.constexpr,
+                       MIN_SCALE: tl.constexpr,
                        BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -42,7 +46,7 @@ def _quant_rows_kernel(X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, MI
     for k0 in range(0, K, BLOCK):
         x = tl.load(X + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, 0), tl.full([], FP8_MAX, tl.float32)), MIN_SCALE)
+    scale = tl.maximum(tl.max(amax, 0) * INV_MAX, MIN_SCALE)
     for k0 in range(0, K, BLOCK):
         m = k0 + cols < K
         x = tl.load(X + row * stride_x + k0 + cols, mask=m, other=0.0).to(tl.float32)
@@ -60,7 +64,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     check_placement("quantize_rows", {"x": x, "q": q, "scale": s})
     if m and k:
-        _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE,
+        _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), FP8_MAX=FP8_MAX, INV_MAX=INV_MAX,
+                                 MIN_SCALE=MIN_SCALE,
                                  BLOCK=BLOCK, num_warps=4)
     elif m:
         s.fill_(MIN_SCALE)

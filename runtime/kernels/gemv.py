@@ -46,6 +46,9 @@ import triton.language as tl
 from runtime.kernels._common import INTERPRETED, check_dtype, check_placement, manual_bf16, round_to
 
 MAX_M = 16  # rows of x one program holds (BM <= 16); wider x is a GEMM, torch's job
+# An FP8 weight reads half the bytes, so the product stays bound by them to more rows; the
+# kernel takes up to this many there (Fp8Linear decides up to where it serves).
+MAX_M_FP8 = 64
 HALF = (torch.float16, torch.bfloat16)
 FP8_WEIGHT = torch.float8_e4m3fn  # gemv(..., scale=): FP8 weight-only (quant/fp8.py's Fp8Linear)
 
@@ -69,7 +72,7 @@ class GemvConfig:
             raise ValueError(f"GemvConfig: num_stages must be >= 1, got {self.num_stages}")
 
 
-def default_config(m: int, n: int, k: int) -> GemvConfig:
+def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
     """The tile for an [m, k] x [n, k] product (not yet measured; see the module note).
 
     Narrow W (qkv 6144, o_proj and down_proj 4096 on Llama-3-8B): 16 rows per program and one
@@ -105,6 +108,25 @@ CANDIDATES = (
     GemvConfig(4, 1024, 4, 1, dot=False),
     GemvConfig(8, 512, 4, 1, dot=False),
     GemvConfig(2, 1024, 4, 1, dot=False),
+)
+# ... and with FP8 weights (one byte each: longer K tiles carry the same bytes), M up to 64.
+FP8_CANDIDATES = (
+    GemvConfig(8, 512, 1, 4),
+    GemvConfig(16, 256, 1, 4),
+    GemvConfig(16, 512, 1, 3),
+    GemvConfig(16, 512, 1, 4),
+    GemvConfig(16, 1024, 1, 2),
+    GemvConfig(16, 512, 2, 3),
+    GemvConfig(32, 256, 1, 4),
+    GemvConfig(32, 512, 1, 3),
+    GemvConfig(32, 512, 2, 3),
+    GemvConfig(64, 256, 4, 3),
+    GemvConfig(64, 512, 4, 3),
+    GemvConfig(128, 256, 4, 3),
+    GemvConfig(4, 1024, 4, 1, dot=False),
+    GemvConfig(8, 1024, 4, 1, dot=False),
+    GemvConfig(16, 512, 4, 1, dot=False),
+    GemvConfig(8, 2048, 8, 1, dot=False),
 )
 
 
@@ -197,7 +219,7 @@ def gemv_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(
-    x: torch.Tensor,  # [M, K], M <= 16, last dim contiguous
+    x: torch.Tensor,  # [M, K], M <= 16 (64 with an FP8 weight), last dim contiguous
     weight: torch.Tensor,  # [N, K] (nn.Linear's [out, in]), x's dtype, last dim contiguous
     bias: torch.Tensor | None = None,  # [N], x's dtype
     out: torch.Tensor | None = None,  # [M, N], x's dtype, last dim contiguous
@@ -212,8 +234,9 @@ def gemv(
         raise ValueError(f"gemv: x must be [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
     m, k = x.shape
     n = weight.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"gemv: x has {m} rows, at most {MAX_M} are supported (use F.linear)")
+    max_m = MAX_M if scale is None else MAX_M_FP8
+    if m > max_m:
+        raise ValueError(f"gemv: x has {m} rows, at most {max_m} are supported (use F.linear)")
     if k == 0:
         raise ValueError("gemv: K must be at least 1")
     check_dtype("x", x)
@@ -241,7 +264,7 @@ def gemv(
         if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             raise ValueError("gemv: out must not share memory with x (programs read x while others write out)")
         tensors["out"] = out
-    cfg = config or default_config(m, n, k)
+    cfg = config or default_config(m, n, k, fp8=scale is not None)
     if not cfg.dot and m != 1:
         raise ValueError(f"gemv: the elementwise config (dot=False) serves one row, x has {m}")
     check_placement("gemv", tensors)

@@ -99,6 +99,7 @@ FP8_CASES = [
     ("fp8_m5_fp16_bias_ktail", torch.float16, 5, 45, 77, True, (16, 32, 1, 3), 21),
     ("fp8_m16_bf16_odd", torch.bfloat16, 16, 19, 53, True, (16, 32, 1, 2), 22),
     ("fp8_ew_bf16_ktail", torch.bfloat16, 1, 10, 83, True, (8, 32, 4, 1, False), 23),
+    ("fp8_m40_bf16_wide", torch.bfloat16, 40, 24, 64, False, (16, 32, 1, 2), 24),  # BM 64: FP8 only
 ]
 
 

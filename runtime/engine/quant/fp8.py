@@ -40,7 +40,7 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations x [M, K] -> (q e4m3 [M, K], scale fp32 [M, 1]): one scale per token."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = (xf.abs().amax(dim=1, keepdim=True) * (1.0 / FP8_MAX)).clamp(min=_MIN_SCALE)  # as fp8_quant.py
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
