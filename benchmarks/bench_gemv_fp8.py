@@ -9,6 +9,11 @@ config in FP8_CANDIDATES; the best is printed, so the defaults in kernels/gemv.p
 from measurements. The "step" line adds up one batch-1 step's projections (32 layers).
 
     python benchmarks/bench_gemv_fp8.py [--rows 1,4,16,32,64] [--out bench_gemv_fp8.json]
+        [--tuned-out runtime/kernels/configs/gemv_fp8_<GPU name>.json]
+
+--tuned-out writes what kernels/gemv.py's fp8_tuned reads: per shape and BM (powers of two up
+to 64) the best config at the nearest measured row count, and max_rows, the largest measured
+row count up to which the best gemv beat _scaled_mm on every shape.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,32,64")
     ap.add_argument("--no-sweep", action="store_true", help="the default config only")
     ap.add_argument("--out", default="bench_gemv_fp8.json")
+    ap.add_argument("--tuned-out", default="", help="write the measured configs for kernels/gemv.py here")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_gemv_fp8: skipped, this benchmark needs a CUDA GPU")
@@ -102,6 +108,25 @@ def main() -> None:
         print(f"step projections at M={m} (32 layers, ms): bf16 {tot['bf16_us']:.3f}  "
               f"scaled_mm {tot['scaled_mm_us']:.3f}  gemv {tot['gemv_us']:.3f}  best gemv {tot['best_us']:.3f}")
     Path(a.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), copy_bandwidth=peak, rows=rows), indent=2))
+    if a.tuned_out:
+        Path(a.tuned_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.tuned_out).write_text(json.dumps(tuned_table(rows), indent=1, sort_keys=True))
+        print(f"wrote {a.tuned_out}")
+
+
+def tuned_table(rows: list[dict]) -> dict:
+    """kernels/gemv.py's fp8_tuned file from the measured rows (see the module note)."""
+    measured = sorted({r["m"] for r in rows})
+    table: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    for r in rows:
+        key = f"{r['n']}x{r['k']}"
+        for bm in (1, 2, 4, 8, 16, 32, 64):
+            nearest = min(measured, key=lambda m: (abs(m.bit_length() - bm.bit_length()), m))
+            if nearest == r["m"] and (r["best_config"]["dot"] or bm == 1):
+                table[f"{key}@{bm}"] = r["best_config"]
+    wins = [m for m in measured if all(r["best_us"] < r["scaled_mm_us"] for r in rows if r["m"] == m)]
+    table["max_rows"] = max((m for m in wins if all(w in wins for w in measured if w <= m)), default=16)
+    return table
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ round_to rounds to nearest even there.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -72,8 +75,39 @@ class GemvConfig:
             raise ValueError(f"GemvConfig: num_stages must be >= 1, got {self.num_stages}")
 
 
+# FP8 weights: configs measured by benchmarks/bench_gemv_fp8.py --tuned-out, one file per GPU
+# name under configs/ (RUNTIME_GEMV_FP8_CONFIGS names another file). A file holds, per
+# "NxK@BM" (BM = next_power_of_2(rows): 1, 2, 4, ... 64), the fastest config measured at the
+# nearest measured row count, and "max_rows": up to how many rows the gemv beat row
+# quantization + torch._scaled_mm on every shape (Fp8Linear's dispatch).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_FP8_TUNED: dict[str, dict] = {}
+
+
+def fp8_tuned(device: torch.device | None = None) -> dict:
+    """The measured FP8 gemv configs for this GPU ({} when none were measured)."""
+    name = os.environ.get("RUNTIME_GEMV_FP8_CONFIGS")
+    if not name:
+        if not torch.cuda.is_available():
+            return {}
+        gpu = torch.cuda.get_device_name(device).replace(" ", "_")
+        name = str(CONFIG_DIR / f"gemv_fp8_{gpu}.json")
+    if name not in _FP8_TUNED:
+        try:
+            _FP8_TUNED[name] = json.loads(Path(name).read_text())
+        except (OSError, ValueError):
+            _FP8_TUNED[name] = {}
+    return _FP8_TUNED[name]
+
+
+def fp8_max_rows(device: torch.device | None = None) -> int:
+    """Rows up to which Fp8Linear serves through the gemv (the measured figure, else MAX_M)."""
+    return min(int(fp8_tuned(device).get("max_rows", MAX_M)), MAX_M_FP8)
+
+
 def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
-    """The tile for an [m, k] x [n, k] product (not yet measured; see the module note).
+    """The tile for an [m, k] x [n, k] product (for an FP8 weight, the measured one where
+    fp8_tuned has it; else reasoned, not measured: see the module note).
 
     Narrow W (qkv 6144, o_proj and down_proj 4096 on Llama-3-8B): 16 rows per program and one
     warp, so every program is resident at once (qkv: 384 programs, about 3 per SM, each with
@@ -81,6 +115,10 @@ def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
     tail wave. One warp also avoids Triton replicating the 16-row MMA (and its shared-memory
     reads) across warps. Wide W (gate_up 28672, lm_head): 64 rows and 4 warps, fewer and
     larger programs. block_k divides K where it can, so the loop needs no K mask."""
+    if fp8:
+        tuned = fp8_tuned().get(f"{n}x{k}@{triton.next_power_of_2(max(m, 1))}")
+        if tuned is not None and (tuned.get("dot", True) or m == 1) and k % tuned["block_k"] == 0:
+            return GemvConfig(**tuned)
     if n <= 16384:
         bn, bk, warps = 16, 256, 1
     else:

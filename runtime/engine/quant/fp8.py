@@ -1,8 +1,8 @@
 """FP8 (e4m3) weights with one fp32 scale per output channel and dynamic per-token
 activation scales: y = (xq * sx) @ (wq * sw).T.
 
-On CUDA, inputs of at most 16 rows (decode) run runtime/kernels/gemv.py's weight-only FP8
-product: the e4m3 weight widened in registers and multiplied by x itself (not quantized), one
+On CUDA, inputs of at most 16 rows (decode; up to 64 where kernels/configs holds a
+measurement for the GPU that says so) run runtime/kernels/gemv.py's weight-only FP8 product: the e4m3 weight widened in registers and multiplied by x itself (not quantized), one
 launch reading the weight's bytes once. `torch._scaled_mm` at 1-64 rows lost to bf16 on the
 H200 (8B shape, batch-1 step 6.8 ms against 4.5 ms in bf16, mostly the eight torch launches
 that quantized each activation). Wider inputs run `torch._scaled_mm` with row-wise scales:
@@ -73,9 +73,12 @@ class _Kernels:
 
     def __init__(self) -> None:
         from runtime.kernels.fp8_quant import quantize_rows
-        from runtime.kernels.gemv import MAX_M, gemv
+        from runtime.kernels.gemv import fp8_max_rows, gemv
 
-        self.gemv, self.gemv_rows, self.quantize_rows = gemv, MAX_M, quantize_rows
+        # Up to this many rows the weight-only gemv serves (measured per GPU where
+        # kernels/configs has a file: bench_gemv_fp8.py), more run _scaled_mm.
+        rows = fp8_max_rows() if torch.cuda.is_available() else 16
+        self.gemv, self.gemv_rows, self.quantize_rows = gemv, rows, quantize_rows
         self.gemv_ok = True  # False after the gemv failed once (then _scaled_mm serves every shape)
 
 
