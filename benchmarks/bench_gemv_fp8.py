@@ -101,17 +101,20 @@ def main() -> None:
             rows.append(row)
             print(f"{name:<8} {m:>3} {row['bf16_us']:8.2f} {row['scaled_mm_us']:8.2f} {row['gemv_us']:8.2f} "
                   f"{best[0]:8.2f} {s.nbytes / best[0] / 1e3:9.0f}  {best[1]}", flush=True)
+        write(a, peak, rows)  # after each shape: a run cut short keeps what it measured
     for m in sorted({r["m"] for r in rows}):
         sel = [r for r in rows if r["m"] == m]
         tot = {key: LAYERS * sum(r[key] for r in sel) / 1e3
                for key in ("bf16_us", "scaled_mm_us", "gemv_us", "best_us")}
         print(f"step projections at M={m} (32 layers, ms): bf16 {tot['bf16_us']:.3f}  "
               f"scaled_mm {tot['scaled_mm_us']:.3f}  gemv {tot['gemv_us']:.3f}  best gemv {tot['best_us']:.3f}")
+
+
+def write(a: argparse.Namespace, peak: float, rows: list[dict]) -> None:
     Path(a.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), copy_bandwidth=peak, rows=rows), indent=2))
     if a.tuned_out:
         Path(a.tuned_out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.tuned_out).write_text(json.dumps(tuned_table(rows), indent=1, sort_keys=True))
-        print(f"wrote {a.tuned_out}")
 
 
 def tuned_table(rows: list[dict]) -> dict:

@@ -10,11 +10,11 @@ STEPS=${STEPS:-sweep quant_micro serve_fp8 gpu_tests}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
+TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
 TAIL=4 step quant_micro 130 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
-step serve_fp8 90 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
+step serve_fp8 80 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton --quantization fp8" --out "$OUT/serve_fp8.json"
 TAIL=3 step gpu_tests 50 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py -k fp8

@@ -150,20 +150,15 @@ CANDIDATES = (
 # ... and with FP8 weights (one byte each: longer K tiles carry the same bytes), M up to 64.
 FP8_CANDIDATES = (
     GemvConfig(8, 512, 1, 4),
-    GemvConfig(16, 256, 1, 4),
     GemvConfig(16, 512, 1, 3),
     GemvConfig(16, 512, 1, 4),
     GemvConfig(16, 1024, 1, 2),
-    GemvConfig(16, 512, 2, 3),
     GemvConfig(32, 256, 1, 4),
     GemvConfig(32, 512, 1, 3),
-    GemvConfig(32, 512, 2, 3),
     GemvConfig(64, 256, 4, 3),
     GemvConfig(64, 512, 4, 3),
-    GemvConfig(128, 256, 4, 3),
     GemvConfig(4, 1024, 4, 1, dot=False),
     GemvConfig(8, 1024, 4, 1, dot=False),
-    GemvConfig(16, 512, 4, 1, dot=False),
     GemvConfig(8, 2048, 8, 1, dot=False),
 )
 
