@@ -199,6 +199,8 @@ def main() -> None:
                     "weighs (per bucket and k: steps, step ms, tokens per request) into the rows, and for every method "
                     "the engine's steps per batch bucket")
     ap.add_argument("--repeats", type=int, default=3, help="time each group this many times; the median counts")
+    ap.add_argument("--control", action="store_true", help="run no speculation again after every other method "
+                    "(row none#2): the drift between engines of one run, against which a speedup near 1 is read")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -216,6 +218,8 @@ def main() -> None:
         ap.error("--methods must include none (the baseline)")
     policies = a.policies.split(",")
     runs = [(m, d, t, p) for m, d, t in methods for p in (["fixed"] if m == "none" else policies)]
+    if a.control:
+        runs.append(("none#2", None, "chain", "fixed"))
     rows = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     for method, draft, tree, policy in runs:
