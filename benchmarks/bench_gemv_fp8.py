@@ -9,7 +9,7 @@ config in FP8_CANDIDATES; the best is printed, so the defaults in kernels/gemv.p
 from measurements. The "step" line adds up one batch-1 step's projections (32 layers).
 
     python benchmarks/bench_gemv_fp8.py [--rows 1,4,16,32,64] [--out bench_gemv_fp8.json]
-        [--tuned-out runtime/kernels/configs/gemv_fp8_<GPU name>.json]
+        [--tuned-out runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json]
 
 --tuned-out writes what kernels/gemv.py's fp8_tuned reads: per shape and BM (powers of two up
 to 64) the best config at the nearest measured row count, and max_rows, the largest measured

@@ -4,7 +4,7 @@
 # table (bench_quant --micro: bf16 vs FP8, decode b1/b64, prefill) and `runtime up` with FP8
 # weights at concurrency 64 (the standing check on the changed path). Needs .carry
 # (benchmarks/make_carry.sh; the GGUF part is not needed). Copy $OUT/gemv_fp8_tuned.json to
-# runtime/kernels/configs/gemv_fp8_<GPU name with _>.json to keep it.
+# runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json to keep it.
 set -uo pipefail
 STEPS=${STEPS:-sweep quant_micro serve_fp8 gpu_tests}
 . benchmarks/gpu_lib.sh
@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
-TAIL=4 step quant_micro 130 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
+TAIL=4 step quant_micro 125 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
 step serve_fp8 80 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton --quantization fp8" --out "$OUT/serve_fp8.json"

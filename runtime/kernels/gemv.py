@@ -76,7 +76,8 @@ class GemvConfig:
 
 
 # FP8 weights: configs measured by benchmarks/bench_gemv_fp8.py --tuned-out, one file per GPU
-# name under configs/ (RUNTIME_GEMV_FP8_CONFIGS names another file). A file holds, per
+# under configs/, gemv_fp8_<GPU name>.<smXY>.json, used by that GPU or (when it has none of
+# its own) by another of the same compute capability; RUNTIME_GEMV_FP8_CONFIGS names a file. A file holds, per
 # "NxK@BM" (BM = next_power_of_2(rows): 1, 2, 4, ... 64), the fastest config measured at the
 # nearest measured row count, and "max_rows": up to how many rows the gemv beat row
 # quantization + torch._scaled_mm on every shape (Fp8Linear's dispatch).
@@ -91,7 +92,13 @@ def fp8_tuned(device: torch.device | None = None) -> dict:
         if not torch.cuda.is_available():
             return {}
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-        name = str(CONFIG_DIR / f"gemv_fp8_{gpu}.json")
+        cap = "sm%d%d" % torch.cuda.get_device_capability(device)
+        name = str(CONFIG_DIR / f"gemv_fp8_{gpu}.{cap}.json")
+        if not Path(name).exists():
+            # Another GPU of the same architecture (an H200 reads an H100's table): the
+            # same tiles keep the weight stream going; only the bandwidth differs.
+            same = sorted(CONFIG_DIR.glob(f"gemv_fp8_*.{cap}.json"))
+            name = str(same[0]) if same else name
     if name not in _FP8_TUNED:
         try:
             _FP8_TUNED[name] = json.loads(Path(name).read_text())
