@@ -53,6 +53,9 @@ class StepOutput:
         return self.req.finished
 
 
+ACCEPT_SAMPLES_KEPT = 1 << 16  # the newest accept-length samples kept between two heartbeats
+
+
 def graph_rows(cfg: EngineConfig) -> int:
     """Rows the decode CUDA graphs cover: the batch, or with speculation the verify rows of
     the batches that draft (each request's last token plus its drafts)."""
@@ -123,8 +126,9 @@ class EngineCore(SpeculativeSteps):
         self.drafter = make_drafter(cfg.speculative, self)
         self.policy = SpeculationPolicy(cfg.num_draft_tokens, cfg.speculative_policy, cfg.speculative_max_batch)
         # Tokens gained per decode step and request (the bonus token included), for the
-        # accept-length histogram; workers drain it into heartbeats.
-        self.accept_samples: deque[int] = deque()
+        # accept-length histogram; workers drain it into heartbeats. Bounded: the offline
+        # Engine has no reader, and a long run must not grow it without end.
+        self.accept_samples: deque[int] = deque(maxlen=ACCEPT_SAMPLES_KEPT)
         self._rng = random.Random(cfg.seed)
         self._arrivals = 0
         self.grammars.warm()  # last: the CUDA graphs (the drafter's too) are captured by now
