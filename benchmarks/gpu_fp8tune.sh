@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
-TAIL=4 step quant_micro 125 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
-step serve_fp8 80 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
+TAIL=4 step quant_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
+step serve_fp8 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton --quantization fp8" --out "$OUT/serve_fp8.json"
 TAIL=3 step gpu_tests 50 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py -k fp8
