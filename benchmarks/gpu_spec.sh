@@ -24,8 +24,13 @@ timeout "${QUANT_SECONDS:-90}" python benchmarks/bench_quant.py --model /tmp/smo
     --out "$OUT/quant_smol.json" > "$OUT/quant_smol.log" 2>&1
 echo "rc=$?"; tail -5 "$OUT/quant_smol.log"
 [ "${RUN_SPEC:-1}" = 1 ] || exit 0  # RUN_SPEC=0: the structured and accuracy benchmarks alone
+# Issue 18: what a speculative engine's plain steps cost against no speculation (engines built
+# alternately), then the policies with a second no-speculation engine last (--control).
+timeout "${OFF_SECONDS:-90}" python benchmarks/bench_spec_off.py --model /tmp/smol --device cuda --batch 16 \
+    --out "$OUT/spec_off.json" > "$OUT/spec_off.log" 2>&1
+echo "rc=$?"; tail -5 "$OUT/spec_off.log"
 SPEC=(python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 --policies fixed,adaptive
-      --workloads chat,copy --max-tokens 256 --trace-policy)
+      --workloads chat,copy --max-tokens 256 --trace-policy --control)
 # Batch 16 and 64 first (where adaptive lost), then batch 1.
 timeout "${SPEC_SECONDS:-240}" "${SPEC[@]}" --batch-sizes "${SPEC_BATCHES:-16,64}" --out "$OUT/bench_spec_b16.json" > "$OUT/bench_spec_b16.log" 2>&1
 echo "rc=$?"; tail -14 "$OUT/bench_spec_b16.log"

@@ -1,0 +1,93 @@
+"""What an engine built for speculation pays on steps that do not draft (issue 18).
+
+The eleventh session's H100 run of bench_spec.py found adaptive's plain steps (k = 0) 14-15%
+slower than the no-speculation engine's at the same batch (SmolLM2, batch 16: 1.427 against
+1.247 ms; batch 64: 1.726 against 1.498), which alone breaks the 0.97x contract wherever the
+policy chooses not to draft. Whether that is the speculative engine's own work or drift
+between engines built one after another in one process was not measured. Here engines of
+both kinds are built alternately (none, ngram, none, ngram, ...), the ngram engine's policy
+told never to draft, and each runs the same greedy batch (ignore_eos) several times: the
+median step time per engine, and the ratio of each kind's best run.
+
+    python benchmarks/bench_spec_off.py --model MODEL [--load-format dummy] [--batch 16]
+        [--rounds 2] [--repeats 3] [--max-tokens 256] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.engine.llm import Engine  # noqa: E402
+from runtime.engine.request import SamplingParams  # noqa: E402
+
+
+def run_engine(a: argparse.Namespace, kind: str) -> list[float]:
+    """Median step ms of each repeat of one batch on a fresh engine of `kind`."""
+    eng = Engine(a.model, device=a.device, dtype=a.dtype, load_format=a.load_format,
+                 speculative="ngram" if kind == "ngram-off" else "none", speculative_policy="adaptive",
+                 num_draft_tokens=4)
+    core = eng.core
+    if kind == "ngram-off":
+        core.policy.num_draft_tokens = lambda batch_size, finish=None: 0  # the policy's "off", always
+    times: list[float] = []
+    inner = core.step
+
+    def step(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        times.append(time.perf_counter() - t0)
+        return out
+
+    core.step = step
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [f"Request {i}: tell me about the number {i} and why it matters." for i in range(a.batch)]
+    eng.generate(prompts, params)  # warm-up
+    medians = []
+    for _ in range(a.repeats):
+        times.clear()
+        eng.generate(prompts, params)
+        medians.append(1e3 * statistics.median(times))
+    eng.shutdown()
+    del eng, core, inner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return medians
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2, help="engines of each kind, built alternately")
+    ap.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
+    ap.add_argument("--out", default="bench_spec_off.json")
+    a = ap.parse_args()
+    rows = []
+    for r in range(a.rounds):
+        for kind in ("none", "ngram-off"):
+            medians = run_engine(a, kind)
+            rows.append(dict(round=r, kind=kind, step_ms_medians=medians))
+            print(f"round {r} {kind:<9} median step ms per repeat: " + " ".join(f"{m:.3f}" for m in medians),
+                  flush=True)
+    best = {k: min(min(x["step_ms_medians"]) for x in rows if x["kind"] == k) for k in ("none", "ngram-off")}
+    print(f"best median step: none {best['none']:.3f} ms, ngram engine not drafting {best['ngram-off']:.3f} ms "
+          f"({best['ngram-off'] / best['none']:.3f}x)")
+    Path(a.out).write_text(json.dumps(dict(args=vars(a), rows=rows, best=best), indent=2))
+
+
+if __name__ == "__main__":
+    main()
