@@ -77,10 +77,10 @@ class GemvConfig:
 
 # FP8 weights: configs measured by benchmarks/bench_gemv_fp8.py --tuned-out, one file per GPU
 # under configs/, gemv_fp8_<GPU name>.<smXY>.json, used by that GPU or (when it has none of
-# its own) by another of the same compute capability; RUNTIME_GEMV_FP8_CONFIGS names a file. A file holds, per
-# "NxK@BM" (BM = next_power_of_2(rows): 1, 2, 4, ... 64), the fastest config measured at the
-# nearest measured row count, and "max_rows": up to how many rows the gemv beat row
-# quantization + torch._scaled_mm on every shape (Fp8Linear's dispatch).
+# its own) by another of the same compute capability; RUNTIME_GEMV_FP8_CONFIGS names a file.
+# A file holds, per "NxK@BM" (BM = next_power_of_2(rows): 1, 2, 4, ... 64), the fastest
+# config measured at the nearest measured row count, and "max_rows": up to how many rows the
+# gemv beat row quantization + torch._scaled_mm on every shape (Fp8Linear's dispatch).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _FP8_TUNED: dict[str, dict] = {}
 

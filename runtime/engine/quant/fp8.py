@@ -2,8 +2,9 @@
 activation scales: y = (xq * sx) @ (wq * sw).T.
 
 On CUDA, inputs of at most 16 rows (decode; up to 64 where kernels/configs holds a
-measurement for the GPU that says so) run runtime/kernels/gemv.py's weight-only FP8 product: the e4m3 weight widened in registers and multiplied by x itself (not quantized), one
-launch reading the weight's bytes once. `torch._scaled_mm` at 1-64 rows lost to bf16 on the
+measurement for the GPU that says so) run runtime/kernels/gemv.py's weight-only FP8
+product: the e4m3 weight widened in registers and multiplied by x itself (not quantized),
+one launch reading the weight's bytes once. `torch._scaled_mm` at 1-64 rows lost to bf16 on the
 H200 (8B shape, batch-1 step 6.8 ms against 4.5 ms in bf16, mostly the eight torch launches
 that quantized each activation). Wider inputs run `torch._scaled_mm` with row-wise scales:
 the activation rows are quantized per token on the device in one launch
