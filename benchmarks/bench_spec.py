@@ -57,13 +57,17 @@ def make_draft(target: str, out: str, layers: int) -> None:
     save_file(keep, os.path.join(out, "model.safetensors"))
 
 
+MAX_REPEATS = 15  # timed_generate: the most runs a group gets to fill min_seconds
+
+
 def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams | list[SamplingParams],
-                   repeats: int = 1) -> tuple[list, float, int]:
+                   repeats: int = 1, min_seconds: float = 0.0) -> tuple[list, float, int]:
     """Every prompt, in groups of `batch` run one after another (a group finishes before the
     next starts): the results, the wall time and the engine forwards summed over the groups.
     `params`: one for all, or one per prompt.
     With repeats > 1 each group is timed that many times and its median time counts (a batch
-    of 16 x 256 tokens of a small model is ~0.3 s on a GPU, where one run's noise is ~10%)."""
+    of 16 x 256 tokens of a small model is ~0.3 s on a GPU, where one run's noise is ~10%),
+    and more times (up to MAX_REPEATS) until the group's runs took min_seconds in all."""
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     cuda = engine.core.device.type == "cuda"
     warmed: set[tuple[int, ...]] = set()
@@ -79,8 +83,8 @@ def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingPa
             warmed.add(shape)
         if cuda:
             torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
+        times: list[float] = []
+        while len(times) < repeats or (sum(times) < min_seconds and len(times) < MAX_REPEATS):
             f0, t0 = engine.core.num_forwards, time.perf_counter()
             out = engine.generate(group, gp)
             if cuda:
@@ -158,12 +162,12 @@ class StepTrace:
 
 def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
         ignore_eos: bool, trace: PolicyTrace | None = None,
-        steps: StepTrace | None = None, repeats: int = 1) -> tuple[dict, list[list[int]]]:
+        steps: StepTrace | None = None, repeats: int = 1, min_seconds: float = 0.0) -> tuple[dict, list[list[int]]]:
     """timed_generate's tokens/s; accept length the mean over all requests."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     if batch > len(prompts):  # a batch bigger than the workload: its prompts again, in turn
         prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    res, dt, _ = timed_generate(engine, prompts, batch, params, repeats)
+    res, dt, _ = timed_generate(engine, prompts, batch, params, repeats, min_seconds)
     n = sum(len(r.token_ids) for r in res)  # what was generated: fewer than max_tokens at EOS
     stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt,
                  tokens=n, requests=len(res))
@@ -199,6 +203,8 @@ def main() -> None:
                     "weighs (per bucket and k: steps, step ms, tokens per request) into the rows, and for every method "
                     "the engine's steps per batch bucket")
     ap.add_argument("--repeats", type=int, default=3, help="time each group this many times; the median counts")
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="... and more times (up to 15) until its runs "
+                    "took this long in all (a 64 x 256-token group of SmolLM2 is ~0.2 s on a GPU)")
     ap.add_argument("--control", action="store_true", help="run no speculation again after every other method "
                     "(row none#2): the drift between engines of one run, against which a speedup near 1 is read")
     ap.add_argument("--device", default="auto")
@@ -238,7 +244,8 @@ def main() -> None:
                      for name in a.workloads.split(",")}
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
-                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace, steps, a.repeats)
+                r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace, steps, a.repeats,
+                              a.min_seconds)
                 # Greedy speculation is exact; in bf16 a row batched differently can round
                 # differently, so report how many outputs equal no-speculation's.
                 ref = outputs.setdefault((wl, bs), toks)
