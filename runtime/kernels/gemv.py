@@ -85,26 +85,39 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _FP8_TUNED: dict[str, dict] = {}
 
 
-def fp8_tuned(device: torch.device | None = None) -> dict:
-    """The measured FP8 gemv configs for this GPU ({} when none were measured)."""
+def fp8_tuned(device: torch.device | int | None = None) -> dict:
+    """The measured FP8 gemv configs for this GPU ({} when none were measured). Looked up
+    once per device (an eager step calls this for every projection)."""
+    if not torch.cuda.is_available():
+        return {}
+    if isinstance(device, int):
+        index = device
+    elif device is None or device.index is None:
+        index = torch.cuda.current_device()
+    else:
+        index = device.index
+    key = f"{index}:{os.environ.get('RUNTIME_GEMV_FP8_CONFIGS', '')}"
+    table = _FP8_TUNED.get(key)
+    if table is None:
+        table = _FP8_TUNED[key] = _read_fp8_table(index)
+    return table
+
+
+def _read_fp8_table(index: int) -> dict:
     name = os.environ.get("RUNTIME_GEMV_FP8_CONFIGS")
     if not name:
-        if not torch.cuda.is_available():
-            return {}
-        gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-        cap = "sm%d%d" % torch.cuda.get_device_capability(device)
+        gpu = torch.cuda.get_device_name(index).replace(" ", "_")
+        cap = "sm%d%d" % torch.cuda.get_device_capability(index)
         name = str(CONFIG_DIR / f"gemv_fp8_{gpu}.{cap}.json")
         if not Path(name).exists():
             # Another GPU of the same architecture (an H200 reads an H100's table): the
             # same tiles keep the weight stream going; only the bandwidth differs.
             same = sorted(CONFIG_DIR.glob(f"gemv_fp8_*.{cap}.json"))
             name = str(same[0]) if same else name
-    if name not in _FP8_TUNED:
-        try:
-            _FP8_TUNED[name] = json.loads(Path(name).read_text())
-        except (OSError, ValueError):
-            _FP8_TUNED[name] = {}
-    return _FP8_TUNED[name]
+    try:
+        return json.loads(Path(name).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def fp8_max_rows(device: torch.device | None = None) -> int:
@@ -112,7 +125,7 @@ def fp8_max_rows(device: torch.device | None = None) -> int:
     return min(int(fp8_tuned(device).get("max_rows", MAX_M)), MAX_M_FP8)
 
 
-def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
+def default_config(m: int, n: int, k: int, fp8: bool = False, device: torch.device | None = None) -> GemvConfig:
     """The tile for an [m, k] x [n, k] product (for an FP8 weight, the measured one where
     fp8_tuned has it; else reasoned, not measured: see the module note).
 
@@ -123,7 +136,7 @@ def default_config(m: int, n: int, k: int, fp8: bool = False) -> GemvConfig:
     reads) across warps. Wide W (gate_up 28672, lm_head): 64 rows and 4 warps, fewer and
     larger programs. block_k divides K where it can, so the loop needs no K mask."""
     if fp8:
-        tuned = fp8_tuned().get(f"{n}x{k}@{triton.next_power_of_2(max(m, 1))}")
+        tuned = fp8_tuned(device).get(f"{n}x{k}@{triton.next_power_of_2(max(m, 1))}")
         if tuned is not None and (tuned.get("dot", True) or m == 1) and k % tuned["block_k"] == 0:
             return GemvConfig(**tuned)
     if n <= 16384:
@@ -304,7 +317,7 @@ def gemv(
         if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             raise ValueError("gemv: out must not share memory with x (programs read x while others write out)")
         tensors["out"] = out
-    cfg = config or default_config(m, n, k, fp8=scale is not None)
+    cfg = config or default_config(m, n, k, fp8=scale is not None, device=x.device if x.is_cuda else None)
     if not cfg.dot and m != 1:
         raise ValueError(f"gemv: the elementwise config (dot=False) serves one row, x has {m}")
     check_placement("gemv", tensors)

@@ -9,6 +9,7 @@ fp32 accumulation: within half an ulp of the dtype at the reference value, plus 
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -264,3 +265,39 @@ def test_default_configs_divide_k_when_they_can() -> None:
 
 if __name__ == "__main__":
     sys.exit(_main())
+
+
+def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels/gemv.py's measured FP8 tables: a GPU's own file, else one of the same compute
+    capability, else none (the reasoned defaults); RUNTIME_GEMV_FP8_CONFIGS overrides; the
+    table decides configs and Fp8Linear's row limit, looked up once per device."""
+    pytest.importorskip("triton")
+    from runtime.kernels import gemv
+
+    cfg = {"block_n": 32, "block_k": 512, "num_warps": 1, "num_stages": 3, "dot": True}
+    (tmp_path / "gemv_fp8_Other_GPU.sm90.json").write_text(json.dumps({"6144x4096@1": cfg, "max_rows": 64}))
+    (tmp_path / "gemv_fp8_Old_GPU.sm80.json").write_text(json.dumps({"max_rows": 1}))
+    name = ["Fake GPU"]
+    reads = []
+    real_read = gemv._read_fp8_table
+    monkeypatch.setattr(gemv, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(gemv, "_FP8_TUNED", {})
+    monkeypatch.setattr(gemv, "_read_fp8_table", lambda i: reads.append(i) or real_read(i))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: name[0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.delenv("RUNTIME_GEMV_FP8_CONFIGS", raising=False)
+
+    assert gemv.default_config(1, 6144, 4096, fp8=True) == gemv.GemvConfig(**cfg)  # same capability's table
+    assert gemv.fp8_max_rows() == 64
+    assert gemv.default_config(1, 6144, 4096) == gemv.GemvConfig(16, 256, 1, 4)  # bf16: never from the table
+    assert gemv.default_config(1, 4096, 4096, fp8=True) == gemv.GemvConfig(16, 256, 1, 4)  # shape not in it
+    assert reads == [0]  # once per device
+    (tmp_path / "own.json").write_text(json.dumps({"max_rows": 8}))
+    monkeypatch.setenv("RUNTIME_GEMV_FP8_CONFIGS", str(tmp_path / "own.json"))
+    assert gemv.fp8_max_rows() == 8
+    monkeypatch.delenv("RUNTIME_GEMV_FP8_CONFIGS")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 9))
+    monkeypatch.setattr(gemv, "_FP8_TUNED", {})
+    assert gemv.fp8_tuned() == {} and gemv.fp8_max_rows() == gemv.MAX_M  # no table of this capability
