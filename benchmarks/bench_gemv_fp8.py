@@ -111,7 +111,8 @@ def main() -> None:
 
 
 def write(a: argparse.Namespace, peak: float, rows: list[dict]) -> None:
-    Path(a.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), copy_bandwidth=peak, rows=rows), indent=2))
+    result = dict(gpu=torch.cuda.get_device_name(), copy_bandwidth=peak, rows=rows)
+    Path(a.out).write_text(json.dumps(result, indent=2))
     if a.tuned_out:
         Path(a.tuned_out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.tuned_out).write_text(json.dumps(tuned_table(rows), indent=1, sort_keys=True))
@@ -128,7 +129,8 @@ def tuned_table(rows: list[dict]) -> dict:
             if nearest == r["m"] and (r["best_config"]["dot"] or bm == 1):
                 table[f"{key}@{bm}"] = r["best_config"]
     wins = [m for m in measured if all(r["best_us"] < r["scaled_mm_us"] for r in rows if r["m"] == m)]
-    table["max_rows"] = max((m for m in wins if all(w in wins for w in measured if w <= m)), default=16)
+    # 0 where even one row lost: then _scaled_mm serves every row count.
+    table["max_rows"] = max((m for m in wins if all(w in wins for w in measured if w <= m)), default=0)
     return table
 
 
