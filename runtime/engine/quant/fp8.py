@@ -78,8 +78,7 @@ class _Kernels:
 
         # Up to this many rows the weight-only gemv serves (measured per GPU where
         # kernels/configs has a file: bench_gemv_fp8.py), more run _scaled_mm.
-        rows = fp8_max_rows() if torch.cuda.is_available() else 16
-        self.gemv, self.gemv_rows, self.quantize_rows = gemv, rows, quantize_rows
+        self.gemv, self.gemv_rows, self.quantize_rows = gemv, fp8_max_rows(), quantize_rows
         self.gemv_ok = True  # False after the gemv failed once (then _scaled_mm serves every shape)
 
 
