@@ -30,8 +30,9 @@ from runtime.engine.llm import Engine  # noqa: E402
 from runtime.engine.request import SamplingParams  # noqa: E402
 
 
-def run_engine(a: argparse.Namespace, kind: str) -> list[float]:
-    """Median step ms of each repeat of one batch on a fresh engine of `kind`."""
+def run_engine(a: argparse.Namespace, kind: str, split_log: list[dict[str, float]]) -> list[float]:
+    """Median step ms of each repeat of one batch on a fresh engine of `kind`; each repeat's
+    median ms per phase of its decode steps is appended to split_log."""
     eng = Engine(a.model, device=a.device, dtype=a.dtype, load_format=a.load_format,
                  speculative="ngram" if kind == "ngram-off" else "none", speculative_policy="adaptive",
                  num_draft_tokens=4)
@@ -39,12 +40,38 @@ def run_engine(a: argparse.Namespace, kind: str) -> list[float]:
     if kind == "ngram-off":
         core.policy.num_draft_tokens = lambda batch_size, finish=None: 0  # the policy's "off", always
     times: list[float] = []
+    # Where a step's wall time goes, summed per step (no syncs added): drafting's decision,
+    # the forward (the host's launches, or a graph's input copies and replay), sampling (which
+    # ends in the host read that waits for the device), and the drafter's observe calls.
+    phases = {"propose": 0.0, "forward": 0.0, "sample": 0.0, "observe": 0.0}
+    phase_steps: list[dict[str, float]] = []
+
+    def timed(owner, name: str, phase: str) -> None:
+        inner_fn = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner_fn(*args, **kwargs)
+            finally:
+                phases[phase] += time.perf_counter() - t0
+
+        setattr(owner, name, wrapper)
+
+    timed(core.runner, "forward", "forward")
+    timed(core, "_sample", "sample")
+    if core.drafter is not None:
+        timed(core, "_propose_or_skip", "propose")
+        timed(core.drafter, "observe", "observe")
     inner = core.step
 
     def step(*args, **kwargs):
+        for k in phases:
+            phases[k] = 0.0
         t0 = time.perf_counter()
         out = inner(*args, **kwargs)
         times.append(time.perf_counter() - t0)
+        phase_steps.append(dict(phases))
         return out
 
     core.step = step
@@ -54,8 +81,13 @@ def run_engine(a: argparse.Namespace, kind: str) -> list[float]:
     medians = []
     for _ in range(a.repeats):
         times.clear()
+        phase_steps.clear()
         eng.generate(prompts, params)
         medians.append(1e3 * statistics.median(times))
+        # Decode steps only: the batch's steps after its prefill, each with every request.
+        decode = phase_steps[len(phase_steps) // 4:]
+        split = {k: 1e3 * statistics.median(p[k] for p in decode) for k in phases}
+        split_log.append(split)
     eng.shutdown()
     del eng, core, inner
     gc.collect()
@@ -79,10 +111,11 @@ def main() -> None:
     rows = []
     for r in range(a.rounds):
         for kind in ("none", "ngram-off"):
-            medians = run_engine(a, kind)
-            rows.append(dict(round=r, kind=kind, step_ms_medians=medians))
-            print(f"round {r} {kind:<9} median step ms per repeat: " + " ".join(f"{m:.3f}" for m in medians),
-                  flush=True)
+            split: list[dict[str, float]] = []
+            medians = run_engine(a, kind, split)
+            rows.append(dict(round=r, kind=kind, step_ms_medians=medians, phase_ms_medians=split))
+            print(f"round {r} {kind:<9} median step ms per repeat: " + " ".join(f"{m:.3f}" for m in medians)
+                  + "; phases of the last: " + " ".join(f"{k} {v:.3f}" for k, v in split[-1].items()), flush=True)
     best = {k: min(min(x["step_ms_medians"]) for x in rows if x["kind"] == k) for k in ("none", "ngram-off")}
     print(f"best median step: none {best['none']:.3f} ms, ngram engine not drafting {best['ngram-off']:.3f} ms "
           f"({best['ngram-off'] / best['none']:.3f}x)")
