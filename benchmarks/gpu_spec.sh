@@ -28,9 +28,11 @@ fi
 [ "${RUN_SPEC:-1}" = 1 ] || exit 0  # RUN_SPEC=0: the structured and accuracy benchmarks alone
 # Issue 18: what a speculative engine's plain steps cost against no speculation (engines built
 # alternately), then the policies with a second no-speculation engine last (--control).
+if [ "${RUN_OFF:-1}" = 1 ]; then  # RUN_OFF=0 skips it
 timeout "${OFF_SECONDS:-90}" python benchmarks/bench_spec_off.py --model /tmp/smol --device cuda --batch 16 \
     --out "$OUT/spec_off.json" > "$OUT/spec_off.log" 2>&1
 echo "rc=$?"; tail -5 "$OUT/spec_off.log"
+fi
 SPEC=(python benchmarks/bench_spec.py --model /tmp/smol --methods none,ngram --num-draft-tokens 4 --policies fixed,adaptive
       --workloads chat,copy --max-tokens 256 --trace-policy --control)
 # Batch 16 and 64 first (where adaptive lost), then batch 1.
