@@ -6,13 +6,16 @@
 # (benchmarks/make_carry.sh; the GGUF part is not needed). Copy $OUT/gemv_fp8_tuned.json to
 # runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json to keep it.
 set -uo pipefail
-STEPS=${STEPS:-sweep quant_micro serve_fp8 serve_bf16 gpu_tests}
+STEPS=${STEPS:-sweep gpu_tests quant_micro serve_fp8 serve_bf16}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
+# The FP8 gemv against its reference, and the engine on CUDA (graphs included) against transformers.
+TAIL=3 step gpu_tests 90 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py \
+    -k "fp8 or not gemv"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
 TAIL=4 step quant_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
 step serve_fp8 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
@@ -22,5 +25,4 @@ unset RUNTIME_GEMV_FP8_CONFIGS
 step serve_bf16 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
-TAIL=3 step gpu_tests 50 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py -k fp8
 echo "done in $(( $(date +%s) - T0 )) s"

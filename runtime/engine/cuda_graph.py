@@ -37,7 +37,7 @@ class CudaGraphDecoder:
         self.max_pages = -(-max_model_len // ps)
         dev = self.device
         # Static inputs, shared by every bucket (a bucket uses the first b rows). Each step
-        # fills pinned host mirrors and copies them with two async H2D copies.
+        # fills pinned host mirrors and copies what its bucket reads with two async H2D copies.
         # ids, positions, slots, tree bits
         self._i64 = torch.zeros(4, max_batch, dtype=torch.int64, device=dev)
         # kv_lens, tree_start, page table
@@ -129,7 +129,11 @@ class CudaGraphDecoder:
                 prev = pages
         table[n:b, 0] = 0
         self._i64.copy_(self._host_i64, non_blocking=True)
-        self._i32.copy_(self._host_i32, non_blocking=True)
+        # kv_lens and tree_start, then the page-table rows of this bucket only (the layout puts
+        # them first): the whole table is max_batch rows of max_pages (0.5 MB at 256 rows of
+        # 8,192 tokens), copied before every replay on the replay's stream.
+        used = 2 * mb + b * self.max_pages
+        self._i32[:used].copy_(self._host_i32[:used], non_blocking=True)
         self._copied.record(torch.cuda.current_stream(self.device))  # the device named: no lookup
         if ids_on_device is not None:  # e.g. a drafter's previous step output: no host sync
             self.input_ids[:n].copy_(ids_on_device)
