@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# Issue 17's FP8 decode on one GPU in one call: measure the FP8 gemv configs on the 8B shapes
-# (bench_gemv_fp8.py, which writes the table kernels/gemv.py reads), then the engine with that
-# table (bench_quant --micro: bf16 vs FP8, decode b1/b64, prefill), `runtime up` with FP8
-# weights and in bf16 at concurrency 64 (the standing check). Needs .carry
+# One GPU call, most needed first: the GPU tests (the FP8 gemv against its reference, the
+# engine with CUDA graphs against transformers), the standing check (`runtime up` on the
+# Llama-3-8B shape in bf16 at concurrency 64), then issue 17's FP8 decode: measure the FP8
+# gemv configs on the 8B shapes (bench_gemv_fp8.py, which writes the table kernels/gemv.py
+# reads), the engine with that table (bench_quant --micro: bf16 vs FP8, decode b1/b64,
+# prefill) and `runtime up` with FP8 weights at concurrency 64. Needs .carry
 # (benchmarks/make_carry.sh; the GGUF part is not needed). Copy $OUT/gemv_fp8_tuned.json to
 # runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json to keep it.
 set -uo pipefail
-STEPS=${STEPS:-sweep gpu_tests quant_micro serve_fp8 serve_bf16}
+STEPS=${STEPS:-gpu_tests serve_bf16 sweep quant_micro serve_fp8}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
-    --tuned-out "$OUT/gemv_fp8_tuned.json"
 # The FP8 gemv against its reference, and the engine on CUDA (graphs included) against transformers.
 TAIL=3 step gpu_tests 90 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py \
     -k "fp8 or not gemv"
+# The standing check: bf16 at concurrency 64.
+step serve_bf16 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
+    --input-len 1024 --output-len 256 --concurrency 64 \
+    --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
+TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
+    --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
 TAIL=4 step quant_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
 step serve_fp8 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton --quantization fp8" --out "$OUT/serve_fp8.json"
-unset RUNTIME_GEMV_FP8_CONFIGS
-step serve_bf16 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
-    --input-len 1024 --output-len 256 --concurrency 64 \
-    --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
 echo "done in $(( $(date +%s) - T0 )) s"
