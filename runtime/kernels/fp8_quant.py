@@ -29,10 +29,13 @@ def _round_e4m3(v):
     """fp32 v (|v| <= 448) rounded to nearest-even on the e4m3 grid, in fp32, so the cast
     that follows is exact. (Triton's interpreter casts fp32 -> e4m3 wrongly where rounding
     carries into the exponent: 124.05 became 64, not 128.) Normals keep 3 mantissa bits;
-    below 2**-6 the grid is every 2**-9, rounded by adding and subtracting 1.5 * 2**14."""
+    below 2**-6 the grid is every 2**-9, rounded by adding and subtracting 1.5 * 2**14 to the
+    magnitude, the sign put back after: a negative value that rounds to zero is -0, as the
+    torch cast gives (v + c - c would give +0: the H100 run found such codes 0x00, not 0x80)."""
     u = v.to(tl.uint32, bitcast=True)
     normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
-    sub = (v + 24576.0) - 24576.0
+    mag = (tl.abs(v) + 24576.0) - 24576.0
+    sub = tl.where((u >> 31) != 0, -mag, mag)
     return tl.where(tl.abs(v) >= 0.015625, normal, sub)
 
 

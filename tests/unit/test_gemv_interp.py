@@ -106,13 +106,15 @@ FP8_CASES = [
 
 def _row_quant_case(name: str, dtype: torch.dtype, m: int, k: int, seed: int) -> str | None:
     """kernels/fp8_quant.py's one-launch row quantization equals quant/fp8.py's torch ops bit
-    for bit (values, scales, an all-zero row, a row longer than one block)."""
+    for bit (values, scales, an all-zero row, signed zeros, a row longer than one block)."""
     from runtime.engine.quant.fp8 import quantize_rows_fp8
     from runtime.kernels.fp8_quant import quantize_rows
 
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k + 3, generator=gen) * torch.logspace(-3, 3, m)[:, None]).to(dtype)[:, :k]
     x[0] = 0
+    # Values that round to zero keep their sign in e4m3 (-0 is code 0x80), and -0 itself.
+    x[-1, :3] = torch.tensor([-1e-7, 1e-7, -0.0], dtype=dtype) * x[-1].abs().max()
     q, s = quantize_rows(x)
     rq, rs = quantize_rows_fp8(x)
     if not torch.equal(s, rs):
