@@ -29,7 +29,7 @@ fi
 # Issue 18: what a speculative engine's plain steps cost against no speculation (engines built
 # alternately), then the policies with a second no-speculation engine last (--control).
 if [ "${RUN_OFF:-1}" = 1 ]; then  # RUN_OFF=0 skips it
-timeout "${OFF_SECONDS:-90}" python benchmarks/bench_spec_off.py --model /tmp/smol --device cuda --batch 16 \
+timeout "${OFF_SECONDS:-150}" python benchmarks/bench_spec_off.py --model /tmp/smol --device cuda --batch 16 \
     --out "$OUT/spec_off.json" > "$OUT/spec_off.log" 2>&1
 echo "rc=$?"; tail -5 "$OUT/spec_off.log"
 fi
