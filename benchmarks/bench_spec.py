@@ -125,6 +125,9 @@ class PolicyTrace:
             tok = sum(x[1] for x in xs) / len(xs)
             out[f"b{b}k{k}"] = dict(steps=len(xs), step_ms=round(1000 * sec, 3), tokens=round(tok, 3),
                                    rate=round(tok / sec, 1))
+        # Per bucket, since the engine was built: decisions finish_gain turned.
+        for b in sorted({b for b, _ in by}):
+            out[f"b{b}_finish_decided"] = self.policy.finish_decided(b)
         return out
 
 

@@ -154,16 +154,17 @@ def test_with_nothing_waiting_the_slowest_request_decides() -> None:
     accepts 1.1."""
     plain_s, spec_s = 0.001, 0.0014
 
-    def run(finish: list | None) -> int:
+    def run(finish: list | None) -> tuple[int, int]:
         policy = SpeculationPolicy(4, "adaptive", max_batch=64)
         k = 0
         for _ in range(40):
             k = policy.num_draft_tokens(16, finish)
             policy.record_step(16, k, spec_s if k else plain_s, 1.75 if k else 1.0)
-        return k
+        return k, policy.finish_decided(16)
 
-    assert run(None) == 4
-    assert run([(200, 500, 550)] + [(150, 500, 1500)] * 15) == 0
+    assert run(None) == (4, 0)
+    k, decided = run([(200, 500, 550)] + [(150, 500, 1500)] * 15)
+    assert k == 0 and decided > 0  # the trace's figure: finish_gain turned these decisions
 
 
 def test_finish_figures_are_listed_only_when_weighed() -> None:

@@ -107,6 +107,7 @@ class _Bucket:
     probe_ratio: float = 0.0  # at its start: the other option's rate over the choice's
     last_recorded: int = 0  # k of the last measured step (0: plain)
     catch_up: float = 0.0  # the drafter's catch-up step: its extra seconds over a drafting step
+    finish_decided: int = 0  # decisions finish_gain turned (a figure for traces)
 
 
 class SpeculationPolicy:
@@ -142,12 +143,9 @@ class SpeculationPolicy:
         to_finish = finish_gain(figures, spec.tokens) if figures else None
         gain = spec.tokens if to_finish is None else min(spec.tokens, to_finish)
         spec_rate = gain / max(spec.seconds, 1e-9)
-        if st.choice == self.k:  # keep the choice unless the other option is better by MARGIN
-            best = 0 if plain.rate > (1 + MARGIN) * spec_rate else self.k
-        elif st.choice == 0:
-            best = self.k if spec_rate > (1 + MARGIN) * plain.rate else 0
-        else:
-            best = self.k if spec_rate > plain.rate else 0
+        best = self._choose(st, spec_rate, plain.rate)
+        if gain < spec.tokens and self._choose(st, spec.rate, plain.rate) != best:
+            st.finish_decided += 1  # what the mean gain alone would have chosen differs
         ratio = (plain.rate / spec_rate) if best else (spec_rate / plain.rate)  # the other over the choice
         if best != st.choice or not st.judged:  # a change of mind, or the first judgement
             st.choice, st.judged, st.probe_left = best, True, 0
@@ -166,6 +164,20 @@ class SpeculationPolicy:
                 st.interval = max(min(2 * st.interval, MAX_PROBE_EVERY), self._first_interval(ratio, st, plain))
             st.probe_at = st.steps + st.interval
         return self.k - best  # the other option
+
+    def _choose(self, st: _Bucket, spec_rate: float, plain_rate: float) -> int:
+        """k or 0: keep the bucket's choice unless the other option is better by MARGIN."""
+        if st.choice == self.k:
+            return 0 if plain_rate > (1 + MARGIN) * spec_rate else self.k
+        if st.choice == 0:
+            return self.k if spec_rate > (1 + MARGIN) * plain_rate else 0
+        return self.k if spec_rate > plain_rate else 0
+
+    def finish_decided(self, batch_size: int) -> int:
+        """Decisions in this batch size's bucket that finish_gain turned (drafting's mean
+        gain alone would have chosen the other option)."""
+        st = self._buckets.get(self.bucket(batch_size))
+        return st.finish_decided if st else 0
 
     def _measure(self, b: int, st: _Bucket, missing: int) -> int:
         """A bucket short of one estimate: measure `missing` at once if nothing was judged
