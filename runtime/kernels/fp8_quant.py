@@ -30,12 +30,13 @@ def _round_e4m3(v):
     that follows is exact. (Triton's interpreter casts fp32 -> e4m3 wrongly where rounding
     carries into the exponent: 124.05 became 64, not 128.) Normals keep 3 mantissa bits;
     below 2**-6 the grid is every 2**-9, rounded by adding and subtracting 1.5 * 2**14 to the
-    magnitude, the sign put back after: a negative value that rounds to zero is -0, as the
-    torch cast gives (v + c - c would give +0: the H100 run found such codes 0x00, not 0x80)."""
+    magnitude, v's sign bit put back after: a negative value that rounds to zero is -0, as
+    the torch cast gives (v + c - c gives +0: the H100 run found such codes 0x00, not 0x80;
+    the sign goes back as a bit, since Triton's unary minus is 0 - x, which is +0 at 0)."""
     u = v.to(tl.uint32, bitcast=True)
     normal = ((u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
     mag = (tl.abs(v) + 24576.0) - 24576.0
-    sub = tl.where((u >> 31) != 0, -mag, mag)
+    sub = (mag.to(tl.uint32, bitcast=True) | (u & 0x80000000)).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) >= 0.015625, normal, sub)
 
 
