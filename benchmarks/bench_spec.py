@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -123,8 +124,9 @@ class PolicyTrace:
         for (b, k), xs in sorted(by.items()):
             sec = sum(x[0] for x in xs) / len(xs)
             tok = sum(x[1] for x in xs) / len(xs)
-            out[f"b{b}k{k}"] = dict(steps=len(xs), step_ms=round(1000 * sec, 3), tokens=round(tok, 3),
-                                   rate=round(tok / sec, 1))
+            out[f"b{b}k{k}"] = dict(steps=len(xs), step_ms=round(1000 * sec, 3),
+                                   median_ms=round(1000 * statistics.median(x[0] for x in xs), 3),
+                                   tokens=round(tok, 3), rate=round(tok / sec, 1))
         # Per bucket, since the engine was built: decisions finish_gain turned.
         for b in sorted({b for b, _ in by}):
             out[f"b{b}_finish_decided"] = self.policy.finish_decided(b)
@@ -158,7 +160,9 @@ class StepTrace:
         for n, dt, tok in self.steps:
             by.setdefault(1 << max(0, n - 1).bit_length(), []).append((dt, tok))
         self.steps = []
+        # The mean (what the policy weighs) and the median (what a few slow outliers do not move).
         return {f"b{b}": dict(steps=len(xs), step_ms=round(1000 * sum(x[0] for x in xs) / len(xs), 3),
+                              median_ms=round(1000 * statistics.median(x[0] for x in xs), 3),
                               tokens=round(sum(x[1] for x in xs) / len(xs), 3))
                 for b, xs in sorted(by.items())}
 
