@@ -5,11 +5,12 @@
 #   .carry/   l8b/ (the Llama-3-8B shape's config.json, vocabulary 49152, beside SmolLM2's
 #             tokenizer files: `--load-format dummy`), smol/ (SmolLM2's config and tokenizer),
 #             wheels/ (what the image lacks, Python 3.12 x86_64), gguf/smolpart_aa (the first
-#             46 MiB of SmolLM2's GGUF)
+#             40 MiB of SmolLM2's GGUF: with the rest, a call carries at most 64 MiB with the tree)
 #   .carry2/  smolpart_ab.. (the rest of the GGUF)
 #
 # Run on the development machine (it needs PyPI) with the project's venv active, then:
-#   call 1: carry [".carry"]   `OUT=$OUT bash benchmarks/gpu_fp8.sh`
+#   call 1: carry [".carry"]   `OUT=$OUT bash benchmarks/gpu_fp8tune.sh` (or gpu_fp8.sh; both
+#                              copy .carry/gguf to /tmp)
 #   call 2: carry [".carry2"]  `OUT=$OUT bash benchmarks/gpu_spec.sh`  (at once: /tmp lives 30 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ from bench_engine import PRESETS
 cfg = dict(PRESETS["llama3-8b"], vocab_size=49152, bos_token_id=1, eos_token_id=2)  # SmolLM2's tokenizer
 json.dump(cfg, open(".carry/l8b/config.json", "w"), indent=1)
 EOF
-split -b 46M "$tmp/smol.gguf" "$tmp/smolpart_"
+split -b 40M "$tmp/smol.gguf" "$tmp/smolpart_"
 mv "$tmp/smolpart_aa" .carry/gguf/
 mv "$tmp"/smolpart_* .carry2/
 du -sh .carry .carry2
