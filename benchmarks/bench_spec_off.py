@@ -7,8 +7,8 @@ policy chooses not to draft. Whether that is the speculative engine's own work o
 between engines built one after another in one process was not measured. Here engines of
 the kinds are built alternately (none, ngram-off, ngram-on, none, ...): ngram-off's policy
 told never to draft, ngram-on's to draft k every step (the steady state a fixed policy
-reaches, against which adaptive's probe steps can be read: the same run's bench_spec trace
-had adaptive's drafting steps at chat batch 16 cost 2.449 ms against fixed's 1.543), and
+reaches, against which adaptive's probe steps can be read; the eleventh session's trace
+averaged them with the drafter's catch-up steps, 2.449 ms against fixed's 1.543), and
 each runs the same greedy batch (ignore_eos) several times: the median step time per
 engine, each decode step split into phases, and the ratio of each kind's best run to none's.
 
