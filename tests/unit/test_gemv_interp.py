@@ -265,10 +265,6 @@ def test_default_configs_divide_k_when_they_can() -> None:
     assert default_config(1, 6144, 4096).block_n == 16 and default_config(1, 128256, 4096).block_n == 64
 
 
-if __name__ == "__main__":
-    sys.exit(_main())
-
-
 def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels/gemv.py's measured FP8 tables: a GPU's own file, else one of the same compute
     capability, else none (the reasoned defaults); RUNTIME_GEMV_FP8_CONFIGS overrides; the
@@ -303,3 +299,7 @@ def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 9))
     monkeypatch.setattr(gemv, "_FP8_TUNED", {})
     assert gemv.fp8_tuned() == {} and gemv.fp8_max_rows() == gemv.MAX_M  # no table of this capability
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
