@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,7 +95,11 @@ def main() -> None:
                 for cfg in FP8_CANDIDATES:
                     if not cfg.dot and m != 1:
                         continue
-                    us = s.gemv_us(x, cfg)
+                    try:
+                        us = s.gemv_us(x, cfg)
+                    except OutOfResources as e:  # e.g. BM 64 x BK 512 x 3 stages: over the shared memory
+                        row.setdefault("sweep", []).append(dict(config=asdict(cfg), error=str(e)))
+                        continue
                     row.setdefault("sweep", []).append(dict(config=asdict(cfg), us=us))
                     best = min(best, (us, asdict(cfg)), key=lambda t: t[0])
             row["best_us"], row["best_config"] = best

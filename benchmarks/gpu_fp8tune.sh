@@ -14,7 +14,7 @@ python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The FP8 gemv against its reference, and the engine on CUDA (graphs included) against transformers.
-TAIL=3 step gpu_tests 90 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py \
+TAIL=3 step gpu_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py \
     -k "fp8 or not gemv"
 # The standing check: bf16 at concurrency 64.
 step serve_bf16 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
