@@ -65,7 +65,8 @@ def run_engine(a: argparse.Namespace, kind: str, split_log: list[dict], run_s: l
     # Where a step's wall time goes, summed per step (no syncs added): drafting's decision,
     # the forward (the host's launches, or a graph's input copies and replay), sampling or a
     # drafting step's acceptance (which ends in the host read that waits for the device), and
-    # the drafter's observe calls; "device": the forward's time on the GPU (CUDA events).
+    # the drafter's observe calls; "other": the rest of the step (scheduling, appending the
+    # tokens, the policy's bookkeeping); "device": the forward's time on the GPU (CUDA events).
     phases = {"propose": 0.0, "forward": 0.0, "sample": 0.0, "observe": 0.0}
     cuda = torch.cuda.is_available() and core.device.type == "cuda"
     events: list = []
@@ -147,7 +148,8 @@ def run_engine(a: argparse.Namespace, kind: str, split_log: list[dict], run_s: l
                 split[f"k{k}"] = dict(
                     steps=len(sel), step_ms=1e3 * statistics.median(x[2] for x in sel),
                     device_ms=statistics.median(x[4] for x in sel),
-                    **{p: 1e3 * statistics.median(x[3][p] for x in sel) for p in phases})
+                    **{p: 1e3 * statistics.median(x[3][p] for x in sel) for p in phases},
+                    other=1e3 * statistics.median(x[2] - sum(x[3].values()) for x in sel))
         split_log.append(split)
     eng.shutdown()
     del eng, core, inner

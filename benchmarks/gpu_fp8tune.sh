@@ -20,7 +20,7 @@ TAIL=3 step gpu_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test
 step serve_bf16 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
-TAIL=12 step sweep 150 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
+TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
 TAIL=4 step quant_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
