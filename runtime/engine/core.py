@@ -29,7 +29,7 @@ from runtime.engine.request import Phase, Req
 from runtime.engine.runner import ModelRunner
 from runtime.engine.sampler import Sampler, SamplingBatch, plain_greedy
 from runtime.engine.scheduler import Batch, ScheduledSeq, Scheduler, SchedulerConfig
-from runtime.engine.speculative import SpeculationPolicy, make_drafter
+from runtime.engine.speculative import Drafter, SpeculationPolicy, make_drafter
 from runtime.engine.verify import Drafts, SpeculativeSteps
 from runtime.engine.weights import LoadedModel, load_model
 
@@ -124,6 +124,9 @@ class EngineCore(SpeculativeSteps):
         self.compiling: list[Req] = []  # constrained requests whose grammar is still compiling
         self.requests: dict[str, Req] = {}
         self.drafter = make_drafter(cfg.speculative, self)
+        # Whether the drafter keeps per-step state: the n-gram drafter reads the request's
+        # tokens when it proposes, so its observe (the base no-op) is not called per request.
+        self._observes = self.drafter is not None and type(self.drafter).observe is not Drafter.observe
         self.policy = SpeculationPolicy(cfg.num_draft_tokens, cfg.speculative_policy, cfg.speculative_max_batch)
         # Tokens gained per decode step and request (the bonus token included), for the
         # accept-length histogram; workers drain it into heartbeats. Bounded: the offline
@@ -305,7 +308,7 @@ class EngineCore(SpeculativeSteps):
                     else:
                         rows = hidden[to_device([row + j for j in path], torch.int64, hidden.device)]
                     self.drafter.observe(req, tokens, rows)
-                elif self.drafter is not None:
+                elif self._observes:
                     self.drafter.observe(req, tokens, None)
                 row += s.num_logits
                 kept, reason, stop_reason = self._append(req, tokens)

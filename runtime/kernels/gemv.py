@@ -177,9 +177,16 @@ FP8_CANDIDATES = (
     GemvConfig(32, 512, 1, 3),
     GemvConfig(64, 256, 4, 3),
     GemvConfig(64, 512, 4, 3),
+    GemvConfig(16, 512, 2, 3),
+    GemvConfig(16, 1024, 2, 2),
+    GemvConfig(32, 512, 2, 3),
+    GemvConfig(2, 2048, 4, 1, dot=False),
     GemvConfig(4, 1024, 4, 1, dot=False),
+    GemvConfig(4, 2048, 8, 1, dot=False),
+    GemvConfig(8, 512, 2, 1, dot=False),
     GemvConfig(8, 1024, 4, 1, dot=False),
     GemvConfig(8, 2048, 8, 1, dot=False),
+    GemvConfig(16, 512, 4, 1, dot=False),
 )
 
 
