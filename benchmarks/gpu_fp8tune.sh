@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 TAIL=3 step gpu_tests 150 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py \
     -k "fp8 or not gemv"
 # The standing check: bf16 at concurrency 64.
-step serve_bf16 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
+step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
 TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
