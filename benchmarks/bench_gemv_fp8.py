@@ -93,8 +93,8 @@ def main() -> None:
             best = (row["gemv_us"], row["default"])
             if not a.no_sweep:
                 for cfg in FP8_CANDIDATES:
-                    if not cfg.dot and m != 1:
-                        continue
+                    if (not cfg.dot and m != 1) or (cfg.split_k > 1 and m == 1):
+                        continue  # elementwise: one row; split-K: for 16-64 rows
                     try:
                         us = s.gemv_us(x, cfg)
                     except OutOfResources as e:  # e.g. BM 64 x BK 512 x 3 stages: over the shared memory

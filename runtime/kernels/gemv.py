@@ -7,7 +7,10 @@ on qkv and o_proj, and ran o_proj and down_proj split-K with a second (reduce) l
 
 Design: one program owns BLOCK_N output columns (rows of W) and loops over all of K, so
 there is no reduce launch and no atomics; the grid, cdiv(N, BLOCK_N) programs, depends only
-on the shapes (CUDA-graph capturable). Rows of W past N re-read row N - 1 (in bounds, so
+on the shapes (CUDA-graph capturable). A config may split K instead (GemvConfig.split_k, for
+FP8 weights at 16-64 rows on narrow W, where a block_n wide enough to amortize x leaves too
+few programs): split_k programs per column block write fp32 partial sums that one torch sum
+adds in a fixed order (no atomics: the result does not depend on scheduling). Rows of W past N re-read row N - 1 (in bounds, so
 W's loads carry no mask and stay 16-byte vectors) and are never stored.
 
 Two inner loops (GemvConfig.dot):
@@ -63,6 +66,11 @@ class GemvConfig:
     num_warps: int = 1
     num_stages: int = 4  # pipelined loads in flight (the dot loop); ignored by the elementwise loop
     dot: bool = True  # tensor-core tile (any M); False: elementwise (M == 1 only)
+    # Programs per column block, each over its share of K (dot only): partial sums go to an
+    # fp32 workspace [split_k, M, N] that torch sums in a fixed order (deterministic), then
+    # rounds to x's dtype. For narrow W (N = 4096) at M 16-64, where cdiv(N, block_n)
+    # programs are too few to keep the weight stream going at a block_n that amortizes x.
+    split_k: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_k", "num_warps"):
@@ -73,6 +81,8 @@ class GemvConfig:
             raise ValueError(f"GemvConfig: block_k must be >= 16, got {self.block_k}")
         if self.num_stages < 1:
             raise ValueError(f"GemvConfig: num_stages must be >= 1, got {self.num_stages}")
+        if self.split_k < 1 or (self.split_k > 1 and not self.dot):
+            raise ValueError(f"GemvConfig: split_k must be >= 1, and 1 for the elementwise loop, got {self.split_k}")
 
 
 # FP8 weights: configs measured by benchmarks/bench_gemv_fp8.py --tuned-out, one file per GPU
@@ -187,6 +197,13 @@ FP8_CANDIDATES = (
     GemvConfig(8, 1024, 4, 1, dot=False),
     GemvConfig(8, 2048, 8, 1, dot=False),
     GemvConfig(16, 512, 4, 1, dot=False),
+    # Split-K (16-64 rows on narrow W): a block_n that amortizes x's reads, K in 4-8 shares.
+    GemvConfig(32, 256, 2, 3, split_k=4),
+    GemvConfig(64, 128, 4, 4, split_k=4),
+    GemvConfig(64, 128, 4, 4, split_k=8),
+    GemvConfig(64, 256, 4, 3, split_k=4),
+    GemvConfig(128, 128, 4, 3, split_k=4),
+    GemvConfig(128, 128, 8, 3, split_k=8),
 )
 
 
@@ -195,6 +212,8 @@ def _gemv_kernel(
     X, W, B, S, Y,
     M, N, K,
     stride_xm, stride_wn, stride_ym,  # row strides; last dims are contiguous
+    K_SPLIT,  # split-K: K columns per program along grid axis 1 (a multiple of BK), else K
+    stride_ys,  # split-K: Y is the fp32 workspace [split, M, N], this its split stride
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BK == 0: no K mask
     HAS_BIAS: tl.constexpr,
@@ -207,19 +226,22 @@ def _gemv_kernel(
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rn_in = tl.minimum(rn, N - 1)  # rows past N re-read row N - 1: unmasked loads
     w_rows = W + rn_in.to(tl.int64) * stride_wn  # [BN] row starts; N * K can pass 2**31
+    split = tl.program_id(1)
+    k_lo = split * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
     rk = tl.arange(0, BK)
     rm = tl.arange(0, BM)
     if DOT:
-        w_ptrs = w_rows[:, None] + rk[None, :]  # [BN, BK]
-        x_ptrs = X + rm[None, :] * stride_xm + rk[:, None]  # [BK, BM]: x^T
+        w_ptrs = w_rows[:, None] + (k_lo + rk)[None, :]  # [BN, BK]
+        x_ptrs = X + rm[None, :] * stride_xm + (k_lo + rk)[:, None]  # [BK, BM]: x^T
         x_rows = rm[None, :] < M
         acc = tl.zeros([BN, BM], dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 xt = tl.load(x_ptrs, mask=x_rows, other=0.0)
             else:
-                kin = (k0 + rk) < K
+                kin = (k0 + rk) < k_hi
                 w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
                 xt = tl.load(x_ptrs, mask=x_rows & kin[:, None], other=0.0)
             if UPCAST:
@@ -252,8 +274,8 @@ def _gemv_kernel(
     if HAS_SCALE:
         acc *= tl.load(S + rn_in)[:, None]
     if HAS_BIAS:
-        acc += tl.load(B + rn_in).to(tl.float32)[:, None]
-    y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y^T
+        acc += tl.where(split == 0, tl.load(B + rn_in).to(tl.float32), 0.0)[:, None]  # once: the first split
+    y_ptrs = Y + split * stride_ys + rm[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y^T
     tl.store(y_ptrs, round_to(acc, Y.dtype.element_ty, MANUAL_BF16), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
@@ -330,14 +352,20 @@ def gemv(
     check_placement("gemv", tensors)
     if m == 0 or n == 0:
         return out
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out,
+    # Split-K: each split's share of K a whole number of tiles (the last split may hold less).
+    k_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    splits = triton.cdiv(k, k_split)
+    y = out if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), splits)](
+        x, weight, bias if bias is not None else weight, scale if scale is not None else weight, y,
         m, n, k,
-        x.stride(0), weight.stride(0), out.stride(0),
+        x.stride(0), weight.stride(0), y.stride(-2), k_split, y.stride(0) if splits > 1 else 0,
         BM=triton.next_power_of_2(m), BN=cfg.block_n, BK=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, DOT=cfg.dot,
         IEEE=x.dtype == torch.float32 or INTERPRETED, UPCAST=INTERPRETED and x.dtype != torch.float32,
-        MANUAL_BF16=manual_bf16(x.dtype),
+        MANUAL_BF16=manual_bf16(y.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if splits > 1:
+        out.copy_(y.sum(0))  # the splits in a fixed order, rounded once to x's dtype
     return out

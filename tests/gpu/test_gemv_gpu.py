@@ -172,3 +172,24 @@ def test_fp8_row_quantization_kernel_equals_torch_bit_for_bit(dtype: torch.dtype
     rq, rs = quantize_rows_fp8(x)
     assert torch.equal(s, rs)
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m", (16, 64))
+@pytest.mark.parametrize("config", [(64, 128, 4, 4, True, 4), (128, 128, 8, 3, True, 8)])
+def test_fp8_split_k_gemv_matches_fp64_and_is_deterministic(config: tuple, m: int) -> None:
+    """The split-K configs the FP8 sweep tries (narrow W at 16-64 rows): x @ (q * s)^T in
+    fp64 within the rounding of one bf16 result, and the same bits on a second call."""
+    pytest.importorskip("triton")
+    from runtime.engine.quant.fp8 import quantize_fp8
+    from runtime.kernels.gemv import GemvConfig, gemv
+
+    w, _ = _weight(*SHAPES["llama8b_down"])
+    q, s = quantize_fp8(w)
+    x = torch.randn(m, w.shape[1], device="cuda").to(torch.bfloat16)
+    cfg = GemvConfig(*config)
+    got = gemv(x, q, scale=s, config=cfg)
+    ref = x.double() @ (q.double() * s.double()[:, None]).t()
+    _, exp = torch.frexp(ref)
+    tol = 0.5 * torch.finfo(torch.bfloat16).eps * torch.exp2(exp.double() - 1) + 1e-4
+    assert bool(((got.double() - ref).abs() <= tol).all()), (config, m, (got.double() - ref).abs().max())
+    assert torch.equal(gemv(x, q, scale=s, config=cfg), got)

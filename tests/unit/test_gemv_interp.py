@@ -71,6 +71,12 @@ CASES = [
     ("ew_bf16_even", torch.bfloat16, 1, 19, 128, True, (4, 64, 4, 1, False), 11),
     ("ew_fp16_ktail", torch.float16, 1, 10, 83, False, (8, 32, 4, 1, False), 12),
     ("ew_fp32_ktail", torch.float32, 1, 7, 45, True, (2, 64, 4, 1, False), 13),
+    # Split-K: K in 2-4 shares of whole tiles (the last shorter, masked or not), the bias added
+    # once, and more splits asked than K has tiles.
+    ("split2_bf16_bias_ktail", torch.bfloat16, 3, 45, 77, True, (16, 16, 1, 2, True, 2), 15),
+    ("split3_fp32_bias_odd", torch.float32, 16, 9, 100, True, (16, 16, 1, 2, True, 3), 16),
+    ("split4_fp16_even", torch.float16, 5, 20, 128, False, (8, 32, 1, 2, True, 4), 17),
+    ("split_over_tiles", torch.bfloat16, 2, 12, 40, True, (16, 32, 1, 2, True, 4), 18),
 ]
 
 
@@ -101,6 +107,8 @@ FP8_CASES = [
     ("fp8_m16_bf16_odd", torch.bfloat16, 16, 19, 53, True, (16, 32, 1, 2), 22),
     ("fp8_ew_bf16_ktail", torch.bfloat16, 1, 10, 83, True, (8, 32, 4, 1, False), 23),
     ("fp8_m40_bf16_wide", torch.bfloat16, 40, 24, 64, False, (16, 32, 1, 2), 24),  # BM 64: FP8 only
+    ("fp8_m40_split4_bias", torch.bfloat16, 40, 24, 200, True, (32, 32, 1, 2, True, 4), 25),
+    ("fp8_m16_fp16_split2_ktail", torch.float16, 16, 19, 77, True, (16, 16, 1, 2, True, 2), 26),
 ]
 
 
@@ -237,7 +245,8 @@ def test_gemv_rejects_out_aliasing_x() -> None:
 @pytest.mark.parametrize(
     "fields, message",
     [((12, 64), "block_n must be a power of two"), ((16, 8), "block_k must be >= 16"),
-     ((16, 64, 3), "num_warps must be a power of two"), ((16, 64, 1, 0), "num_stages must be >= 1")],
+     ((16, 64, 3), "num_warps must be a power of two"), ((16, 64, 1, 0), "num_stages must be >= 1"),
+     ((16, 64, 1, 2, True, 0), "split_k must be >= 1"), ((4, 64, 4, 1, False, 2), "1 for the elementwise loop")],
 )
 def test_gemv_config_rejects_bad_tiles(fields: tuple, message: str) -> None:
     pytest.importorskip("triton")
