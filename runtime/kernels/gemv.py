@@ -10,8 +10,9 @@ there is no reduce launch and no atomics; the grid, cdiv(N, BLOCK_N) programs, d
 on the shapes (CUDA-graph capturable). A config may split K instead (GemvConfig.split_k, for
 FP8 weights at 16-64 rows on narrow W, where a block_n wide enough to amortize x leaves too
 few programs): split_k programs per column block write fp32 partial sums that one torch sum
-adds in a fixed order (no atomics: the result does not depend on scheduling). Rows of W past N re-read row N - 1 (in bounds, so
-W's loads carry no mask and stay 16-byte vectors) and are never stored.
+adds in a fixed order (no atomics: the result does not depend on scheduling). Rows of W
+past N re-read row N - 1 (in bounds, so W's loads carry no mask and stay 16-byte vectors)
+and are never stored.
 
 Two inner loops (GemvConfig.dot):
 * dot (default, any M): the [BLOCK_N, BLOCK_K] weight tile times x^T [BLOCK_K, BM] on the
@@ -215,6 +216,7 @@ def _gemv_kernel(
     K_SPLIT,  # split-K: K columns per program along grid axis 1 (a multiple of BK), else K
     stride_ys,  # split-K: Y is the fp32 workspace [split, M, N], this its split stride
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SPLIT: tl.constexpr,  # split-K: grid axis 1 holds the splits, Y the fp32 workspace
     EVEN_K: tl.constexpr,  # K % BK == 0: no K mask
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,  # FP8 W: y = (x @ W^T) * S[N], S fp32 per output channel
@@ -226,9 +228,15 @@ def _gemv_kernel(
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rn_in = tl.minimum(rn, N - 1)  # rows past N re-read row N - 1: unmasked loads
     w_rows = W + rn_in.to(tl.int64) * stride_wn  # [BN] row starts; N * K can pass 2**31
-    split = tl.program_id(1)
-    k_lo = split * K_SPLIT
-    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if SPLIT:  # this program's share of K, and its split's slice of the fp32 workspace
+        split = tl.program_id(1)
+        k_lo = split * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        Y += split * stride_ys
+    else:  # constants: the unsplit loop compiles as it did before split-K existed
+        split = 0
+        k_lo = 0
+        k_hi = K
     rk = tl.arange(0, BK)
     rm = tl.arange(0, BM)
     if DOT:
@@ -274,8 +282,11 @@ def _gemv_kernel(
     if HAS_SCALE:
         acc *= tl.load(S + rn_in)[:, None]
     if HAS_BIAS:
-        acc += tl.where(split == 0, tl.load(B + rn_in).to(tl.float32), 0.0)[:, None]  # once: the first split
-    y_ptrs = Y + split * stride_ys + rm[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y^T
+        if SPLIT:
+            acc += tl.where(split == 0, tl.load(B + rn_in).to(tl.float32), 0.0)[:, None]  # once: the first split
+        else:
+            acc += tl.load(B + rn_in).to(tl.float32)[:, None]
+    y_ptrs = Y + rm[None, :] * stride_ym + rn[:, None]  # [BN, BM]: y^T
     tl.store(y_ptrs, round_to(acc, Y.dtype.element_ty, MANUAL_BF16), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
@@ -360,7 +371,7 @@ def gemv(
         x, weight, bias if bias is not None else weight, scale if scale is not None else weight, y,
         m, n, k,
         x.stride(0), weight.stride(0), y.stride(-2), k_split, y.stride(0) if splits > 1 else 0,
-        BM=triton.next_power_of_2(m), BN=cfg.block_n, BK=cfg.block_k,
+        BM=triton.next_power_of_2(m), BN=cfg.block_n, BK=cfg.block_k, SPLIT=splits > 1,
         EVEN_K=k % cfg.block_k == 0, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, DOT=cfg.dot,
         IEEE=x.dtype == torch.float32 or INTERPRETED, UPCAST=INTERPRETED and x.dtype != torch.float32,
         MANUAL_BF16=manual_bf16(y.dtype),
