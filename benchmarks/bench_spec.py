@@ -139,6 +139,13 @@ class PolicyTrace:
         return out
 
 
+def decode_outputs(outs: list) -> list:
+    """The step's outputs that gained tokens, if it was a decode step (none gave a request
+    its first token, which would mean it ran that request's prefill); else []."""
+    live = [o for o in outs if o.new_token_ids]
+    return live if all(len(o.req.output_ids) > len(o.new_token_ids) for o in live) else []
+
+
 class StepTrace:
     """Every engine decode step (no prefill in it), by batch size bucket: steps, mean wall ms,
     tokens per request. For every method (no speculation included), so adaptive's plain
@@ -153,9 +160,8 @@ class StepTrace:
             t0 = time.perf_counter()
             outs = inner(*args, **kwargs)
             dt = time.perf_counter() - t0
-            live = [o for o in outs if o.new_token_ids]
-            # Decode steps only: a step that gave some request its first token ran its prefill.
-            if live and all(len(o.req.output_ids) > len(o.new_token_ids) for o in live):
+            live = decode_outputs(outs)
+            if live:
                 self.steps.append((len(live), dt, sum(len(o.new_token_ids) for o in live) / len(live)))
             return outs
 

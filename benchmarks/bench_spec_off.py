@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtime.engine.llm import Engine  # noqa: E402
 from runtime.engine.request import SamplingParams  # noqa: E402
-from bench_spec import CHAT  # noqa: E402
+from bench_spec import CHAT, decode_outputs  # noqa: E402
 
 
 KINDS = ("none", "ngram-off", "ngram-on", "ngram-adaptive", "ngram-fixed")
@@ -118,8 +118,8 @@ def run_engine(a: argparse.Namespace, kind: str, split_log: list[dict], run_s: l
         out = inner(*args, **kwargs)
         dt = time.perf_counter() - t0
         times.append(dt)
-        live = [o for o in out if o.new_token_ids]
-        if live and all(len(o.req.output_ids) > len(o.new_token_ids) for o in live):  # decode only
+        live = decode_outputs(out)
+        if live:
             dev = sum(e0.elapsed_time(e1) for e0, e1 in events) if events else 0.0  # synced by the host read
             steps_log.append((len(live), drafted[0], dt, dict(phases), dev))
         return out

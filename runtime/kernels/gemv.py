@@ -234,7 +234,6 @@ def _gemv_kernel(
         k_hi = tl.minimum(k_lo + K_SPLIT, K)
         Y += split * stride_ys
     else:  # constants: the unsplit loop compiles as it did before split-K existed
-        split = 0
         k_lo = 0
         k_hi = K
     rk = tl.arange(0, BK)
