@@ -23,6 +23,12 @@ forward), so a slower step is told apart as host work or device work.
     python benchmarks/bench_spec_off.py --model MODEL [--load-format dummy] [--batch 16]
         [--rounds 2] [--repeats 3] [--max-tokens 256] [--device cuda]
         [--workload synthetic|chat] [--kinds none,ngram-off,ngram-on,ngram-adaptive,ngram-fixed]
+        [--interleave --kv-cache-tokens N]
+
+A kind followed by #N (e.g. `none#2`) is another engine of that kind: two engines that run the
+same code measure the spread between instances, against which a kind's ratio is read.
+`--interleave` builds a round's engines together and takes their repeats in turn, so drift
+over time (clocks, the machine) falls on every kind alike.
 """
 from __future__ import annotations
 
@@ -48,115 +54,132 @@ KINDS = ("none", "ngram-off", "ngram-on", "ngram-adaptive", "ngram-fixed")
 DEFAULT_KINDS = "none,ngram-off,ngram-on"
 
 
-def run_engine(a: argparse.Namespace, kind: str, split_log: list[dict], run_s: list[float]) -> list[float]:
-    """Median step ms of each repeat of one batch on a fresh engine of `kind`; each repeat's
-    split of its decode steps (with the batch's bucket full: more than half its requests
-    running) by k is appended to split_log: per k, steps and the median ms of the step, of
-    each phase and of the forward on the device; each repeat's wall seconds to run_s."""
-    policy = {"ngram-fixed": "fixed"}.get(kind, "adaptive")
-    eng = Engine(a.model, device=a.device, dtype=a.dtype, load_format=a.load_format,
-                 speculative="none" if kind == "none" else "ngram", speculative_policy=policy,
-                 num_draft_tokens=a.k)
-    core = eng.core
-    if kind in ("ngram-off", "ngram-on"):
-        k = 0 if kind == "ngram-off" else a.k  # the policy's "off", or k, always
-        core.policy.num_draft_tokens = lambda batch_size, finish=None: k
-    times: list[float] = []
-    # Where a step's wall time goes, summed per step (no syncs added): drafting's decision,
-    # the forward (the host's launches, or a graph's input copies and replay), sampling or a
-    # drafting step's acceptance (which ends in the host read that waits for the device), and
-    # the drafter's observe calls; "other": the rest of the step (scheduling, appending the
-    # tokens, the policy's bookkeeping); "device": the forward's time on the GPU (CUDA events).
-    phases = {"propose": 0.0, "forward": 0.0, "sample": 0.0, "observe": 0.0}
-    cuda = torch.cuda.is_available() and core.device.type == "cuda"
-    events: list = []
-    drafted = [0]
-    steps_log: list[tuple[int, int, float, dict[str, float], float]] = []  # (batch, k, s, phases, device ms)
+class Bench:
+    """One engine of `kind`, instrumented: each `repeat()` runs the batch once and records its
+    median step ms, wall seconds, and its decode steps (with the batch's bucket full: more
+    than half its requests running) split by k: per k, steps and the median ms of the step,
+    of each phase and of the forward on the device."""
 
-    def timed(owner, name: str, phase: str) -> None:
-        inner_fn = getattr(owner, name)
+    def __init__(self, a: argparse.Namespace, kind: str) -> None:
+        self.a, self.kind = a, kind
+        base = kind.split("#")[0]  # none#2: a second engine of a kind (the instance-to-instance spread)
+        policy = {"ngram-fixed": "fixed"}.get(base, "adaptive")
+        kw = {} if a.kv_cache_tokens is None else dict(kv_cache_tokens=a.kv_cache_tokens)
+        self.eng = eng = Engine(a.model, device=a.device, dtype=a.dtype, load_format=a.load_format,
+                                speculative="none" if base == "none" else "ngram", speculative_policy=policy,
+                                num_draft_tokens=a.k, **kw)
+        core = eng.core
+        if base in ("ngram-off", "ngram-on"):
+            k = 0 if base == "ngram-off" else a.k  # the policy's "off", or k, always
+            core.policy.num_draft_tokens = lambda batch_size, finish=None: k
+        self.medians: list[float] = []
+        self.run_s: list[float] = []
+        self.splits: list[dict] = []
+        self.times: list[float] = []
+        # Where a step's wall time goes, summed per step (no syncs added): drafting's decision,
+        # the forward (the host's launches, or a graph's input copies and replay), sampling or a
+        # drafting step's acceptance (which ends in the host read that waits for the device), and
+        # the drafter's observe calls; "other": the rest of the step (scheduling, appending the
+        # tokens, the policy's bookkeeping); "device": the forward's time on the GPU (CUDA events).
+        phases = self.phases = {"propose": 0.0, "forward": 0.0, "sample": 0.0, "observe": 0.0}
+        cuda = torch.cuda.is_available() and core.device.type == "cuda"
+        events: list = []
+        drafted = [0]
+        self.steps_log: list[tuple[int, int, float, dict[str, float], float]] = []  # (batch, k, s, phases, device ms)
 
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                out = inner_fn(*args, **kwargs)
-            finally:
-                phases[phase] += time.perf_counter() - t0
-            if name == "_propose_or_skip":
-                drafted[0] = out[1] or 0
+        def timed(owner, name: str, phase: str) -> None:
+            inner_fn = getattr(owner, name)
+
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    out = inner_fn(*args, **kwargs)
+                finally:
+                    phases[phase] += time.perf_counter() - t0
+                if name == "_propose_or_skip":
+                    drafted[0] = out[1] or 0
+                return out
+
+            setattr(owner, name, wrapper)
+
+        inner_forward = core.runner.forward
+
+        def forward(*args, **kwargs):
+            if not cuda:
+                return inner_forward(*args, **kwargs)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            out = inner_forward(*args, **kwargs)
+            e1.record()
+            events.append((e0, e1))
             return out
 
-        setattr(owner, name, wrapper)
+        core.runner.forward = forward
+        timed(core.runner, "forward", "forward")
+        timed(core, "_sample", "sample")
+        timed(core, "_accept", "sample")  # a drafting step's acceptance in place of sampling
+        if core.drafter is not None:
+            timed(core, "_propose_or_skip", "propose")
+            timed(core.drafter, "observe", "observe")
+        inner = core.step
 
-    inner_forward = core.runner.forward
+        def step(*args, **kwargs):
+            for k in phases:
+                phases[k] = 0.0
+            events.clear()
+            drafted[0] = 0
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            dt = time.perf_counter() - t0
+            self.times.append(dt)
+            live = decode_outputs(out)
+            if live:
+                dev = sum(e0.elapsed_time(e1) for e0, e1 in events) if events else 0.0  # synced by the host read
+                self.steps_log.append((len(live), drafted[0], dt, dict(phases), dev))
+            return out
 
-    def forward(*args, **kwargs):
-        if not cuda:
-            return inner_forward(*args, **kwargs)
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        out = inner_forward(*args, **kwargs)
-        e1.record()
-        events.append((e0, e1))
-        return out
+        core.step = step
+        if a.workload == "chat":
+            self.params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0)
+            self.prompts = [eng.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT[: a.batch]]
+        else:
+            self.params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
+            self.prompts = [f"Request {i}: tell me about the number {i} and why it matters." for i in range(a.batch)]
+        eng.generate(self.prompts, self.params)  # warm-up
 
-    core.runner.forward = forward
-    timed(core.runner, "forward", "forward")
-    timed(core, "_sample", "sample")
-    timed(core, "_accept", "sample")  # a drafting step's acceptance in place of sampling
-    if core.drafter is not None:
-        timed(core, "_propose_or_skip", "propose")
-        timed(core.drafter, "observe", "observe")
-    inner = core.step
-
-    def step(*args, **kwargs):
-        for k in phases:
-            phases[k] = 0.0
-        events.clear()
-        drafted[0] = 0
+    def repeat(self) -> None:
+        self.times.clear()
+        self.steps_log.clear()
         t0 = time.perf_counter()
-        out = inner(*args, **kwargs)
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        live = decode_outputs(out)
-        if live:
-            dev = sum(e0.elapsed_time(e1) for e0, e1 in events) if events else 0.0  # synced by the host read
-            steps_log.append((len(live), drafted[0], dt, dict(phases), dev))
-        return out
-
-    core.step = step
-    if a.workload == "chat":
-        params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0)
-        prompts = [eng.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT[: a.batch]]
-    else:
-        params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
-        prompts = [f"Request {i}: tell me about the number {i} and why it matters." for i in range(a.batch)]
-    eng.generate(prompts, params)  # warm-up
-    medians = []
-    full = a.batch // 2  # decode steps with more than this many requests: the batch's own bucket
-    for _ in range(a.repeats):
-        times.clear()
-        steps_log.clear()
-        t0 = time.perf_counter()
-        eng.generate(prompts, params)
-        run_s.append(time.perf_counter() - t0)
-        medians.append(1e3 * statistics.median(times))
+        self.eng.generate(self.prompts, self.params)
+        self.run_s.append(time.perf_counter() - t0)
+        self.medians.append(1e3 * statistics.median(self.times))
+        full = self.a.batch // 2  # decode steps with more than this many requests: the batch's own bucket
         split: dict = {}
-        for k in sorted({x[1] for x in steps_log}):
-            sel = [x for x in steps_log if x[1] == k and x[0] > full]
+        for k in sorted({x[1] for x in self.steps_log}):
+            sel = [x for x in self.steps_log if x[1] == k and x[0] > full]
             if sel:
                 split[f"k{k}"] = dict(
                     steps=len(sel), step_ms=1e3 * statistics.median(x[2] for x in sel),
                     device_ms=statistics.median(x[4] for x in sel),
-                    **{p: 1e3 * statistics.median(x[3][p] for x in sel) for p in phases},
+                    **{p: 1e3 * statistics.median(x[3][p] for x in sel) for p in self.phases},
                     other=1e3 * statistics.median(x[2] - sum(x[3].values()) for x in sel))
-        split_log.append(split)
-    eng.shutdown()
-    del eng, core, inner
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return medians
+        self.splits.append(split)
+
+    def report(self, r: int) -> dict:
+        print(f"round {r} {self.kind:<14} median step ms per repeat: " + " ".join(f"{m:.3f}" for m in self.medians)
+              + "; run s: " + " ".join(f"{x:.3f}" for x in self.run_s), flush=True)
+        for key, v in self.splits[-1].items():  # the last repeat's decode steps in the full bucket, by k
+            print(f"    {key:<3} " + " ".join(f"{p} {x:.3f}" if isinstance(x, float) else f"{p} {x}"
+                                          for p, x in v.items()), flush=True)
+        return dict(round=r, kind=self.kind, step_ms_medians=self.medians, by_k=self.splits, run_s=self.run_s)
+
+    def close(self) -> None:
+        self.eng.shutdown()
+        self.eng = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -173,23 +196,33 @@ def main() -> None:
     ap.add_argument("--workload", choices=("synthetic", "chat"), default="synthetic",
                     help="synthetic: like prompts, ignore_eos; chat: bench_spec.py's chat prompts, stopping at EOS")
     ap.add_argument("--kinds", default=DEFAULT_KINDS, help=f"comma-separated, none first (of {', '.join(KINDS)})")
+    ap.add_argument("--interleave", action="store_true", help="build a round's engines together and take their "
+                    "repeats in turn (needs --kv-cache-tokens on a GPU: each pool would take the free memory)")
+    ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--out", default="bench_spec_off.json")
     a = ap.parse_args()
     kinds = a.kinds.split(",")
-    if kinds[0] != "none" or not set(kinds) <= set(KINDS):
+    if kinds[0] != "none" or not {k.split("#")[0] for k in kinds} <= set(KINDS):
         ap.error(f"--kinds: none first, then any of {', '.join(KINDS[1:])}")
     rows = []
     for r in range(a.rounds):
+        if a.interleave:
+            # Every kind alive at once, their repeats taken in turn: clocks and drift between
+            # repeats fall on all kinds alike (KV pools sized by --kv-cache-tokens, so they fit).
+            benches = [Bench(a, kind) for kind in kinds]
+            for _ in range(a.repeats):
+                for b in benches:
+                    b.repeat()
+            rows += [b.report(r) for b in benches]
+            for b in benches:
+                b.close()
+            continue
         for kind in kinds:
-            split: list[dict] = []
-            run_s: list[float] = []
-            medians = run_engine(a, kind, split, run_s)
-            rows.append(dict(round=r, kind=kind, step_ms_medians=medians, by_k=split, run_s=run_s))
-            print(f"round {r} {kind:<14} median step ms per repeat: " + " ".join(f"{m:.3f}" for m in medians)
-                  + "; run s: " + " ".join(f"{x:.3f}" for x in run_s), flush=True)
-            for key, v in split[-1].items():  # the last repeat's decode steps in the full bucket, by k
-                print(f"    {key:<3} " + " ".join(f"{p} {x:.3f}" if isinstance(x, float) else f"{p} {x}"
-                                              for p, x in v.items()), flush=True)
+            b = Bench(a, kind)
+            for _ in range(a.repeats):
+                b.repeat()
+            rows.append(b.report(r))
+            b.close()
     best = {k: min(min(x["step_ms_medians"]) for x in rows if x["kind"] == k) for k in kinds}
     print("best median step: " + ", ".join(f"{k} {v:.3f} ms ({v / best['none']:.3f}x)" for k, v in best.items()))
     runs = {k: min(min(x["run_s"]) for x in rows if x["kind"] == k) for k in kinds}
