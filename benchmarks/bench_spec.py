@@ -62,13 +62,17 @@ MAX_REPEATS = 15  # timed_generate: the most runs a group gets to fill min_secon
 
 
 def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingParams | list[SamplingParams],
-                   repeats: int = 1, min_seconds: float = 0.0) -> tuple[list, float, int]:
+                   repeats: int = 1, min_seconds: float = 0.0, base: Engine | None = None,
+                   base_out: list | None = None) -> tuple[list, float, int]:
     """Every prompt, in groups of `batch` run one after another (a group finishes before the
     next starts): the results, the wall time and the engine forwards summed over the groups.
     `params`: one for all, or one per prompt.
     With repeats > 1 each group is timed that many times and its median time counts (a batch
     of 16 x 256 tokens of a small model is ~0.3 s on a GPU, where one run's noise is ~10%),
-    and more times (up to MAX_REPEATS) until the group's runs took min_seconds in all."""
+    and more times (up to MAX_REPEATS) until the group's runs took min_seconds in all.
+    `base`: another engine that runs the group too, each of its runs just before one of
+    `engine`'s (paired runs: drift over time falls on both alike); its results and median
+    time per group are appended to `base_out` as (results, seconds)."""
     groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
     cuda = engine.core.device.type == "cuda"
     warmed: set[tuple[int, ...]] = set()
@@ -81,11 +85,20 @@ def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingPa
         shape = tuple(len(p) for p in group)
         if shape not in warmed:
             engine.generate(group, gp)
+            if base is not None:
+                base.generate(group, gp)
             warmed.add(shape)
         if cuda:
             torch.cuda.synchronize()
         times: list[float] = []
+        base_times: list[float] = []
         while len(times) < repeats or (sum(times) < min_seconds and len(times) < MAX_REPEATS):
+            if base is not None:
+                t0 = time.perf_counter()
+                base_res = base.generate(group, gp)
+                if cuda:
+                    torch.cuda.synchronize()
+                base_times.append(time.perf_counter() - t0)
             f0, t0 = engine.core.num_forwards, time.perf_counter()
             out = engine.generate(group, gp)
             if cuda:
@@ -93,6 +106,8 @@ def timed_generate(engine: Engine, prompts: list, batch: int, params: SamplingPa
             times.append(time.perf_counter() - t0)
         res += out
         dt += sorted(times)[len(times) // 2]
+        if base is not None:
+            base_out.append((base_res, sorted(base_times)[len(base_times) // 2]))
         forwards += engine.core.num_forwards - f0
     return res, dt, forwards
 
@@ -181,15 +196,22 @@ class StepTrace:
 
 def run(engine: Engine, prompts: list[list[int]], batch: int, max_tokens: int,
         ignore_eos: bool, trace: PolicyTrace | None = None,
-        steps: StepTrace | None = None, repeats: int = 1, min_seconds: float = 0.0) -> tuple[dict, list[list[int]]]:
-    """timed_generate's tokens/s; accept length the mean over all requests."""
+        steps: StepTrace | None = None, repeats: int = 1, min_seconds: float = 0.0,
+        base: Engine | None = None) -> tuple[dict, list[list[int]]]:
+    """timed_generate's tokens/s; accept length the mean over all requests. With `base`
+    (paired runs) also the base engine's tokens/s over the same runs' turns, and their ratio."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
     if batch > len(prompts):  # a batch bigger than the workload: its prompts again, in turn
         prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    res, dt, _ = timed_generate(engine, prompts, batch, params, repeats, min_seconds)
+    base_out: list = []
+    res, dt, _ = timed_generate(engine, prompts, batch, params, repeats, min_seconds, base, base_out)
     n = sum(len(r.token_ids) for r in res)  # what was generated: fewer than max_tokens at EOS
     stats = dict(tok_s=n / dt, accept_length=sum(r.accept_length for r in res) / len(res), seconds=dt,
                  tokens=n, requests=len(res))
+    if base is not None:
+        base_n = sum(len(r.token_ids) for out, _ in base_out for r in out)
+        base_tok_s = base_n / sum(sec for _, sec in base_out)
+        stats.update(base_tok_s=base_tok_s, paired_speedup=stats["tok_s"] / base_tok_s)
     if trace is not None:
         stats["policy_steps"] = trace.take()  # warm-up and timed runs together
     if steps is not None:
@@ -226,6 +248,11 @@ def main() -> None:
                     "took this long in all (a 64 x 256-token group of SmolLM2 is ~0.2 s on a GPU)")
     ap.add_argument("--control", action="store_true", help="run no speculation again after every other method "
                     "(row none#2): the drift between engines of one run, against which a speedup near 1 is read")
+    ap.add_argument("--paired", action="store_true", help="keep a no-speculation engine alive beside each method's "
+                    "and time it just before each of the method's runs (speedup from the paired runs; the row "
+                    "none is then a second no-speculation engine: the spread between instances)")
+    ap.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool per engine (needed with --paired on "
+                    "a GPU: each engine's pool would otherwise take the free memory)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -247,10 +274,12 @@ def main() -> None:
         runs.append(("none#2", None, "chain", "fixed"))
     rows = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
+    kv = {} if a.kv_cache_tokens is None else dict(kv_cache_tokens=a.kv_cache_tokens)
+    base_engine = Engine(a.model, device=a.device, dtype=a.dtype, **kv) if a.paired else None
     for method, draft, tree, policy in runs:
         k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method.split("#")[0]) or a.num_draft_tokens
         engine = Engine(a.model, device=a.device, dtype=a.dtype, speculative=method.split("#")[0], draft_model=draft,
-                        num_draft_tokens=k, speculative_policy=policy, speculative_tree=tree)
+                        num_draft_tokens=k, speculative_policy=policy, speculative_tree=tree, **kv)
         if tree != "chain":
             method = f"{method}-{tree}"
         if policy != "fixed":
@@ -264,7 +293,7 @@ def main() -> None:
         for wl, prompts in workloads.items():
             for bs in (int(x) for x in a.batch_sizes.split(",")):
                 r, toks = run(engine, prompts, bs, a.max_tokens, a.ignore_eos, trace, steps, a.repeats,
-                              a.min_seconds)
+                              a.min_seconds, base_engine)
                 # Greedy speculation is exact; in bf16 a row batched differently can round
                 # differently, so report how many outputs equal no-speculation's.
                 ref = outputs.setdefault((wl, bs), toks)
@@ -283,16 +312,19 @@ def main() -> None:
         del engine
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if base_engine is not None:
+        base_engine.shutdown()
     base = {(r["workload"], r["batch"]): r["tok_s"] for r in rows if r["method"] == "none"}
     for r in rows:
         r["speedup"] = r["tok_s"] / base[(r["workload"], r["batch"])]
     with open(a.out, "w") as f:
         json.dump(dict(args=vars(a), device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", rows=rows), f, indent=2)
     print(f"\n{'method':>16} {'k':>3} {'workload':>8} {'batch':>5} {'accept len':>10} {'tok/s':>9} {'speedup':>8} {'same':>5}"
-          f"   (ignore_eos={a.ignore_eos}, max_tokens={a.max_tokens})")
+          + (f" {'paired':>7}" if a.paired else "") + f"   (ignore_eos={a.ignore_eos}, max_tokens={a.max_tokens})")
     for r in rows:
         print(f"{r['method']:>16} {r['k']:>3} {r['workload']:>8} {r['batch']:>5} {r['accept_length']:10.2f} "
-              f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {r['same_as_none']:5.2f}")
+              f"{r['tok_s']:9.1f} {r['speedup']:7.2f}x {r['same_as_none']:5.2f}"
+              + (f" {r['paired_speedup']:6.2f}x" if a.paired else ""))
 
 
 if __name__ == "__main__":
