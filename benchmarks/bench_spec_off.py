@@ -22,7 +22,7 @@ forward), so a slower step is told apart as host work or device work.
 
     python benchmarks/bench_spec_off.py --model MODEL [--load-format dummy] [--batch 16]
         [--rounds 2] [--repeats 3] [--max-tokens 256] [--device cuda]
-        [--workload synthetic|chat] [--kinds none,ngram-off,ngram-on,ngram-adaptive,ngram-fixed]
+        [--workload synthetic|chat|ragged] [--kinds none,ngram-off,ngram-on,ngram-adaptive,ngram-fixed]
         [--interleave --kv-cache-tokens N]
 
 A kind followed by #N (e.g. `none#2`) is another engine of that kind: two engines that run the
@@ -142,6 +142,14 @@ class Bench:
         if a.workload == "chat":
             self.params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0)
             self.prompts = [eng.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT[: a.batch]]
+        elif a.workload == "ragged":
+            # chat's shape without real weights: its prompts, and requests that end at spread
+            # lengths (a quarter of max_tokens up to all of it) as at EOS, so the batch thins
+            # out step by step as a chat batch does.
+            self.params = [SamplingParams(max_tokens=max(1, a.max_tokens * (4 + (7 * i) % 13) // 16), temperature=0.0,
+                                          ignore_eos=True) for i in range(a.batch)]
+            self.prompts = [eng.apply_chat_template([{"role": "user", "content": p}])
+                            for p in (CHAT * (a.batch // len(CHAT) + 1))[: a.batch]]
         else:
             self.params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0, ignore_eos=True)
             self.prompts = [f"Request {i}: tell me about the number {i} and why it matters." for i in range(a.batch)]
@@ -193,8 +201,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="engines of each kind, built alternately")
     ap.add_argument("--repeats", type=int, default=3, help="timed batches per engine")
-    ap.add_argument("--workload", choices=("synthetic", "chat"), default="synthetic",
-                    help="synthetic: like prompts, ignore_eos; chat: bench_spec.py's chat prompts, stopping at EOS")
+    ap.add_argument("--workload", choices=("synthetic", "chat", "ragged"), default="synthetic",
+                    help="synthetic: like prompts, ignore_eos; chat: bench_spec.py's chat prompts, stopping at EOS; "
+                    "ragged: chat's prompts, ignore_eos, lengths spread from max_tokens / 4 to max_tokens (dummy "
+                    "weights suffice)")
     ap.add_argument("--kinds", default=DEFAULT_KINDS, help=f"comma-separated, none first (of {', '.join(KINDS)})")
     ap.add_argument("--interleave", action="store_true", help="build a round's engines together and take their "
                     "repeats in turn (needs --kv-cache-tokens on a GPU: each pool would take the free memory)")
