@@ -182,6 +182,25 @@ class Bench:
                                           for p, x in v.items()), flush=True)
         return dict(round=r, kind=self.kind, step_ms_medians=self.medians, by_k=self.splits, run_s=self.run_s)
 
+    def profile(self) -> None:
+        """One more repeat under torch.profiler: the host's heaviest ops (self time) and the
+        device's kernels (self time), per decode-or-prefill step of the repeat."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            self.repeat()  # clears self.times first: it then holds this repeat's steps
+        steps = max(1, len(self.times))
+        ev = prof.key_averages()
+        print(f"== profile {self.kind}: {steps} steps", flush=True)
+        kinds = (("self_cpu_time_total", "host"),) + ((("self_device_time_total", "device"),) if len(acts) > 1 else ())
+        for key, label in kinds:
+            rows = sorted(ev, key=lambda e: getattr(e, key, 0.0), reverse=True)[:12]
+            total = sum(getattr(e, key, 0.0) for e in ev)
+            print(f"   {label}: {total / steps:.1f} us per step; heaviest (us per step, calls per step):")
+            for e in rows:
+                print(f"      {getattr(e, key, 0.0) / steps:9.1f} {e.count / steps:6.1f}  {e.key[:90]}")
+
     def close(self) -> None:
         self.eng.shutdown()
         self.eng = None
@@ -209,6 +228,8 @@ def main() -> None:
     ap.add_argument("--interleave", action="store_true", help="build a round's engines together and take their "
                     "repeats in turn (needs --kv-cache-tokens on a GPU: each pool would take the free memory)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
+    ap.add_argument("--profile", action="store_true", help="--interleave: then one more repeat of each kind under "
+                    "torch.profiler (host ops and device kernels per step)")
     ap.add_argument("--out", default="bench_spec_off.json")
     a = ap.parse_args()
     kinds = a.kinds.split(",")
@@ -224,6 +245,9 @@ def main() -> None:
                 for b in benches:
                     b.repeat()
             rows += [b.report(r) for b in benches]
+            if a.profile:
+                for b in benches:
+                    b.profile()
             for b in benches:
                 b.close()
             continue
