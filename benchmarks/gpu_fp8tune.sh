@@ -20,9 +20,9 @@ TAIL=3 step gpu_tests "${GPU_TESTS_SECONDS:-150}" python -m pytest -q -p no:cach
 # Issue 18: what a speculative engine pays on steps that do not draft, engines of each kind
 # alive together and their repeats taken in turn (none#2: the spread between two engines of
 # one kind), on chat's shape with SmolLM2's config and dummy weights.
-TAIL=14 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smol --load-format dummy --device cuda \
+TAIL=80 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smol --load-format dummy --device cuda \
     --batch 16 --workload ragged --kinds none,none#2,ngram-off,ngram-on --interleave --kv-cache-tokens 262144 \
-    --rounds 1 --repeats 8 --max-tokens 256 --out "$OUT/spec_off.json"
+    --rounds 1 --repeats 8 --max-tokens 256 --profile --out "$OUT/spec_off.json"
 # The standing check: bf16 at concurrency 64.
 step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
