@@ -12,10 +12,14 @@ inside the graph are counted, as they are in a real step. Achieved bandwidth = w
 The "step" line adds up one decode step's projections at batch 1 (32 layers of qkv, o_proj,
 gate_up, down, and the lm_head once): torch, gemv, and the better of the two per shape.
 
-    python benchmarks/bench_gemv.py [--out bench_gemv.json] [--sweep] [--smollm2]
+    python benchmarks/bench_gemv.py [--out bench_gemv.json] [--rows 1,2,4,8] [--sweep] [--smollm2]
+        [--tuned-out runtime/kernels/configs/gemv_bf16_<GPU name, spaces as _>.<smXY>.json]
 
 --sweep also times every config in kernels.gemv.CANDIDATES on each shape and row count
-(about a minute more, mostly compiling); --smollm2 adds SmolLM2-135M's shapes.
+(about a minute more, mostly compiling); --smollm2 adds SmolLM2-135M's shapes. --tuned-out
+(with --sweep) writes what kernels/gemv.py's bf16 table lookup reads: per shape and BM (powers
+of two up to 16) the fastest config at the nearest measured row count, or "torch" where
+cuBLAS was faster than every config (model.linear then keeps F.linear).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ LAYERS = 32  # Llama-3-8B
 # (name, N, K): the fused projections as fuse_projections serves them, and the lm_head.
 LLAMA8B = [("qkv", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
            ("lm_head", 128256, 4096)]
+LM_HEAD_49K = ("lm_head_49k", 49152, 4096)  # the served 8B shape's lm_head (SmolLM2's vocabulary)
 SMOLLM2 = [("smol_qkv", 960, 576), ("smol_o", 576, 576), ("smol_gate_up", 3072, 576), ("smol_down", 576, 1536)]
 ROWS = (1, 2, 4, 8)
 COLD_BYTES = 200 << 20  # distinct weight bytes between two uses of one copy: 4x the L2
@@ -92,11 +97,11 @@ def _row(s: Shape, m: int, peak: float) -> dict:
     return row
 
 
-def _sweep(shapes: list[Shape], peak: float) -> list[dict]:
+def _sweep(shapes: list[Shape], peak: float, rows: tuple[int, ...] = ROWS) -> list[dict]:
     found = []
     print("\nsweep: shape M block_n block_k warps stages dot -> us, GB/s, % copy bw")
     for s in shapes:
-        for m in ROWS:
+        for m in rows:
             x = torch.randn(m, s.k, device="cuda").to(torch.bfloat16)
             best = None
             for cfg in CANDIDATES:
@@ -117,7 +122,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench_gemv.json")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--smollm2", action="store_true")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts (at most 16)")
+    ap.add_argument("--tuned-out", default="", help="with --sweep: write the measured table for kernels/gemv.py here")
     args = ap.parse_args()
+    rows_m = tuple(int(r) for r in args.rows.split(","))
     if not torch.cuda.is_available():
         print("bench_gemv: skipped, this benchmark needs a CUDA GPU")
         return
@@ -130,14 +138,14 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     shapes, rows = [], []
-    for name, n, k in LLAMA8B + (SMOLLM2 if args.smollm2 else []):
+    for name, n, k in LLAMA8B + [LM_HEAD_49K] + (SMOLLM2 if args.smollm2 else []):
         s = Shape(name, n, k)
-        rows += [_row(s, m, peak) for m in ROWS]
+        rows += [_row(s, m, peak) for m in rows_m]
         if args.sweep and not name.startswith("smol"):
             shapes.append(s)  # kept for the sweep (about 1.9 GB of weights in all)
     step = {"torch": 0.0, "gemv": 0.0, "best": 0.0, "bytes": 0}
     for r in rows:
-        if r["m"] == 1 and not r["shape"].startswith("smol"):
+        if r["m"] == 1 and not r["shape"].startswith("smol") and r["shape"] != LM_HEAD_49K[0]:
             reps = 1 if r["shape"] == "lm_head" else LAYERS
             step["torch"] += reps * r["torch_us"]
             step["gemv"] += reps * r["gemv_us"]
@@ -147,12 +155,34 @@ def main() -> None:
     print(f"\nstep at M=1 (projections, {LAYERS} layers + lm_head, {step['bytes'] / 1e9:.2f} GB): torch "
           f"{step['torch'] / 1e3:.3f} ms, gemv {step['gemv'] / 1e3:.3f} ms, best per shape {step['best'] / 1e3:.3f} ms; "
           f"at the copy bandwidth {step['copy_bandwidth_floor'] / 1e3:.3f} ms")
-    sweep = _sweep(shapes, peak) if args.sweep else []
+    sweep = _sweep(shapes, peak, rows_m) if args.sweep else []
+    if args.tuned_out and sweep:
+        Path(args.tuned_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.tuned_out).write_text(json.dumps(tuned_table(rows, sweep, gpu), indent=1, sort_keys=True))
+        print(f"wrote {args.tuned_out}")
     result = dict(gpu=gpu, torch=torch.__version__, triton=importlib.import_module("triton").__version__,
                   copy_bandwidth_bytes_per_s=peak, rows=rows,
                   step_m1_us=step, sweep=sweep)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+
+
+def tuned_table(rows: list[dict], sweep: list[dict], gpu: str) -> dict:
+    """kernels/gemv.py's bf16 table from the measured rows (F.linear and the default config
+    per shape and M) and the sweep (see the module note)."""
+    measured = sorted({r["m"] for r in rows})
+    table: dict = {"gpu": gpu}
+    for r in rows:
+        cands = [(r["gemv_us"], r["config"])] + [(f["us"], f["config"]) for f in sweep
+                                                 if f["shape"] == r["shape"] and f["m"] == r["m"]]
+        best = min(cands, key=lambda t: t[0])
+        best_dot = min((c for c in cands if c[1]["dot"]), key=lambda t: t[0])
+        for bm in (1, 2, 4, 8, 16):
+            nearest = min(measured, key=lambda m: (abs(m.bit_length() - bm.bit_length()), m))
+            if nearest == r["m"]:
+                us, cfg = best if bm == 1 else best_dot  # the elementwise loop serves one row only
+                table[f"{r['n']}x{r['k']}@{bm}"] = cfg if us < r["torch_us"] else "torch"
+    return table
 
 
 if __name__ == "__main__":

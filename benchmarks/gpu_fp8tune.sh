@@ -9,7 +9,7 @@
 # (benchmarks/make_carry.sh; the GGUF part is not needed). Copy $OUT/gemv_fp8_tuned.json to
 # runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json to keep it.
 set -uo pipefail
-STEPS=${STEPS:-gpu_tests spec_off serve_bf16 sweep quant_micro serve_fp8}
+STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro spec_off serve_bf16 sweep quant_micro serve_fp8}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
@@ -23,6 +23,18 @@ TAIL=3 step gpu_tests "${GPU_TESTS_SECONDS:-150}" python -m pytest -q -p no:cach
 TAIL=80 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smol --load-format dummy --device cuda \
     --batch 16 --workload ragged --kinds none,none#2,ngram-off,ngram-on --interleave --kv-cache-tokens 262144 \
     --rounds 1 --repeats 8 --max-tokens 256 --profile --out "$OUT/spec_off.json"
+# Issue 14's batch-1 step in bf16: the gemv configs against cuBLAS on the 8B shapes (the
+# lm_head included), written as the table model.linear reads; then the engine's decode step
+# without and with that table, and the standing check below runs with it.
+TAIL=16 step bf16_sweep 200 python benchmarks/bench_gemv.py --sweep --rows "${BF16_ROWS:-1,16}" --out "$OUT/gemv_bf16.json" \
+    --tuned-out "$OUT/gemv_bf16_tuned.json"
+if [ -f "$OUT/gemv_bf16_tuned.json" ]; then
+    TAIL=4 RUNTIME_GEMV_BF16_CONFIGS=/nonexistent step bf16_micro 60 python benchmarks/bench_quant.py --micro \
+        --device cuda --schemes none --out "$OUT/bf16_micro_off.json"
+    export RUNTIME_GEMV_BF16_CONFIGS=$OUT/gemv_bf16_tuned.json
+    TAIL=4 step bf16_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none \
+        --out "$OUT/bf16_micro_tuned.json"
+fi
 # The standing check: bf16 at concurrency 64.
 step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \

@@ -32,7 +32,8 @@ _VARS = {
     "gemv": _Var(
         "RUNTIME_GEMV", "attn",
         "auto | attn | off: auto runs the model's projections for at most 16 rows (decode; CUDA, bf16/fp16) "
-        "with runtime/kernels/gemv.py instead of cuBLAS, attn only the attention block's (qkv_proj, o_proj) (issue 14)",
+        "with runtime/kernels/gemv.py instead of cuBLAS, attn only the attention block's (qkv_proj, o_proj) (issue 14); "
+        "a shape in the GPU's measured table (runtime/kernels/configs/gemv_bf16_*.json) goes as measured, unless off",
     ),
     "cpu_threads": _Var(
         "RUNTIME_CPU_THREADS", "", "torch intra-op threads on CPU; empty: the physical cores this process may use",

@@ -67,10 +67,13 @@ _GEMV: str | None = None  # RUNTIME_GEMV ("off" without runtime/kernels/gemv.py)
 
 
 def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
-    """module(x); with RUNTIME_GEMV=auto (or =attn, for the attention block's projections
-    alone), a decode-shaped x (at most 16 rows, CUDA half precision, no autograd:
-    gemv_serves) runs runtime/kernels/gemv.py's single-pass kernel on a dense weight, which reads it
-    once with no split-K reduce launch (issue 14). CPU and quantized layers never get there."""
+    """module(x), or for a decode-shaped x (at most 16 rows, CUDA half precision, no
+    autograd: gemv_serves) runtime/kernels/gemv.py's single-pass kernel on a dense weight,
+    which reads it once with no split-K reduce launch (issue 14): where the GPU's measured
+    table (kernels/configs/gemv_bf16_*.json) has the shape, with the config it names or
+    cuBLAS where that measured faster; elsewhere as RUNTIME_GEMV says (auto: every
+    projection, attn: the attention block's alone). RUNTIME_GEMV=off: cuBLAS throughout. CPU
+    and quantized layers never get there."""
     global _GEMV
     if not x.is_cuda or isinstance(module, QuantLinear):
         return module(x)
@@ -84,11 +87,16 @@ def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = 
             _GEMV = mode
         except Exception:  # no Triton: stay on torch
             _GEMV = "off"
-    if _GEMV == "auto" or (_GEMV == "attn" and attn_block):
-        from runtime.kernels.gemv import gemv, gemv_serves
+    if _GEMV != "off":
+        from runtime.kernels.gemv import bf16_choice, gemv, gemv_serves
 
-        if gemv_serves(x, module.weight):
-            return gemv(x, module.weight, module.bias)
+        w = module.weight
+        if gemv_serves(x, w):
+            choice = bf16_choice(x.shape[0], w.shape[0], w.shape[1], x.device)
+            if choice is None and (_GEMV == "auto" or attn_block):  # not measured: the mode's rule
+                return gemv(x, w, module.bias)
+            if choice is not None and choice != "torch":
+                return gemv(x, w, module.bias, config=choice)
     return module(x)
 
 
@@ -431,4 +439,4 @@ class LlamaForCausalLM(nn.Module):
                 return self.lm_head_q.matmul(hidden.contiguous()).float()
             # CPU GEMM is ~25% faster as W @ x^T than x @ W^T for this skinny shape (measured).
             return torch.matmul(self.lm_head.weight, hidden.t()).t().float()
-        return self.lm_head(hidden).float()
+        return linear(self.lm_head, hidden).float()  # decode rows: the gemv where the bf16 table measured it faster

@@ -86,19 +86,24 @@ class GemvConfig:
             raise ValueError(f"GemvConfig: split_k must be >= 1, and 1 for the elementwise loop, got {self.split_k}")
 
 
-# FP8 weights: configs measured by benchmarks/bench_gemv_fp8.py --tuned-out, one file per GPU
-# under configs/, gemv_fp8_<GPU name>.<smXY>.json, used by that GPU or (when it has none of
-# its own) by another of the same compute capability; RUNTIME_GEMV_FP8_CONFIGS names a file.
+# Measured configs, one file per GPU and weight kind under configs/: FP8 weights
+# (gemv_fp8_<GPU name>.<smXY>.json, from benchmarks/bench_gemv_fp8.py --tuned-out) and
+# half-precision weights (gemv_bf16_<GPU name>.<smXY>.json, from benchmarks/bench_gemv.py
+# --tuned-out), used by that GPU or (when it has none of its own) by another of the same
+# compute capability; RUNTIME_GEMV_FP8_CONFIGS / RUNTIME_GEMV_BF16_CONFIGS name a file.
 # A file holds, per "NxK@BM" (BM = next_power_of_2(rows): 1, 2, 4, ... 64), the fastest
-# config measured at the nearest measured row count, and "max_rows": up to how many rows the
-# gemv beat row quantization + torch._scaled_mm on every shape (Fp8Linear's dispatch).
+# config measured at the nearest measured row count; in a bf16 file the entry is "torch"
+# where cuBLAS beat every config (model.linear then keeps F.linear). An FP8 file also holds
+# "max_rows": up to how many rows the gemv beat row quantization + torch._scaled_mm on every
+# shape (Fp8Linear's dispatch).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_FP8_TUNED: dict[str, dict] = {}
+TABLE_ENV = {"fp8": "RUNTIME_GEMV_FP8_CONFIGS", "bf16": "RUNTIME_GEMV_BF16_CONFIGS"}
+_TUNED: dict[str, dict] = {}
 
 
-def fp8_tuned(device: torch.device | int | None = None) -> dict:
-    """The measured FP8 gemv configs for this GPU ({} when none were measured). Looked up
-    once per device (an eager step calls this for every projection)."""
+def tuned_table(kind: str, device: torch.device | int | None = None) -> dict:
+    """The measured gemv configs of `kind` ("fp8" or "bf16") for this GPU ({} when none were
+    measured). Looked up once per device (an eager step calls this for every projection)."""
     if not torch.cuda.is_available():
         return {}
     if isinstance(device, int):
@@ -107,28 +112,47 @@ def fp8_tuned(device: torch.device | int | None = None) -> dict:
         index = torch.cuda.current_device()
     else:
         index = device.index
-    key = f"{index}:{os.environ.get('RUNTIME_GEMV_FP8_CONFIGS', '')}"
-    table = _FP8_TUNED.get(key)
+    key = f"{kind}:{index}:{os.environ.get(TABLE_ENV[kind], '')}"
+    table = _TUNED.get(key)
     if table is None:
-        table = _FP8_TUNED[key] = _read_fp8_table(index)
+        table = _TUNED[key] = _read_table(kind, index)
     return table
 
 
-def _read_fp8_table(index: int) -> dict:
-    name = os.environ.get("RUNTIME_GEMV_FP8_CONFIGS")
+def fp8_tuned(device: torch.device | int | None = None) -> dict:
+    return tuned_table("fp8", device)
+
+
+def _read_table(kind: str, index: int) -> dict:
+    name = os.environ.get(TABLE_ENV[kind])
     if not name:
         gpu = torch.cuda.get_device_name(index).replace(" ", "_")
         cap = "sm%d%d" % torch.cuda.get_device_capability(index)
-        name = str(CONFIG_DIR / f"gemv_fp8_{gpu}.{cap}.json")
+        name = str(CONFIG_DIR / f"gemv_{kind}_{gpu}.{cap}.json")
         if not Path(name).exists():
             # Another GPU of the same architecture (an H200 reads an H100's table): the
             # same tiles keep the weight stream going; only the bandwidth differs.
-            same = sorted(CONFIG_DIR.glob(f"gemv_fp8_*.{cap}.json"))
+            same = sorted(CONFIG_DIR.glob(f"gemv_{kind}_*.{cap}.json"))
             name = str(same[0]) if same else name
     try:
         return json.loads(Path(name).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def table_key(m: int, n: int, k: int) -> str:
+    return f"{n}x{k}@{triton.next_power_of_2(max(m, 1))}"
+
+
+def bf16_choice(m: int, n: int, k: int, device: torch.device | None = None) -> GemvConfig | str | None:
+    """What the measured bf16 table says for an [m, k] x [n, k] product: a GemvConfig, "torch"
+    (cuBLAS measured faster), or None (no table, or the shape was not measured)."""
+    entry = tuned_table("bf16", device).get(table_key(m, n, k))
+    if entry is None or entry == "torch":
+        return entry
+    if (not entry.get("dot", True) and m != 1) or k % entry["block_k"]:
+        return None
+    return GemvConfig(**entry)
 
 
 def fp8_max_rows(device: torch.device | None = None) -> int:
@@ -147,7 +171,7 @@ def default_config(m: int, n: int, k: int, fp8: bool = False, device: torch.devi
     reads) across warps. Wide W (gate_up 28672, lm_head): 64 rows and 4 warps, fewer and
     larger programs. block_k divides K where it can, so the loop needs no K mask."""
     if fp8:
-        tuned = fp8_tuned(device).get(f"{n}x{k}@{triton.next_power_of_2(max(m, 1))}")
+        tuned = fp8_tuned(device).get(table_key(m, n, k))
         if tuned is not None and (tuned.get("dot", True) or m == 1) and k % tuned["block_k"] == 0:
             return GemvConfig(**tuned)
     if n <= 16384:

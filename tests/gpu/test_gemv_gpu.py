@@ -114,6 +114,7 @@ def test_model_linear_routes_decode_rows_to_gemv(monkeypatch: pytest.MonkeyPatch
     from runtime.kernels.gemv import gemv
     from runtime.engine import model
 
+    monkeypatch.setenv("RUNTIME_GEMV_BF16_CONFIGS", "/nonexistent.json")  # the modes alone, no measured table
     lin = torch.nn.Linear(576, 960, bias=True, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         monkeypatch.setattr(model, "_GEMV", "auto")
@@ -130,6 +131,33 @@ def test_model_linear_routes_decode_rows_to_gemv(monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(model, "_GEMV", "auto")
         y = model.linear(lin, x)
         assert y.requires_grad and torch.equal(y, lin(x))
+
+
+def test_model_linear_follows_the_measured_bf16_table(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shape the table measured goes as measured whatever the mode says (its config, or
+    cuBLAS); a shape it did not measure follows the mode; off is cuBLAS throughout."""
+    import json
+    from dataclasses import asdict
+
+    from runtime.kernels import gemv as gemv_mod
+    from runtime.engine import model
+
+    cfg = gemv_mod.GemvConfig(8, 256, 1, 4)
+    (tmp_path / "t.json").write_text(json.dumps({"960x576@4": asdict(cfg), "576x576@4": "torch"}))
+    monkeypatch.setenv("RUNTIME_GEMV_BF16_CONFIGS", str(tmp_path / "t.json"))
+    qkv = torch.nn.Linear(576, 960, device="cuda", dtype=torch.bfloat16)
+    o = torch.nn.Linear(576, 576, device="cuda", dtype=torch.bfloat16)
+    down = torch.nn.Linear(1536, 576, device="cuda", dtype=torch.bfloat16)
+    x, xd = (torch.randn(4, k, device="cuda").to(torch.bfloat16) for k in (576, 1536))
+    with torch.no_grad():
+        monkeypatch.setattr(model, "_GEMV", "attn")
+        assert torch.equal(model.linear(qkv, x), gemv_mod.gemv(x, qkv.weight, qkv.bias, config=cfg))  # not attn_block
+        assert torch.equal(model.linear(o, x, attn_block=True), o(x))  # measured: cuBLAS
+        assert torch.equal(model.linear(down, xd), down(xd))  # not measured, not attn_block: the mode
+        monkeypatch.setattr(model, "_GEMV", "auto")
+        assert torch.equal(model.linear(down, xd), gemv_mod.gemv(xd, down.weight))
+        monkeypatch.setattr(model, "_GEMV", "off")
+        assert torch.equal(model.linear(qkv, x), qkv(x))
 
 
 def test_model_linear_rejects_a_bad_switch(monkeypatch: pytest.MonkeyPatch) -> None:

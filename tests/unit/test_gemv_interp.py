@@ -286,10 +286,10 @@ def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch
     (tmp_path / "gemv_fp8_Old_GPU.sm80.json").write_text(json.dumps({"max_rows": 1}))
     name = ["Fake GPU"]
     reads = []
-    real_read = gemv._read_fp8_table
+    real_read = gemv._read_table
     monkeypatch.setattr(gemv, "CONFIG_DIR", tmp_path)
-    monkeypatch.setattr(gemv, "_FP8_TUNED", {})
-    monkeypatch.setattr(gemv, "_read_fp8_table", lambda i: reads.append(i) or real_read(i))
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    monkeypatch.setattr(gemv, "_read_table", lambda kind, i: reads.append((kind, i)) or real_read(kind, i))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: name[0])
@@ -300,14 +300,45 @@ def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch
     assert gemv.fp8_max_rows() == 64
     assert gemv.default_config(1, 6144, 4096) == gemv.GemvConfig(16, 256, 1, 4)  # bf16: never from the table
     assert gemv.default_config(1, 4096, 4096, fp8=True) == gemv.GemvConfig(16, 256, 1, 4)  # shape not in it
-    assert reads == [0]  # once per device
+    assert reads == [("fp8", 0)]  # once per device
     (tmp_path / "own.json").write_text(json.dumps({"max_rows": 8}))
     monkeypatch.setenv("RUNTIME_GEMV_FP8_CONFIGS", str(tmp_path / "own.json"))
     assert gemv.fp8_max_rows() == 8
     monkeypatch.delenv("RUNTIME_GEMV_FP8_CONFIGS")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 9))
-    monkeypatch.setattr(gemv, "_FP8_TUNED", {})
+    monkeypatch.setattr(gemv, "_TUNED", {})
     assert gemv.fp8_tuned() == {} and gemv.fp8_max_rows() == gemv.MAX_M  # no table of this capability
+
+
+def test_bf16_config_table_names_a_config_cublas_or_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measured half-precision table (bench_gemv.py --tuned-out): a config where a gemv
+    won, "torch" where cuBLAS did, None where the shape or row bucket was not measured or
+    the config cannot serve the rows (the elementwise loop takes one row); the FP8 table is
+    a separate file."""
+    pytest.importorskip("triton")
+    from runtime.kernels import gemv
+
+    ew = {"block_n": 4, "block_k": 1024, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
+    dot = {"block_n": 32, "block_k": 256, "num_warps": 1, "num_stages": 3, "dot": True, "split_k": 1}
+    table = {"6144x4096@1": ew, "6144x4096@16": dot, "49152x4096@1": "torch", "6144x4096@2": ew}
+    (tmp_path / "gemv_bf16_Some_GPU.sm90.json").write_text(json.dumps(table))
+    monkeypatch.setattr(gemv, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.delenv("RUNTIME_GEMV_BF16_CONFIGS", raising=False)
+
+    assert gemv.bf16_choice(1, 6144, 4096) == gemv.GemvConfig(**ew)
+    assert gemv.bf16_choice(12, 6144, 4096) == gemv.GemvConfig(**dot)  # 12 rows: the 16-row bucket
+    assert gemv.bf16_choice(2, 6144, 4096) is None  # elementwise cannot take 2 rows
+    assert gemv.bf16_choice(4, 6144, 4096) is None  # bucket not measured
+    assert gemv.bf16_choice(1, 49152, 4096) == "torch"
+    assert gemv.bf16_choice(1, 4096, 4096) is None  # shape not measured
+    assert gemv.fp8_tuned() == {}  # no FP8 file: the bf16 one is not read for FP8
+    monkeypatch.setenv("RUNTIME_GEMV_BF16_CONFIGS", str(tmp_path / "missing.json"))
+    assert gemv.bf16_choice(1, 6144, 4096) is None
 
 
 if __name__ == "__main__":
