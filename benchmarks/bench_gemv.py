@@ -97,7 +97,10 @@ def _row(s: Shape, m: int, peak: float) -> dict:
     return row
 
 
-def _sweep(shapes: list[Shape], peak: float, rows: tuple[int, ...] = ROWS) -> list[dict]:
+def _sweep(shapes: list[Shape], peak: float, rows: tuple[int, ...] = ROWS,
+           after_shape: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every candidate config on every shape and row count; `after_shape(found so far)` runs
+    after each shape (a run cut short keeps what it measured)."""
     found = []
     print("\nsweep: shape M block_n block_k warps stages dot -> us, GB/s, % copy bw")
     for s in shapes:
@@ -114,6 +117,8 @@ def _sweep(shapes: list[Shape], peak: float, rows: tuple[int, ...] = ROWS) -> li
                 print(f"  {s.name:<12} {m:>2} {cfg.block_n:>3} {cfg.block_k:>4} {cfg.num_warps} {cfg.num_stages} "
                       f"{'dot' if cfg.dot else 'ew ':<3} -> {us:8.2f} {gbps:6.0f} {100 * gbps * 1e9 / peak:5.1f}%")
             print(f"  best {s.name} M={m}: {best[1]} {best[0]:.2f} us")
+        if after_shape is not None:
+            after_shape(found)
     return found
 
 
@@ -123,6 +128,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--smollm2", action="store_true")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts (at most 16)")
+    ap.add_argument("--shapes", default="", help="comma-separated shape names (default: every 8B shape; "
+                    f"of {', '.join(n for n, _, _ in LLAMA8B + [LM_HEAD_49K])})")
     ap.add_argument("--tuned-out", default="", help="with --sweep: write the measured table for kernels/gemv.py here")
     args = ap.parse_args()
     rows_m = tuple(int(r) for r in args.rows.split(","))
@@ -138,7 +145,10 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     shapes, rows = [], []
+    wanted = set(args.shapes.split(",")) if args.shapes else None
     for name, n, k in LLAMA8B + [LM_HEAD_49K] + (SMOLLM2 if args.smollm2 else []):
+        if wanted is not None and name not in wanted and not name.startswith("smol"):
+            continue
         s = Shape(name, n, k)
         rows += [_row(s, m, peak) for m in rows_m]
         if args.sweep and not name.startswith("smol"):
@@ -155,10 +165,14 @@ def main() -> None:
     print(f"\nstep at M=1 (projections, {LAYERS} layers + lm_head, {step['bytes'] / 1e9:.2f} GB): torch "
           f"{step['torch'] / 1e3:.3f} ms, gemv {step['gemv'] / 1e3:.3f} ms, best per shape {step['best'] / 1e3:.3f} ms; "
           f"at the copy bandwidth {step['copy_bandwidth_floor'] / 1e3:.3f} ms")
-    sweep = _sweep(shapes, peak, rows_m) if args.sweep else []
-    if args.tuned_out and sweep:
+    def write_table(found: list[dict]) -> None:
+        done = {f["shape"] for f in found}
         Path(args.tuned_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.tuned_out).write_text(json.dumps(tuned_table(rows, sweep, gpu), indent=1, sort_keys=True))
+        table = tuned_table([r for r in rows if r["shape"] in done], found, gpu)
+        Path(args.tuned_out).write_text(json.dumps(table, indent=1, sort_keys=True))
+
+    sweep = _sweep(shapes, peak, rows_m, write_table if args.tuned_out else None) if args.sweep else []
+    if args.tuned_out and sweep:
         print(f"wrote {args.tuned_out}")
     result = dict(gpu=gpu, torch=torch.__version__, triton=importlib.import_module("triton").__version__,
                   copy_bandwidth_bytes_per_s=peak, rows=rows,

@@ -26,8 +26,10 @@ TAIL=80 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smo
 # Issue 14's batch-1 step in bf16: the gemv configs against cuBLAS on the 8B shapes (the
 # lm_head included), written as the table model.linear reads; then the engine's decode step
 # without and with that table, and the standing check below runs with it.
-TAIL=16 step bf16_sweep 200 python benchmarks/bench_gemv.py --sweep --rows "${BF16_ROWS:-1,16}" --out "$OUT/gemv_bf16.json" \
+TAIL=2 step bf16_sweep 200 python benchmarks/bench_gemv.py --sweep --rows "${BF16_ROWS:-1,16}" --out "$OUT/gemv_bf16.json" \
+    --shapes "${BF16_SHAPES:-qkv,o_proj,lm_head_49k,gate_up,down}" \
     --tuned-out "$OUT/gemv_bf16_tuned.json"
+[ -f "$OUT/bf16_sweep.log" ] && grep -E "^(qkv|o_proj|gate_up|down|lm_head)|step at|  best" "$OUT/bf16_sweep.log"
 if [ -f "$OUT/gemv_bf16_tuned.json" ]; then
     TAIL=4 RUNTIME_GEMV_BF16_CONFIGS=/nonexistent step bf16_micro 60 python benchmarks/bench_quant.py --micro \
         --device cuda --schemes none --out "$OUT/bf16_micro_off.json"
