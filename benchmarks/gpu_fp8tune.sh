@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# One GPU call, most needed first: the GPU tests (the FP8 gemv against its reference, the
-# engine with CUDA graphs against transformers; GPU_TESTS picks the files), issue 18's
-# plain-step cost of a speculative engine (bench_spec_off.py, dummy weights), the standing check (`runtime up` on the
-# Llama-3-8B shape in bf16 at concurrency 64), then issue 17's FP8 decode: measure the FP8
-# gemv configs on the 8B shapes (bench_gemv_fp8.py, which writes the table kernels/gemv.py
-# reads), the engine with that table (bench_quant --micro: bf16 vs FP8, decode b1/b64,
-# prefill) and `runtime up` with FP8 weights at concurrency 64. Needs .carry
-# (benchmarks/make_carry.sh; the GGUF part is not needed). Copy $OUT/gemv_fp8_tuned.json to
-# runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json to keep it.
+# One GPU call, most needed first (the step order below): the GPU tests (the FP8 gemv
+# against its reference, the engine with CUDA graphs against transformers; GPU_TESTS picks
+# the files); issue 14's bf16 gemv table (bench_gemv.py --sweep --tuned-out) and the 8B
+# decode step without and with it; the standing check (`runtime up` on the Llama-3-8B shape
+# in bf16 at concurrency 64, with that table); issue 18's plain-step cost of a speculative
+# engine (bench_spec_off.py, dummy weights); then issue 17's FP8 decode: the FP8 gemv configs
+# on the 8B shapes (bench_gemv_fp8.py, which writes the table kernels/gemv.py reads), the
+# engine with that table (bench_quant --micro: bf16 vs FP8, decode b1/b64, prefill) and
+# `runtime up` with FP8 weights at concurrency 64. Needs .carry (benchmarks/make_carry.sh;
+# the GGUF part is not needed). Copy $OUT/gemv_{fp8,bf16}_tuned.json to
+# runtime/kernels/configs/gemv_{fp8,bf16}_<GPU name, spaces as _>.<smXY>.json to keep them.
 set -uo pipefail
-STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro spec_off serve_bf16 sweep quant_micro serve_fp8}
+STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro serve_bf16 spec_off sweep quant_micro serve_fp8}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
@@ -17,12 +19,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The FP8 gemv against its reference, and the engine on CUDA (graphs included) against transformers.
 TAIL=3 step gpu_tests "${GPU_TESTS_SECONDS:-150}" python -m pytest -q -p no:cacheprovider \
     ${GPU_TESTS:-tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py} -k "fp8 or not gemv"
-# Issue 18: what a speculative engine pays on steps that do not draft, engines of each kind
-# alive together and their repeats taken in turn (none#2: the spread between two engines of
-# one kind), on chat's shape with SmolLM2's config and dummy weights.
-TAIL=80 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smol --load-format dummy --device cuda \
-    --batch 16 --workload ragged --kinds none,none#2,ngram-off,ngram-on --interleave --kv-cache-tokens 262144 \
-    --rounds 1 --repeats 8 --max-tokens 256 --profile --out "$OUT/spec_off.json"
 # Issue 14's batch-1 step in bf16: the gemv configs against cuBLAS on the 8B shapes (the
 # lm_head included), written as the table model.linear reads; then the engine's decode step
 # without and with that table, and the standing check below runs with it.
@@ -41,6 +37,12 @@ fi
 step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
+# Issue 18: what a speculative engine pays on steps that do not draft, engines of each kind
+# alive together and their repeats taken in turn (none#2: the spread between two engines of
+# one kind), on chat's shape with SmolLM2's config and dummy weights.
+TAIL=80 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smol --load-format dummy --device cuda \
+    --batch 16 --workload ragged --kinds none,none#2,ngram-off,ngram-on --interleave --kv-cache-tokens 262144 \
+    --rounds 1 --repeats 8 --max-tokens 256 --profile --out "$OUT/spec_off.json"
 TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
