@@ -18,7 +18,7 @@ python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The FP8 gemv against its reference, and the engine on CUDA (graphs included) against transformers.
 TAIL=3 step gpu_tests "${GPU_TESTS_SECONDS:-150}" python -m pytest -q -p no:cacheprovider \
-    ${GPU_TESTS:-tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py} -k "fp8 or not gemv"
+    ${GPU_TESTS:-tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py} -k "${GPU_TESTS_K:-fp8 or not gemv}"
 # Issue 14's batch-1 step in bf16: the gemv configs against cuBLAS on the 8B shapes (the
 # lm_head included), written as the table model.linear reads; then the engine's decode step
 # without and with that table, and the standing check below runs with it.
