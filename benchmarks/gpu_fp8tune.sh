@@ -41,7 +41,7 @@ step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cu
 # alive together and their repeats taken in turn (none#2: the spread between two engines of
 # one kind), on chat's shape with SmolLM2's config and dummy weights.
 TAIL=80 step spec_off 150 python benchmarks/bench_spec_off.py --model .carry/smol --load-format dummy --device cuda \
-    --batch 16 --workload ragged --kinds none,none#2,ngram-off,ngram-on --interleave --kv-cache-tokens 262144 \
+    --batch 16 --workload ragged --kinds none,none#2,ngram-off,ngram-adaptive,ngram-on --interleave --kv-cache-tokens 262144 \
     --rounds 1 --repeats 8 --max-tokens 256 --profile --out "$OUT/spec_off.json"
 TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,64}" --out "$OUT/gemv_fp8.json" \
     --tuned-out "$OUT/gemv_fp8_tuned.json"
