@@ -201,6 +201,9 @@ CANDIDATES = (
     GemvConfig(4, 1024, 4, 1, dot=False),
     GemvConfig(8, 512, 4, 1, dot=False),
     GemvConfig(2, 1024, 4, 1, dot=False),
+    # The FP8 sweep's one-row winners at the same bytes per tile (bf16 block_k = FP8's / 2).
+    GemvConfig(8, 1024, 8, 1, dot=False),
+    GemvConfig(4, 512, 2, 1, dot=False),
 )
 # ... and with FP8 weights (one byte each: longer K tiles carry the same bytes), M up to 64.
 FP8_CANDIDATES = (
