@@ -17,9 +17,10 @@ gate_up, down, and the lm_head once): torch, gemv, and the better of the two per
 
 --sweep also times every config in kernels.gemv.CANDIDATES on each shape and row count
 (about a minute more, mostly compiling); --smollm2 adds SmolLM2-135M's shapes. --tuned-out
-(with --sweep) writes what kernels/gemv.py's bf16 table lookup reads: per shape and BM (powers
-of two up to 16) the fastest config at the nearest measured row count, or "torch" where
-cuBLAS was faster than every config (model.linear then keeps F.linear).
+(with --sweep) writes what kernels/gemv.py's bf16 table lookup reads: per shape and measured
+row bucket (BM = next power of two of the rows) the fastest config of those that matched the
+fp32 product, or "torch" where cuBLAS was faster than every config (model.linear then keeps
+F.linear); buckets not measured are left out (model.linear then follows RUNTIME_GEMV).
 """
 from __future__ import annotations
 
@@ -106,13 +107,18 @@ def _sweep(shapes: list[Shape], peak: float, rows: tuple[int, ...] = ROWS,
     for s in shapes:
         for m in rows:
             x = torch.randn(m, s.k, device="cuda").to(torch.bfloat16)
+            ref = F.linear(x.float(), s.weights[0].float())
+            tol = ref.abs().max().item() * 2 ** -6  # a few bf16 ulps of the largest output
             best = None
             for cfg in CANDIDATES:
                 if not cfg.dot and m != 1:
                     continue
                 us = s.time(x, cfg)
                 gbps = s.nbytes / us / 1e3
-                found.append(dict(shape=s.name, m=m, config=asdict(cfg), us=us, gbps=gbps))
+                # Checked against the fp32 product: a config that computes wrong never enters the table.
+                diff = (gemv(x, s.weights[0], config=cfg).float() - ref).abs().max().item()
+                found.append(dict(shape=s.name, m=m, config=asdict(cfg), us=us, gbps=gbps, max_abs_diff=diff,
+                                  correct=diff <= tol))
                 best = min(best or (us, cfg), (us, cfg), key=lambda t: t[0])
                 print(f"  {s.name:<12} {m:>2} {cfg.block_n:>3} {cfg.block_k:>4} {cfg.num_warps} {cfg.num_stages} "
                       f"{'dot' if cfg.dot else 'ew ':<3} -> {us:8.2f} {gbps:6.0f} {100 * gbps * 1e9 / peak:5.1f}%")
@@ -182,20 +188,18 @@ def main() -> None:
 
 
 def tuned_table(rows: list[dict], sweep: list[dict], gpu: str) -> dict:
-    """kernels/gemv.py's bf16 table from the measured rows (F.linear and the default config
-    per shape and M) and the sweep (see the module note)."""
-    measured = sorted({r["m"] for r in rows})
+    """kernels/gemv.py's bf16 table from the measured rows (F.linear per shape and M) and the
+    sweep's configs that computed correctly: per shape and measured row bucket, the fastest
+    config, or "torch" where F.linear was faster."""
     table: dict = {"gpu": gpu}
     for r in rows:
-        cands = [(r["gemv_us"], r["config"])] + [(f["us"], f["config"]) for f in sweep
-                                                 if f["shape"] == r["shape"] and f["m"] == r["m"]]
-        best = min(cands, key=lambda t: t[0])
-        best_dot = min((c for c in cands if c[1]["dot"]), key=lambda t: t[0])
-        for bm in (1, 2, 4, 8, 16):
-            nearest = min(measured, key=lambda m: (abs(m.bit_length() - bm.bit_length()), m))
-            if nearest == r["m"]:
-                us, cfg = best if bm == 1 else best_dot  # the elementwise loop serves one row only
-                table[f"{r['n']}x{r['k']}@{bm}"] = cfg if us < r["torch_us"] else "torch"
+        cands = [(f["us"], f["config"]) for f in sweep
+                 if f["shape"] == r["shape"] and f["m"] == r["m"] and f.get("correct", True)]
+        if not cands:
+            continue
+        us, cfg = min(cands, key=lambda t: t[0])
+        # Only the row bucket measured: one that was not keeps model.linear's mode rule.
+        table[f"{r['n']}x{r['k']}@{1 << max(0, r['m'] - 1).bit_length()}"] = cfg if us < r["torch_us"] else "torch"
     return table
 
 

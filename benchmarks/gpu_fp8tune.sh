@@ -17,8 +17,11 @@ python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The FP8 gemv against its reference, and the engine on CUDA (graphs included) against transformers.
-TAIL=3 step gpu_tests "${GPU_TESTS_SECONDS:-150}" python -m pytest -q -p no:cacheprovider \
-    ${GPU_TESTS:-tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py} -k "${GPU_TESTS_K:-fp8 or not gemv}"
+gpu_tests() {
+    TAIL=3 step gpu_tests "${GPU_TESTS_SECONDS:-150}" python -m pytest -q -p no:cacheprovider \
+        ${GPU_TESTS:-tests/gpu/test_gemv_gpu.py tests/gpu/test_engine_gpu.py} -k "${GPU_TESTS_K:-fp8 or not gemv}"
+}
+[ "${GPU_TESTS_LAST:-0}" = 1 ] || gpu_tests  # GPU_TESTS_LAST=1: after the standing check instead
 # Issue 14's batch-1 step in bf16: the gemv configs against cuBLAS on the 8B shapes (the
 # lm_head included), written as the table model.linear reads; then the engine's decode step
 # without and with that table, and the standing check below runs with it.
@@ -37,6 +40,7 @@ fi
 step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
+[ "${GPU_TESTS_LAST:-0}" = 1 ] && gpu_tests
 # Issue 18: what a speculative engine pays on steps that do not draft, engines of each kind
 # alive together and their repeats taken in turn (none#2: the spread between two engines of
 # one kind), on chat's shape with SmolLM2's config and dummy weights.
