@@ -155,7 +155,7 @@ def test_model_linear_follows_the_measured_bf16_table(tmp_path, monkeypatch: pyt
         assert torch.equal(model.linear(o, x, attn_block=True), o(x))  # measured: cuBLAS
         assert torch.equal(model.linear(down, xd), down(xd))  # not measured, not attn_block: the mode
         monkeypatch.setattr(model, "_GEMV", "auto")
-        assert torch.equal(model.linear(down, xd), gemv_mod.gemv(xd, down.weight))
+        assert torch.equal(model.linear(down, xd), gemv_mod.gemv(xd, down.weight, down.bias))
         monkeypatch.setattr(model, "_GEMV", "off")
         assert torch.equal(model.linear(qkv, x), qkv(x))
 
