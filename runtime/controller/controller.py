@@ -344,6 +344,7 @@ class Controller(ipc.Actor):
             workers.append(dict(
                 role=w.role, id=w.id, pid=w.proc.pid, alive=w.alive and not w.draining,
                 running=b.running if b else 0, queued=b.queued if b else 0, served=b.served if b else 0,
+                inflight=w.load.inflight,  # dispatched by the controller, not yet reported done
                 kv_free_pages=b.kv_free_pages if b else 0, kv_total_pages=b.kv_total_pages if b else 0,
                 restarts=w.restarts, device=w.device, draining=w.draining,
                 host=getattr(w.proc, "host", "local"), addr=w.addr,

@@ -34,6 +34,11 @@ def all_pages_free(h: dict) -> bool:
     return all(w["alive"] and w["kv_free_pages"] == w["kv_total_pages"] and w["running"] == 0 for w in h["workers"])
 
 
+def idle(h: dict) -> bool:
+    """Every worker alive with nothing running or dispatched to it (the router's loads are even)."""
+    return all(w["alive"] and w["running"] == 0 and w["queued"] == 0 and w["inflight"] == 0 for w in h["workers"])
+
+
 def assert_greedy_equals_engine(server, reference: Engine) -> None:
     """Concurrent greedy completions over HTTP give exactly the single engine's texts."""
     prompts = PROMPTS + [SHARED + "What is the answer?", SHARED + "Why is that so?"]
@@ -146,7 +151,9 @@ def test_cancelled_streams_free_every_page(cluster) -> None:
 def assert_survives_decode_worker_kill(server, wid: int, requests: int = 12, min_ok: int = 6) -> None:
     """kill -9 of decode worker `wid` under load: its requests fail (or are retried), the
     rest complete, it is reported dead or restarted, and later requests succeed."""
-    h = server.health()
+    # A worker an earlier test killed may still be restarting, or still hold that test's load
+    # (the router would then send everything elsewhere): start from an idle, whole cluster.
+    h = server.wait_for(idle, timeout=90, what="every worker alive and idle")
     victim = next(w for w in h["workers"] if w["role"] == "decode" and w["id"] == wid)
 
     async def req(c: httpx.AsyncClient, i: int) -> int:

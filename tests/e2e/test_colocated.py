@@ -19,7 +19,7 @@ import pytest
 from runtime import Engine
 from tests.e2e.test_cluster import (
     MODEL, assert_cancelled_streams_free_pages, assert_chat_stream_and_n, assert_greedy_equals_engine,
-    assert_shared_prefix_cached, assert_survives_decode_worker_kill,
+    assert_shared_prefix_cached, assert_survives_decode_worker_kill, idle,
 )
 from tests.unit.test_engine import PROMPTS
 
@@ -90,7 +90,9 @@ def test_streamed_requests_fail_rather_than_repeat_when_their_worker_dies(coloc)
             os.kill(victim["pid"], signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
-    victim = next(w for w in coloc.health()["workers"] if w["id"] == 0)
+    # From an idle cluster, so the router spreads the streams over both workers.
+    h = coloc.wait_for(idle, timeout=90, what="every worker alive and idle")
+    victim = next(w for w in h["workers"] if w["id"] == 0)
     results = asyncio.run(run())
     failed = 0
     for events in results:
