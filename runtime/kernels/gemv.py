@@ -144,15 +144,21 @@ def table_key(m: int, n: int, k: int) -> str:
     return f"{n}x{k}@{triton.next_power_of_2(max(m, 1))}"
 
 
-def bf16_choice(m: int, n: int, k: int, device: torch.device | None = None) -> GemvConfig | str | None:
-    """What the measured bf16 table says for an [m, k] x [n, k] product: a GemvConfig, "torch"
-    (cuBLAS measured faster), or None (no table, or the shape was not measured)."""
-    entry = tuned_table("bf16", device).get(table_key(m, n, k))
-    if entry is None or entry == "torch":
+def _table_choice(kind: str, m: int, n: int, k: int, device: torch.device | None) -> GemvConfig | str | None:
+    """The `kind` table's entry for an [m, k] x [n, k] product: a GemvConfig, "torch", or None
+    (no table, the shape not measured, or a config that cannot serve these rows or this K)."""
+    entry = tuned_table(kind, device).get(table_key(m, n, k))
+    if not isinstance(entry, dict):
         return entry
     if (not entry.get("dot", True) and m != 1) or k % entry["block_k"]:
         return None
     return GemvConfig(**entry)
+
+
+def bf16_choice(m: int, n: int, k: int, device: torch.device | None = None) -> GemvConfig | str | None:
+    """What the measured bf16 table says for an [m, k] x [n, k] product: a GemvConfig, "torch"
+    (cuBLAS measured faster), or None (no table, or the shape was not measured)."""
+    return _table_choice("bf16", m, n, k, device)
 
 
 def fp8_max_rows(device: torch.device | None = None) -> int:
@@ -171,9 +177,9 @@ def default_config(m: int, n: int, k: int, fp8: bool = False, device: torch.devi
     reads) across warps. Wide W (gate_up 28672, lm_head): 64 rows and 4 warps, fewer and
     larger programs. block_k divides K where it can, so the loop needs no K mask."""
     if fp8:
-        tuned = fp8_tuned(device).get(table_key(m, n, k))
-        if tuned is not None and (tuned.get("dot", True) or m == 1) and k % tuned["block_k"] == 0:
-            return GemvConfig(**tuned)
+        tuned = _table_choice("fp8", m, n, k, device)
+        if isinstance(tuned, GemvConfig):
+            return tuned
     if n <= 16384:
         bn, bk, warps = 16, 256, 1
     else:
