@@ -13,6 +13,7 @@ Micro mode (GPU): the Llama-3-8B shape with dummy weights quantized at load, bf1
 fp8 in the same run: decode step at batch 1 and 64, prefill of 8 x 4096 tokens.
 
     python benchmarks/bench_quant.py --micro --device cuda
+    python benchmarks/bench_quant.py --micro --device cuda --schemes none,none+fuse,fp8,fp8+fuse  # + RUNTIME_GEMV_FUSE
 
 Prints a table and writes JSON (--out)."""
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import PRESETS, bench_engine, model_bytes, prompts_for  # noqa: E402
 
 from runtime import Engine, SamplingParams  # noqa: E402
+from runtime.engine import model as model_mod  # noqa: E402
 from runtime.engine.quant.evaluate import (  # noqa: E402
     forced_agreement, mean_kl, perplexity, positional_agreement, sequence_logits,
 )
@@ -90,11 +92,16 @@ def micro(a: argparse.Namespace) -> dict:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(PRESETS["llama3-8b"], f)
     rows = []
-    for scheme in a.schemes.split(","):
+    for label in a.schemes.split(","):
+        # "<scheme>+fuse": RMSNorm and SiLU-mul inside the decode gemvs (RUNTIME_GEMV_FUSE=on), the
+        # setting read when the engine captures its graphs; a plain name runs them unfused.
+        scheme, fuse = label.removesuffix("+fuse"), label.endswith("+fuse")
+        model_mod._FUSE = fuse
         eng = Engine(folder, device=a.device, dtype="bfloat16", load_format="dummy", quantization=scheme,
                      kv_cache_tokens=a.kv_cache_tokens, max_batch_tokens=4096, max_running=64)
         vocab = eng.core.model_config.vocab_size
-        row = dict(scheme=eng.core.loaded.model.quantization, weight_GB=model_bytes(eng.core.loaded.model) / 1e9)
+        row = dict(scheme=eng.core.loaded.model.quantization + ("+fuse" if fuse else ""),
+                   weight_GB=model_bytes(eng.core.loaded.model) / 1e9)
         for bs in (1, 64):
             r = bench_engine(eng, prompts_for(bs, a.input_len, vocab, seed=bs), a.output_len)
             row[f"decode_b{bs}_ms"] = r["step_ms_median"]
@@ -134,9 +141,9 @@ def main() -> None:
     if a.micro:
         a.output_len = a.output_len if a.output_len != 64 else 32
         result = micro(a)
-        print(f"\n{'scheme':>6} {'GB':>6} {'b1 ms':>7} {'b64 ms':>7} {'prefill tok/s':>14}")
+        print(f"\n{'scheme':>9} {'GB':>6} {'b1 ms':>7} {'b64 ms':>7} {'prefill tok/s':>14}")
         for r in result["rows"]:
-            print(f"{r['scheme']:>6} {r['weight_GB']:6.2f} {r['decode_b1_ms']:7.2f} {r['decode_b64_ms']:7.2f} "
+            print(f"{r['scheme']:>9} {r['weight_GB']:6.2f} {r['decode_b1_ms']:7.2f} {r['decode_b64_ms']:7.2f} "
                   f"{r['prefill_8x4096_tok_s']:14.0f}" + (f"   ratios b1 {r['decode_b1_ratio']:.2f} b64 "
                   f"{r['decode_b64_ratio']:.2f} prefill {r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else ""))
     else:

@@ -11,7 +11,7 @@
 # the GGUF part is not needed). Copy $OUT/gemv_{fp8,bf16}_tuned.json to
 # runtime/kernels/configs/gemv_{fp8,bf16}_<GPU name, spaces as _>.<smXY>.json to keep them.
 set -uo pipefail
-STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro serve_bf16 spec_off sweep quant_micro serve_fp8}
+STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro serve_bf16 spec_off sweep quant_micro fuse serve_fp8}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
@@ -51,6 +51,12 @@ TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,
     --tuned-out "$OUT/gemv_fp8_tuned.json"
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
 TAIL=4 step quant_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
+# Issue 14's batch-1 step with fewer launches: RMSNorm and SiLU-mul inside the decode gemvs
+# (RUNTIME_GEMV_FUSE): the fused kernels against the unfused ones on the 8B shapes, then the
+# engine's decode step without and with the fusion, bf16 and FP8, engines in one process.
+TAIL=3 step fuse 90 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py -k "fused"
+TAIL=7 step fuse 150 python benchmarks/bench_quant.py --micro --device cuda --schemes "${FUSE_SCHEMES:-none,none+fuse,fp8,fp8+fuse}" \
+    --out "$OUT/fuse_micro.json"
 step serve_fp8 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton --quantization fp8" --out "$OUT/serve_fp8.json"

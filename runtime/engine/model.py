@@ -7,6 +7,7 @@ each row's key/value goes in the cache and how rows attend (see attention/base.p
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -24,6 +25,8 @@ from runtime.env import ENV
 
 if TYPE_CHECKING:
     from runtime.engine.cpu_decode import FlatLayers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,19 +67,11 @@ def fused_kernels(x: torch.Tensor) -> bool:
 
 
 _GEMV: str | None = None  # RUNTIME_GEMV ("off" without runtime/kernels/gemv.py); read on first CUDA use
+_FUSE: bool | None = None  # RUNTIME_GEMV_FUSE; False after a fused launch failed once
 
 
-def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
-    """module(x), or for a decode-shaped x (at most 16 rows, CUDA half precision, no
-    autograd: gemv_serves) runtime/kernels/gemv.py's single-pass kernel on a dense weight,
-    which reads it once with no split-K reduce launch (issue 14): where the GPU's measured
-    table (kernels/configs/gemv_bf16_*.json) has the shape, with the config it names or
-    cuBLAS where that measured faster; elsewhere as RUNTIME_GEMV says (auto: every
-    projection, attn: the attention block's alone). RUNTIME_GEMV=off: cuBLAS throughout. CPU
-    and quantized layers never get there."""
+def _gemv_mode() -> str:
     global _GEMV
-    if not x.is_cuda or isinstance(module, QuantLinear):
-        return module(x)
     if _GEMV is None:
         mode = ENV.gemv
         if mode not in ("auto", "attn", "off"):
@@ -87,17 +82,73 @@ def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = 
             _GEMV = mode
         except Exception:  # no Triton: stay on torch
             _GEMV = "off"
-    if _GEMV != "off":
-        from runtime.kernels.gemv import bf16_choice, gemv, gemv_serves
+    return _GEMV
 
-        w = module.weight
-        if gemv_serves(x, w):
-            choice = bf16_choice(x.shape[0], w.shape[0], w.shape[1], x.device)
-            if choice is None and (_GEMV == "auto" or attn_block):  # not measured: the mode's rule
-                return gemv(x, w, module.bias)
-            if choice is not None and choice != "torch":
-                return gemv(x, w, module.bias, config=choice)
+
+def gemv_args(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = False) -> dict | None:
+    """How `linear(module, x)` runs through runtime/kernels/gemv.py (its weight, bias, scale and
+    config, as keyword arguments), or None where it does not: for a decode-shaped x (at most
+    16 rows, CUDA half precision, no autograd: gemv_serves) on a dense weight, where the GPU's
+    measured table (kernels/configs/gemv_bf16_*.json) names a config, or for shapes it has not
+    measured, as RUNTIME_GEMV says (auto: every projection, attn: the attention block's
+    alone); an FP8 layer's weight-only gemv where Fp8Linear serves through it."""
+    if not x.is_cuda or _gemv_mode() == "off":
+        return None
+    if isinstance(module, QuantLinear):
+        serve = getattr(module, "gemv_args", None)
+        return serve(x) if serve is not None else None
+    from runtime.kernels.gemv import bf16_choice, gemv_serves
+
+    w = module.weight
+    if not gemv_serves(x, w):
+        return None
+    choice = bf16_choice(x.shape[0], w.shape[0], w.shape[1], x.device)
+    if choice is None and (_GEMV == "auto" or attn_block):  # not measured: the mode's rule
+        return dict(weight=w, bias=module.bias, config=None, scale=None)
+    if choice is not None and choice != "torch":
+        return dict(weight=w, bias=module.bias, config=choice, scale=None)
+    return None
+
+
+def linear(module: nn.Linear | QuantLinear, x: torch.Tensor, attn_block: bool = False) -> torch.Tensor:
+    """module(x), or for a decode-shaped x on a dense weight runtime/kernels/gemv.py's
+    single-pass kernel, which reads the weight once with no split-K reduce launch (issue 14;
+    where: gemv_args). RUNTIME_GEMV=off: cuBLAS throughout. CPU never gets there; quantized
+    layers dispatch on their own."""
+    if x.is_cuda and not isinstance(module, QuantLinear):
+        args = gemv_args(module, x, attn_block)
+        if args is not None:
+            from runtime.kernels.gemv import gemv
+
+            return gemv(x, **args)
     return module(x)
+
+
+def _fuse_on(x: torch.Tensor) -> bool:
+    """Whether decode rows fold RMSNorm and SiLU-mul into the gemv after them
+    (RUNTIME_GEMV_FUSE); the torch path and CPU never do."""
+    global _FUSE
+    if _FUSE is None:
+        mode = ENV.gemv_fuse
+        if mode not in ("on", "off"):
+            raise ValueError(f"RUNTIME_GEMV_FUSE must be 'on' or 'off', got {mode!r}")
+        _FUSE = mode == "on"
+    return _FUSE and x.is_cuda and x.dim() == 2 and fused_kernels(x)
+
+
+def _fused(op: str, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """kernels/gemv.py's fused `op`, or None (and fusion off from then on) if it failed: a
+    compile error comes at the first, eager call, before any CUDA graph captures it."""
+    global _FUSE
+    from runtime.kernels import gemv as kernels
+
+    try:
+        return getattr(kernels, op)(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        _FUSE = False
+        log.warning("fused %s failed on %s (%s: %s); RMSNorm and SiLU-mul run as launches of their own",
+                    op, args[0].device, type(e).__name__, e)
+        return None
 
 
 class RMSNorm(nn.Module):
@@ -235,18 +286,24 @@ class Attention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        if "qkv_proj" in self._modules:
+            return self.from_qkv(linear(self.qkv_proj, x, attn_block=True), rope, ctx)
+        return linear(self.o_proj, attend(torch.cat(self.project(x), dim=-1), rope, ctx, self.layer_id, self.cfg,
+                                          self.scale), attn_block=True)
+
+    def from_qkv(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        """The rest of the block after the fused q|k|v projection [T, q + 2 kv]: rotary, the
+        KV store, attention and o_proj."""
         cfg = self.cfg
-        fused = "qkv_proj" in self._modules
-        if fused and x.dim() == 2 and fused_kernels(x):
+        if qkv.dim() == 2 and fused_kernels(qkv):
             from runtime.kernels.rope_kv import rope_store_kv
 
-            t = x.shape[0]
+            t = qkv.shape[0]
             k_cache, v_cache = ctx.kv.k_cache(self.layer_id), ctx.kv.v_cache(self.layer_id)
-            q = rope_store_kv(linear(self.qkv_proj, x, attn_block=True), *rope, k_cache, v_cache, ctx.out_slots,
-                              cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            q = rope_store_kv(qkv, *rope, k_cache, v_cache, ctx.out_slots, cfg.num_heads, cfg.num_kv_heads,
+                              cfg.head_dim)
             attn = ctx.attn.forward(q, k_cache, v_cache, self.scale).reshape(t, cfg.q_size)
             return linear(self.o_proj, attn, attn_block=True)
-        qkv = linear(self.qkv_proj, x, attn_block=True) if fused else torch.cat(self.project(x), dim=-1)
         return linear(self.o_proj, attend(qkv, rope, ctx, self.layer_id, cfg, self.scale), attn_block=True)
 
 
@@ -279,8 +336,17 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "gate_up_proj"):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate_up = linear(self.gate_up_proj, x)  # [T, 2 * I]
+        return self.down(linear(self.gate_up_proj, x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """down_proj(silu(gate) * up) of the fused gate|up projection [T, 2 * I]; decode rows
+        with RUNTIME_GEMV_FUSE on: one gemv that computes the SiLU product as it reads it."""
         if gate_up.dim() == 2 and fused_kernels(gate_up):
+            if _fuse_on(gate_up):
+                args = gemv_args(self.down_proj, gate_up[:, : gate_up.shape[1] // 2])
+                out = _fused("gemv_silu_mul", gate_up, **args) if args is not None else None
+                if out is not None:
+                    return out
             from runtime.kernels.silu_mul import silu_and_mul
 
             return linear(self.down_proj, silu_and_mul(gate_up))
@@ -316,12 +382,35 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it is added): the add is
         fused into the next RMSNorm."""
+        attn, mlp = self.self_attn, self.mlp
+        if _fuse_on(x) and "qkv_proj" in attn._modules and "gate_up_proj" in mlp._modules:
+            # Decode rows with RUNTIME_GEMV_FUSE on: each RMSNorm (with its residual add) runs
+            # inside the gemv of the projection after it, where that projection runs one.
+            qkv, residual = self._norm_linear(self.input_layernorm, attn.qkv_proj, x, residual, attn_block=True)
+            gate_up, residual = self._norm_linear(self.post_attention_layernorm, mlp.gate_up_proj,
+                                                  attn.from_qkv(qkv, rope, ctx), residual)
+            return mlp.down(gate_up), residual
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, rope, ctx), residual)
         return self.mlp(h), residual
+
+    @staticmethod
+    def _norm_linear(norm: RMSNorm, proj: nn.Linear | QuantLinear, x: torch.Tensor, residual: torch.Tensor | None,
+                     attn_block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(proj(norm(x + residual)), x + residual): one fused gemv where proj runs one, else
+        the RMSNorm kernel and proj. Without a residual (the first layer) x is the stream."""
+        args = gemv_args(proj, x, attn_block)
+        if args is not None:
+            out = _fused("gemv_rmsnorm", x, residual, norm.weight, norm.eps, **args)
+            if out is not None:
+                return out
+        if residual is None:
+            return linear(proj, norm(x), attn_block), x
+        h, residual = norm(x, residual)
+        return linear(proj, h, attn_block), residual
 
 
 class LlamaModel(nn.Module):

@@ -22,6 +22,18 @@ _BLOCK, _NUM_WARPS = 512, 4
 
 
 @triton.jit
+def silu_times(gate, up, dtype: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """silu(gate) * up in `dtype` from fp32 gate and up, rounded where torch rounds (also
+    kernels/gemv.py's prologue for the down projection)."""
+    if LIBDEVICE_EXP:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    silu = round_to(tl.div_rn(gate, 1.0 + e), dtype, MANUAL_BF16).to(tl.float32)
+    return round_to(silu * up, dtype, MANUAL_BF16)
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     GateUp, Out,
     stride_in, stride_out,  # row strides; the last dims are contiguous
@@ -37,12 +49,7 @@ def _silu_and_mul_kernel(
     row = GateUp + t * stride_in
     gate = tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(row + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    if LIBDEVICE_EXP:
-        e = libdevice.exp(-gate)
-    else:
-        e = tl.exp(-gate)
-    silu = round_to(tl.div_rn(gate, 1.0 + e), dtype, MANUAL_BF16).to(tl.float32)
-    tl.store(Out + t * stride_out + offs, round_to(silu * up, dtype, MANUAL_BF16), mask=mask)
+    tl.store(Out + t * stride_out + offs, silu_times(gate, up, dtype, LIBDEVICE_EXP, MANUAL_BF16), mask=mask)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I] contiguous

@@ -178,9 +178,74 @@ FP8_LINEAR_CASES = [("fp8_linear_decode", 5, False), ("fp8_linear_prefill", 40, 
                     ("fp8_linear_gemv_fails", 3, True)]
 
 
+def _fused_case(name: str, kind: str, dtype: torch.dtype, m: int, n: int, k: int, residual: bool,
+                config: tuple | None, fp8: bool, seed: int) -> str | None:
+    """gemv_silu_mul / gemv_rmsnorm against the unfused kernels they replace (silu_and_mul or
+    rmsnorm, then gemv with the same config) under the interpreter. SiLU: the same bits.
+    RMSNorm: the new residual stream bit for bit, the product within two ulps of the dtype
+    (the fused sum of squares runs in another order, which can move 1/rms by an fp32 ulp and
+    so a normalised input by one ulp of the dtype)."""
+    from runtime.engine.quant.fp8 import quantize_fp8
+    from runtime.kernels.gemv import GemvConfig, gemv, gemv_rmsnorm, gemv_silu_mul
+    from runtime.kernels.rmsnorm import rmsnorm
+    from runtime.kernels.silu_mul import silu_and_mul
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = GemvConfig(*config) if config else None
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    weight, scale = quantize_fp8(w) if fp8 else (w.to(dtype), None)
+    bias = torch.randn(n, generator=gen).to(dtype) if seed % 2 else None
+    if kind == "silu":
+        gate_up = (torch.randn(m, 2 * k + 3, generator=gen) * 2).to(dtype)[:, : 2 * k]  # a row stride not 2K
+        got = gemv_silu_mul(gate_up, weight, bias, config=cfg, scale=scale)
+        want = gemv(silu_and_mul(gate_up), weight, bias, config=cfg, scale=scale)
+        if not torch.equal(got, want):
+            return f"{name}: {int((got != want).sum())} of {got.numel()} outputs differ from the unfused kernels"
+        return None
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    res = (torch.randn(m, k, generator=gen) * 4).to(dtype) if residual else None
+    nw = (1 + torch.randn(k, generator=gen) / 4).to(dtype)
+    x_before, res_before = x.clone(), res.clone() if residual else None
+    got, got_res = gemv_rmsnorm(x, res, nw, 1e-5, weight, bias, config=cfg, scale=scale)
+    if not torch.equal(x, x_before) or (residual and not torch.equal(res, res_before)):
+        return f"{name}: the fused kernel wrote into its inputs"
+    if residual:
+        h, want_res = rmsnorm(x.clone(), nw, 1e-5, res.clone())
+        if not torch.equal(got_res, want_res):
+            return f"{name}: the new residual differs from x + residual in {int((got_res != want_res).sum())} places"
+    else:
+        h, want_res = rmsnorm(x, nw, 1e-5), x
+        if got_res is not x:
+            return f"{name}: without a residual the stream is x itself"
+    want = gemv(h, weight, bias, config=cfg, scale=scale)
+    tol = 2 * torch.finfo(dtype).eps * want.double().abs() + 1e-4
+    err = (got.double() - want.double()).abs()
+    if got.shape != (m, n) or not bool((err <= tol).all()):
+        return f"{name}: worst difference {err.max():.3g} from the unfused kernels"
+    return None
+
+
+# (name, kind, dtype, M, N, K, residual, config or None, fp8, seed): several column blocks
+# (the first writes the residual), masked K tails, split-K, both loops, FP8 weights.
+FUSED_CASES = [
+    ("silu_m1_bf16_default", "silu", torch.bfloat16, 1, 40, 96, False, None, False, 50),
+    ("silu_m3_fp16_ktail", "silu", torch.float16, 3, 45, 77, False, (16, 32, 1, 2), False, 51),
+    ("silu_ew_bf16", "silu", torch.bfloat16, 1, 19, 128, False, (4, 64, 4, 1, False), False, 52),
+    ("silu_split3_bf16", "silu", torch.bfloat16, 5, 20, 100, False, (8, 16, 1, 2, True, 3), False, 53),
+    ("silu_fp8_ew", "silu", torch.bfloat16, 1, 24, 64, False, (8, 32, 4, 1, False), True, 54),
+    ("rms_m1_bf16_ew_res", "rms", torch.bfloat16, 1, 37, 128, True, (4, 32, 4, 1, False), False, 55),
+    ("rms_m5_bf16_ktail_res", "rms", torch.bfloat16, 5, 45, 77, True, (16, 32, 1, 2), False, 56),
+    ("rms_m3_fp16_nores", "rms", torch.float16, 3, 33, 64, False, None, False, 57),
+    ("rms_split3_bf16_res", "rms", torch.bfloat16, 4, 40, 100, True, (16, 16, 1, 2, True, 3), False, 58),
+    ("rms_fp8_m16_res", "rms", torch.bfloat16, 16, 24, 64, True, (16, 32, 1, 2), True, 59),
+    ("rms_fp32_m2_res", "rms", torch.float32, 2, 21, 99, True, (16, 32, 1, 2), False, 60),
+    ("rms_ew_fp16_ktail_nores", "rms", torch.float16, 1, 10, 83, False, (8, 32, 4, 1, False), False, 61),
+]
+
+
 def _main() -> int:
     return (run_cases(CASES, _case) | run_cases(FP8_CASES, _fp8_case) | run_cases(ROW_QUANT_CASES, _row_quant_case)
-            | run_cases(FP8_LINEAR_CASES, _fp8_linear_case))
+            | run_cases(FP8_LINEAR_CASES, _fp8_linear_case) | run_cases(FUSED_CASES, _fused_case))
 
 
 def test_gemv_matches_fp64_reference_under_interpreter() -> None:

@@ -119,12 +119,21 @@ class Fp8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.scale.t()).to(dtype)
 
+    def gemv_args(self, x: torch.Tensor) -> dict | None:
+        """The weight-only gemv's arguments where it serves x (at most the measured rows, half
+        precision), for callers that fuse work into that launch (model.gemv_args); else None."""
+        kernels = _kernels_for(x)
+        if (not self.use_scaled_mm or kernels is None or not kernels.gemv_ok or x.shape[0] > kernels.gemv_rows
+                or x.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return dict(weight=self.weight, bias=bias, scale=self.scale.view(-1), config=None)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if not self.use_scaled_mm:
             return self.reference(x)
         kernels = _kernels_for(x)
-        if (kernels is not None and kernels.gemv_ok and x.shape[0] <= kernels.gemv_rows
-                and x.dtype in (torch.bfloat16, torch.float16)):
+        if self.gemv_args(x) is not None:
             try:
                 return kernels.gemv(x, self.weight, scale=self.scale.view(-1))
             except Exception as e:  # e.g. no e4m3 in this GPU's Triton: compile errors come at the first (eager) call
