@@ -20,6 +20,7 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from runtime.common.gc_heap import freeze_startup_heap
 from runtime.config import ClusterConfig, JoinConfig, split_tcp
 from runtime.fingerprint import model_fingerprint
 from runtime.messages import Refused, Register, Registered
@@ -118,6 +119,7 @@ async def serve(cfg: ClusterConfig, join: JoinConfig) -> int:
     else:
         from runtime.decode.worker import DecodeWorker as W
     w = W(cfg, -1, inbox_addr=join.listen)
+    freeze_startup_heap(f"{join.role} (joining)")  # the engine is built: keep GC scans off its objects
     state = {"serving": False}
     probes = start_probes(w, join.health_port, state) if join.health_port else None
     loop = asyncio.get_running_loop()

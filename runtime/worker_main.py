@@ -15,6 +15,7 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s %(levelname)s {role}-{wid}: %(message)s",
         stream=sys.stderr,
     )
+    from runtime.common.gc_heap import freeze_startup_heap
     from runtime.controller.process import config_from_json
 
     cfg = config_from_json(cfg_json)
@@ -45,7 +46,9 @@ def main(argv: list[str]) -> int:
 
     async def serve() -> None:
         # Sockets are made inside the running loop they will be awaited on.
-        await W(cfg, wid).run()
+        worker = W(cfg, wid)
+        freeze_startup_heap(f"{role}-{wid}")  # the engine is built: keep GC scans off its objects
+        await worker.run()
 
     asyncio.run(serve())
     return 0

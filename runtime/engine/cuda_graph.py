@@ -18,6 +18,7 @@ from runtime.engine.attention.triton_backend import TritonAttention
 from runtime.engine.draft_tree import DeviceDrafts
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.model import ForwardContext, LlamaForCausalLM
+from runtime.engine.page_table import PageTableRows
 
 log = logging.getLogger("runtime.engine")
 
@@ -51,6 +52,9 @@ class CudaGraphDecoder:
         pin = torch.cuda.is_available()
         self._host_i64 = torch.zeros_like(self._i64, device="cpu").pin_memory() if pin else None
         self._host_i32 = torch.ones_like(self._i32, device="cpu").pin_memory() if pin else None
+        # The page-table rows of the pinned mirror, kept from step to step (page_table.py).
+        self._table = PageTableRows(self._host_i32.numpy()[2 * max_batch :].reshape(max_batch, self.max_pages)) \
+            if pin else None
         # Recorded after each run's host-to-device copies: work queued behind a run may not
         # have started when the host fills the buffers again (continue_after_verify).
         self._copied = torch.cuda.Event()
@@ -119,15 +123,9 @@ class CudaGraphDecoder:
         h32[mb : mb + n] = tree_start if tree_start is not None else kv_lens
         h32[n:b] = 1
         h32[mb + n : mb + b] = 1
-        table = h32[2 * mb :].reshape(mb, self.max_pages)
-        prev = None
-        for i, pages in enumerate(page_lists):
-            if pages is prev:  # rows of one sequence share its page list
-                table[i] = table[i - 1]
-            else:
-                table[i, : len(pages)] = pages
-                prev = pages
-        table[n:b, 0] = 0
+        self._table.fill(page_lists)  # what changed since the last step (page_table.py)
+        self._table.table[n:b, 0] = 0
+        self._table.forget(n, b)
         self._i64.copy_(self._host_i64, non_blocking=True)
         # kv_lens and tree_start, then the page-table rows of this bucket only (the layout puts
         # them first): the whole table is max_batch rows of max_pages (0.5 MB at 256 rows of

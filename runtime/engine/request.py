@@ -7,6 +7,7 @@ from typing import Any
 
 from runtime.common.logprobs import TokenLogprob
 from runtime.common.sampling_params import SamplingParams
+from runtime.engine.page_table import PageList
 
 
 class Phase(enum.Enum):
@@ -27,7 +28,8 @@ class Req:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     phase: Phase = Phase.WAITING
     # KV: pages[i] holds positions [i*page_size, (i+1)*page_size); num_computed tokens are written.
-    pages: list[int] = field(default_factory=list)
+    # A PageList (it counts changes other than appending: the graphs' page table relies on it).
+    pages: PageList = field(default_factory=PageList)
     num_computed: int = 0
     # Prefix-cache bookkeeping: the locked node and how many leading tokens' pages the cache owns.
     cache_node: Any = None

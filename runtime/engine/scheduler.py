@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from runtime.engine.kv_pool import KVPool
+from runtime.engine.page_table import PageList
 from runtime.engine.radix_cache import PrefixCache, duplicate_pages
 from runtime.engine.request import Phase, Req
 
@@ -114,7 +115,7 @@ class Scheduler:
         m = self.cache.match([])  # the root: nothing shared, but lock/unlock stay balanced
         self.cache.lock(m.node)
         req.cache_node = m.node
-        req.pages = list(pages)
+        req.pages = PageList(pages)
         req.num_computed = len(req.prompt_ids)
         req.num_cache_owned = 0
         req.admitted_once = True
@@ -190,7 +191,7 @@ class Scheduler:
         m = self.cache.match(req.all_ids[:limit])
         self.cache.lock(m.node)
         req.cache_node = m.node
-        req.pages = list(m.pages)
+        req.pages = PageList(m.pages)
         req.num_computed = req.num_cache_owned = m.num_tokens
         if not req.admitted_once:
             req.cached_tokens = min(m.num_tokens, len(req.prompt_ids))
@@ -273,7 +274,7 @@ class Scheduler:
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)
         req.cache_node = None
-        req.pages = []
+        req.pages = PageList()
         req.num_computed = req.num_cache_owned = 0
 
     def check_no_leak(self) -> None:

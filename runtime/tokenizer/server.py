@@ -9,6 +9,7 @@ from typing import Any
 
 import uvicorn
 
+from runtime.common.gc_heap import freeze_startup_heap
 from runtime.common.model_files import read_model_facts
 from runtime.config import ClusterConfig
 from runtime.env import ENV
@@ -74,6 +75,7 @@ def run_gateway(
     )
     log.info("gateway for %s (%s, context %d) on http://%s:%d", served_name, model_path, max_model_len, cfg.host, cfg.port)
     server = uvicorn.Server(config)
+    freeze_startup_heap("gateway")  # tokenizer and app built: keep GC scans off their objects
     server.run()  # installs SIGINT/SIGTERM handlers: a signal ends serve() and the lifespan
     if not server.started:
         raise SystemExit(f"the gateway could not start on {cfg.host}:{cfg.port} (see the log above)")
