@@ -11,7 +11,7 @@
 # the GGUF part is not needed). Copy $OUT/gemv_{fp8,bf16}_tuned.json to
 # runtime/kernels/configs/gemv_{fp8,bf16}_<GPU name, spaces as _>.<smXY>.json to keep them.
 set -uo pipefail
-STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro serve_bf16 spec_off sweep quant_micro fuse serve_fp8}
+STEPS=${STEPS:-gpu_tests bf16_sweep bf16_micro serve_bf16 serve_overlap spec_off sweep quant_micro fuse serve_fp8}
 . benchmarks/gpu_lib.sh
 python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | grep -v -i "warning\|notice" | tail -3
 [ -d .carry/gguf ] && cp .carry/gguf/* /tmp/  # for a gpu_spec.sh call right after
@@ -40,6 +40,16 @@ fi
 step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \
     --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_bf16.json"
+# The overlap schedule (--overlap-schedule: each decode step launched before the host reads
+# the last one): the standing check at 64 and issue 14's concurrency 256, with and without it.
+for conc in ${OVERLAP_CONC:-64 256}; do
+    for ov in "" "--overlap-schedule"; do
+        TAIL=3 step serve_overlap 150 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random \
+            --waves 2 --input-len 1024 --output-len 256 --concurrency "$conc" \
+            --extra "--model .carry/l8b --load-format dummy --attention-backend triton $ov" \
+            --out "$OUT/serve_overlap_${conc}${ov:+_on}.json"
+    done
+done
 [ "${GPU_TESTS_LAST:-0}" = 1 ] && gpu_tests
 # Issue 18: what a speculative engine pays on steps that do not draft, engines of each kind
 # alive together and their repeats taken in turn (none#2: the spread between two engines of

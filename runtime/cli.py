@@ -47,6 +47,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-jump-forward", action="store_true",
                    help="constrained decoding samples every token (default: tokens the grammar forces are "
                         "appended without sampling, several per step)")
+    p.add_argument("--overlap-schedule", action="store_true",
+                   help="launch each decode step before reading the previous step's tokens on the host, so "
+                        "scheduling overlaps the GPU's work (not with speculation, grammars, penalties or "
+                        "prompt logprobs: those steps run as before)")
     p.add_argument("--log-level", default=ENV.log_level)
 
 
@@ -73,6 +77,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
         speculative_policy=a.speculative_policy,
         speculative_tree=a.speculative_tree,
         jump_forward=not a.no_jump_forward,
+        overlap_schedule=a.overlap_schedule,
     )
 
 

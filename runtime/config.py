@@ -72,6 +72,11 @@ class EngineConfig:
     # Constrained requests append the tokens their grammar forces without sampling them
     # (runtime/engine/jump_forward.py); off: every token is sampled.
     jump_forward: bool = True
+    # Launch each decode step before the host has read the previous one's tokens (the new
+    # rows take them on the device), so the scheduling and bookkeeping of a step run while
+    # the GPU computes the next: engine/overlap.py. Steps with a drafter, a grammar, penalties
+    # or prompt logprobs run as before. Off until measured on a GPU.
+    overlap_schedule: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

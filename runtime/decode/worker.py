@@ -169,9 +169,9 @@ class DecodeWorker(Worker):
             req = out.req
             if out.error is not None:  # its step ran out of memory (or its grammar failed): the engine freed it
                 log.warning("decode %d: request %s failed: %s", self.id, req.rid, out.error)
-                await self._fail(req.rid, out.error, out.code, tokens_sent=bool(req.output_ids))
+                await self._fail(req.rid, out.error, out.code, tokens_sent=bool(req.num_output))
                 continue
-            if out.new_token_ids and len(req.output_ids) == len(out.new_token_ids):
+            if out.new_token_ids and req.num_output == len(out.new_token_ids):
                 # The first token is about to reach the client: from now on the request can no
                 # longer be retried transparently, so the controller must know before the client.
                 await self.controller.send(Streaming(req.rid, self.id))
@@ -179,8 +179,8 @@ class DecodeWorker(Worker):
                 req.rid, out.new_token_ids,
                 [logprob_to_wire(lp) for lp in out.new_logprobs] if req.params.logprobs is not None else None,
                 req.finish_reason if req.finished else None, req.stop_reason,
-                len(req.prompt_ids), req.cached_tokens, len(req.output_ids),
-                req.prompt_logprob_list() or None if len(req.output_ids) == len(out.new_token_ids) else None,
+                len(req.prompt_ids), req.cached_tokens, req.num_output,
+                req.prompt_logprob_list() or None if req.num_output == len(out.new_token_ids) else None,
             ))
             if req.finished:
                 done.append(req.rid)

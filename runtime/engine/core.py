@@ -23,6 +23,7 @@ from runtime.engine.h2d import to_device
 from runtime.engine.jump_forward import MAX_JUMP_TOKENS, JumpForward
 from runtime.engine.kv_pool import KVPool
 from runtime.engine.memory_plan import MemoryPlan, plan_kv_pages
+from runtime.engine.overlap import OverlapSteps
 from runtime.engine.prompt_logprobs import record_prompt_logprobs, wants_prompt_logprobs
 from runtime.engine.radix_cache import NoPrefixCache, RadixCache
 from runtime.engine.request import Phase, Req
@@ -66,7 +67,7 @@ def graph_rows(cfg: EngineConfig) -> int:
     return min(rows, 512)
 
 
-class EngineCore(SpeculativeSteps):
+class EngineCore(SpeculativeSteps, OverlapSteps):
     def __init__(self, cfg: EngineConfig, loaded: LoadedModel | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.torch_device
@@ -136,9 +137,9 @@ class EngineCore(SpeculativeSteps):
         self._arrivals = 0
         self.grammars.warm()  # last: the CUDA graphs (the drafter's too) are captured by now
         log.info(
-            "engine ready: %s on %s (%s, quantization %s), %d KV pages x %d tokens, attention=%s",
+            "engine ready: %s on %s (%s, quantization %s), %d KV pages x %d tokens, attention=%s%s",
             self.loaded.name, self.device, dtype, self.loaded.model.quantization,
-            self.pool.total_pages, cfg.page_size, self.attn.name,
+            self.pool.total_pages, cfg.page_size, self.attn.name, ", overlap schedule" if cfg.overlap_schedule else "",
         )
 
     @property
@@ -231,7 +232,7 @@ class EngineCore(SpeculativeSteps):
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._inflight is not None
 
     # ---- one step ------------------------------------------------------------------------
     num_forwards = 0  # forwards run by step() (what RUNTIME_TEST_FAIL_ALLOC's steps count)
@@ -246,7 +247,15 @@ class EngineCore(SpeculativeSteps):
         CPU allocator, no KV page) does not raise: the requests it fails come back as
         StepOutputs with `error` set (finished with finish_reason "error", pages freed), its
         other requests run again next step unchanged, and requests outside the step never
-        notice (`_fail_alloc` says which fail). Any other exception propagates."""
+        notice (`_fail_alloc` says which fail). Any other exception propagates.
+
+        With EngineConfig.overlap_schedule, a step that needs nothing from the host between
+        steps is launched before the last one is read, and returns that one's outputs
+        (overlap.py); a step that does need it first settles the step in flight."""
+        if drafts is None and self._overlap_now():
+            return self._step_overlapped()
+        if self._inflight is not None:
+            return self._settle_inflight()
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
             drafts, drafted = self._propose_or_skip()
@@ -423,6 +432,10 @@ class EngineCore(SpeculativeSteps):
             torch.cuda.empty_cache()
 
     def _finish(self, req: Req, reason: str, stop_reason: str | int | None = None) -> None:
+        if req.num_pending:  # placeholders of a step in flight (overlap.py): that row is void
+            del req.output_ids[-req.num_pending :]
+            req.num_pending = 0
+            req.num_computed = min(req.num_computed, req.seq_len)  # the KV the step in flight writes stays valid
         self.scheduler.finish(req, reason, stop_reason)
         self.requests.pop(req.rid, None)
         req.grammar = None

@@ -104,11 +104,13 @@ class CudaGraphDecoder:
         self, input_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], page_lists: list[list[int]],
         kv_lens: list[int], tree_start: list[int] | None = None, tree_bits: list[int] | None = None,
         device_rows: tuple[DeviceDrafts, tuple[list[int], list[int]]] | None = None,
+        future: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over N decode-shape rows; returns (logits [N, V], hidden [N, H]),
         views of the graph's static outputs (valid until the next run). input_ids may be
         an int64 device tensor [N]; `device_rows` fills draft rows from the device
-        (DeviceDrafts.write_rows)."""
+        (DeviceDrafts.write_rows); `future` = (tokens, rows, picks): input_ids[rows] =
+        tokens[picks] on the device (the tokens of the step in flight, overlap.py)."""
         n = len(input_ids)
         b = next(x for x in self.buckets if x >= n)
         mb = self.max_batch
@@ -138,6 +140,9 @@ class CudaGraphDecoder:
         if device_rows is not None:
             drafts, rows = device_rows
             drafts.write_rows(rows, self.input_ids, self.positions, self.tree_bits)
+        if future is not None:
+            src, at, pick = future
+            self.input_ids[at] = src[pick]
         self.graphs[b].replay()
         logits, hidden = self.outputs[b]
         return logits[:n], hidden[:n]

@@ -31,6 +31,9 @@ class Req:
     # A PageList (it counts changes other than appending: the graphs' page table relies on it).
     pages: PageList = field(default_factory=PageList)
     num_computed: int = 0
+    # Overlap schedule (engine/overlap.py): trailing entries of output_ids that are still
+    # placeholders for tokens the step in flight samples (negative ids).
+    num_pending: int = 0
     # Prefix-cache bookkeeping: the locked node and how many leading tokens' pages the cache owns.
     cache_node: Any = None
     num_cache_owned: int = 0
@@ -87,6 +90,11 @@ class Req:
     def token_at(self, pos: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    @property
+    def num_output(self) -> int:
+        """Output tokens known to the host (placeholders of a step in flight not counted)."""
+        return len(self.output_ids) - self.num_pending
 
     @property
     def seq_len(self) -> int:

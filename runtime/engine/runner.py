@@ -57,6 +57,10 @@ class _Rows:
     # the drafts of one propose, and per such row (verify row, flat index into the drafts).
     device_drafts: DeviceDrafts | None = None
     device_rows: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
+    # Rows whose input token the previous, still running step samples (the overlap schedule:
+    # the request's last token is a placeholder -(1 + j), j its row in that step's tokens):
+    # (row, j) pairs, filled in on the device from those tokens.
+    future_rows: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
 
     @property
     def decode_shape(self) -> bool:
@@ -79,7 +83,12 @@ def build_rows(batch: Batch, drafts: dict[str, DraftTree | PendingDraft], page_s
         first = len(r.tokens)
         if tree is None and s.q_len == 1:  # plain decode, the common row: no per-row lists
             p = s.start
-            r.tokens.append(s.req.token_at(p))
+            t = s.req.token_at(p)
+            if t < 0:  # still being sampled by the step in flight (overlap.py)
+                r.future_rows[0].append(first)
+                r.future_rows[1].append(-1 - t)
+                t = 0
+            r.tokens.append(t)
             r.positions.append(p)
             r.q_lens.append(1)
             r.kv_lens.append(p + 1)
@@ -162,20 +171,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, batch: Batch, drafts: dict[str, DraftTree] | None = None, all_hidden: bool = False
+        self, batch: Batch, drafts: dict[str, DraftTree] | None = None, all_hidden: bool = False,
+        future_tokens: torch.Tensor | None = None,
     ) -> ForwardOut:
         """Logits and hidden states of the rows that need logits, sequence by sequence in
         batch order (every row of a sequence with drafts). `all_hidden` also returns the
-        hidden states of every new token."""
+        hidden states of every new token. `future_tokens`: the tokens [N] (device) of the step
+        still in flight, which placeholder tokens in the batch stand for (overlap.py)."""
         total = sum(s.q_len for s in batch.seqs)
         max_q = total if total <= self.graph_rows else DECODE_SHAPE_MAX_Q
         rows = build_rows(batch, drafts or {}, self.pool.page_size, max_q)
+        future = None
+        if rows.future_rows[0]:
+            if future_tokens is None:
+                raise ValueError("the batch has placeholder tokens but no step in flight to take them from")
+            dev = future_tokens.device
+            future = (future_tokens, to_device(rows.future_rows[0], torch.int64, dev),
+                      to_device(rows.future_rows[1], torch.int64, dev))
         if (self.graphs is not None and rows.decode_shape
                 and self.graphs.can_run(len(rows.tokens), max(len(p) for p in rows.page_lists))):
             device_rows = (rows.device_drafts, rows.device_rows) if rows.device_drafts is not None else None
             logits, h = self.graphs.run(
                 rows.tokens, rows.positions, rows.slots, rows.page_lists, rows.kv_lens, rows.tree_start, rows.tree_bits,
-                device_rows=device_rows,
+                device_rows=device_rows, future=future,
             )
             hidden = h
             if len(rows.logit_rows) != len(rows.tokens):
@@ -190,6 +208,9 @@ class ModelRunner:
         )
         as_dev = lambda xs: to_device(xs, torch.int64, dev)  # noqa: E731
         ids, positions = as_dev(rows.tokens), as_dev(rows.positions)
+        if future is not None:
+            src, at, pick = future
+            ids[at] = src[pick]
         if rows.device_drafts is not None:
             rows.device_drafts.write_rows(rows.device_rows, ids, positions, meta.tree_bits)
         self.attn.prepare(meta)

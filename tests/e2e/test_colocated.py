@@ -111,6 +111,23 @@ def test_kill_worker_under_load_later_requests_succeed(coloc) -> None:
     coloc.wait_for(lambda h: all(w["alive"] for w in h["workers"]), timeout=60, what="both workers alive again")
 
 
+@pytest.fixture(scope="module")
+def overlapped(start_server, tiny_model_dir: str):
+    """One colocated worker with the overlap schedule: it prefills and decodes, each step
+    launched before the last one's tokens are read (runtime/engine/overlap.py)."""
+    return start_server("--model", tiny_model_dir, "--prefill", "0", "--decode", "1", "--overlap-schedule",
+                        "--served-model-name", MODEL, "--page-size", "4", "--kv-cache-tokens", "4096",
+                        "--max-model-len", "1024")
+
+
+def test_overlap_schedule_serves_what_the_single_engine_generates(overlapped, reference: Engine) -> None:
+    """Outputs, streaming, n and usage counts (which must not count a token still in flight),
+    and cancelled streams leave no page behind."""
+    assert_greedy_equals_engine(overlapped, reference)
+    assert_chat_stream_and_n(overlapped, reference)
+    assert_cancelled_streams_free_pages(overlapped)
+
+
 def test_no_worker_at_all_is_a_cli_error() -> None:
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "up", "--prefill", "0", "--decode", "0"],
                        capture_output=True, text=True, timeout=60)
