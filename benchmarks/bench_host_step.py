@@ -8,7 +8,8 @@
 2. The garbage collector: a full collection of an engine process (the tiny model) before
    and after gc_heap.freeze_startup_heap, which every server process now calls at start.
 3. The rest of the engine's step on the host: EngineCore.step with the model's forward
-   replaced by zeros (scheduler, row building, sampling, appending), per batch size.
+   replaced by zeros (scheduler, row building, sampling, appending), per batch size, plain
+   and with the overlap schedule (on a CPU nothing overlaps: this is its bookkeeping's cost).
 
     python benchmarks/bench_host_step.py --batch-sizes 1,64,256
 
@@ -86,11 +87,12 @@ def gc_full_collection(model_dir: str) -> dict:
     return dict(tracked_objects=tracked, full_collect_ms=before * 1e3, after_freeze_ms=after * 1e3)
 
 
-def engine_host_step(model_dir: str, batch: int, steps: int) -> dict:
+def engine_host_step(model_dir: str, batch: int, steps: int, overlap: bool = False) -> dict:
     from runtime import Engine, SamplingParams
     from runtime.engine.runner import ForwardOut, build_rows
 
-    eng = Engine(model_dir, device="cpu", dtype="float32", kv_cache_tokens=batch * 1200, max_running=batch)
+    eng = Engine(model_dir, device="cpu", dtype="float32", kv_cache_tokens=batch * 1200, max_running=batch,
+                 overlap_schedule=overlap)
     core = eng.core
     vocab, hidden = core.model_config.vocab_size, core.model_config.hidden_size
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
@@ -100,7 +102,7 @@ def engine_host_step(model_dir: str, batch: int, steps: int) -> dict:
     while any(not r.output_ids for r in reqs):
         core.step()
 
-    def stub_forward(b, drafts=None, all_hidden=False):  # the host part of forward() only
+    def stub_forward(b, drafts=None, all_hidden=False, future_tokens=None):  # the host part of forward() only
         rows = build_rows(b, drafts or {}, core.pool.page_size, 16)
         n = len(rows.logit_rows)
         return ForwardOut(torch.zeros(n, vocab), torch.zeros(n, hidden), None)
@@ -112,7 +114,8 @@ def engine_host_step(model_dir: str, batch: int, steps: int) -> dict:
         core.step()
         times.append(time.perf_counter() - t0)
     eng.shutdown()
-    return dict(batch=batch, step_ms_median=statistics.median(times) * 1e3, step_ms_p90=np.percentile(times, 90) * 1e3)
+    return dict(batch=batch, overlap=overlap, step_ms_median=statistics.median(times) * 1e3,
+                step_ms_p90=np.percentile(times, 90) * 1e3)
 
 
 def main() -> None:
@@ -131,16 +134,17 @@ def main() -> None:
         model_dir = _save_tiny(Path(tempfile.mkdtemp(prefix="runtime-tiny-")))
     fills = [page_table_fill(b, a.steps, a.pages) for b in batches]
     collection = gc_full_collection(model_dir)
-    steps = [engine_host_step(model_dir, b, min(a.steps, 300)) for b in batches]
+    steps = [engine_host_step(model_dir, b, min(a.steps, 300), overlap) for b in batches for overlap in (False, True)]
     print(f"\npage table fill, ms per step ({a.pages} pages per sequence)")
     print(f"{'batch':>6} {'whole':>8} {'incremental':>12}")
     for f in fills:
         print(f"{f['batch']:>6} {f['whole_ms']:8.3f} {f['incremental_ms']:12.3f}")
     print(f"\nfull GC collection of an engine process ({collection['tracked_objects']} tracked objects): "
           f"{collection['full_collect_ms']:.1f} ms; after freeze_startup_heap {collection['after_freeze_ms']:.2f} ms")
-    print("\nengine step on the host, forward stubbed")
+    print("\nengine step on the host, forward stubbed (with --overlap-schedule: its bookkeeping, which a GPU overlaps)")
     for s in steps:
-        print(f"  batch {s['batch']:>4}: median {s['step_ms_median']:.3f} ms, p90 {s['step_ms_p90']:.3f} ms")
+        print(f"  batch {s['batch']:>4} {'overlap' if s['overlap'] else 'plain  '}: median {s['step_ms_median']:.3f} ms, "
+              f"p90 {s['step_ms_p90']:.3f} ms")
     with open(a.out, "w") as f:
         json.dump(dict(page_table=fills, gc=collection, host_step=steps), f, indent=2)
 

@@ -111,11 +111,12 @@ def test_kill_worker_under_load_later_requests_succeed(coloc) -> None:
     coloc.wait_for(lambda h: all(w["alive"] for w in h["workers"]), timeout=60, what="both workers alive again")
 
 
-@pytest.fixture(scope="module")
-def overlapped(start_server, tiny_model_dir: str):
-    """One colocated worker with the overlap schedule: it prefills and decodes, each step
-    launched before the last one's tokens are read (runtime/engine/overlap.py)."""
-    return start_server("--model", tiny_model_dir, "--prefill", "0", "--decode", "1", "--overlap-schedule",
+@pytest.fixture(scope="module", params=["0", "1"], ids=["colocated", "disaggregated"])
+def overlapped(request, start_server, tiny_model_dir: str):
+    """A decode worker with the overlap schedule, each step launched before the last one's
+    tokens are read (runtime/engine/overlap.py): prefilling and decoding its own requests, or
+    decoding what a prefill worker (which keeps the plain schedule: it holds KV) sends it."""
+    return start_server("--model", tiny_model_dir, "--prefill", request.param, "--decode", "1", "--overlap-schedule",
                         "--served-model-name", MODEL, "--page-size", "4", "--kv-cache-tokens", "4096",
                         "--max-model-len", "1024")
 
