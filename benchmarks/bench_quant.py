@@ -13,7 +13,7 @@ Micro mode (GPU): the Llama-3-8B shape with dummy weights quantized at load, bf1
 fp8 in the same run: decode step at batch 1 and 64, prefill of 8 x 4096 tokens.
 
     python benchmarks/bench_quant.py --micro --device cuda
-    python benchmarks/bench_quant.py --micro --device cuda --schemes none,none+fuse,fp8,fp8+fuse  # + RUNTIME_GEMV_FUSE
+    python benchmarks/bench_quant.py --micro --device cuda --schemes none,none+fuse+merge,fp8,fp8+fuse+merge
 
 Prints a table and writes JSON (--out)."""
 from __future__ import annotations
@@ -88,19 +88,25 @@ def accuracy(a: argparse.Namespace) -> dict:
 
 
 def micro(a: argparse.Namespace) -> dict:
+    from runtime.kernels import paged_decode as paged_decode_mod  # Triton: the GPU mode only
+
     folder = tempfile.mkdtemp(prefix="runtime-llama3-8b-")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(PRESETS["llama3-8b"], f)
     rows = []
     for label in a.schemes.split(","):
-        # "<scheme>+fuse": RMSNorm and SiLU-mul inside the decode gemvs (RUNTIME_GEMV_FUSE=on), the
-        # setting read when the engine captures its graphs; a plain name runs them unfused.
-        scheme, fuse = label.removesuffix("+fuse"), label.endswith("+fuse")
-        model_mod._FUSE = fuse
+        # "<scheme>[+fuse][+merge]": +fuse runs RMSNorm and SiLU-mul inside the decode gemvs
+        # (RUNTIME_GEMV_FUSE=on), +merge merges the paged-decode splits in the kernel
+        # (RUNTIME_DECODE_MERGE=fused); both are read when the engine captures its graphs.
+        scheme, *opts = label.split("+")
+        if set(opts) - {"fuse", "merge"}:
+            raise SystemExit(f"unknown option in {label!r}: use +fuse and/or +merge")
+        model_mod._FUSE = "fuse" in opts
+        paged_decode_mod._MERGE = "fused" if "merge" in opts else "launch"
         eng = Engine(folder, device=a.device, dtype="bfloat16", load_format="dummy", quantization=scheme,
                      kv_cache_tokens=a.kv_cache_tokens, max_batch_tokens=4096, max_running=64)
         vocab = eng.core.model_config.vocab_size
-        row = dict(scheme=eng.core.loaded.model.quantization + ("+fuse" if fuse else ""),
+        row = dict(scheme="+".join([eng.core.loaded.model.quantization, *opts]),
                    weight_GB=model_bytes(eng.core.loaded.model) / 1e9)
         for bs in (1, 64):
             r = bench_engine(eng, prompts_for(bs, a.input_len, vocab, seed=bs), a.output_len)
@@ -141,9 +147,9 @@ def main() -> None:
     if a.micro:
         a.output_len = a.output_len if a.output_len != 64 else 32
         result = micro(a)
-        print(f"\n{'scheme':>9} {'GB':>6} {'b1 ms':>7} {'b64 ms':>7} {'prefill tok/s':>14}")
+        print(f"\n{'scheme':>15} {'GB':>6} {'b1 ms':>7} {'b64 ms':>7} {'prefill tok/s':>14}")
         for r in result["rows"]:
-            print(f"{r['scheme']:>9} {r['weight_GB']:6.2f} {r['decode_b1_ms']:7.2f} {r['decode_b64_ms']:7.2f} "
+            print(f"{r['scheme']:>15} {r['weight_GB']:6.2f} {r['decode_b1_ms']:7.2f} {r['decode_b64_ms']:7.2f} "
                   f"{r['prefill_8x4096_tok_s']:14.0f}" + (f"   ratios b1 {r['decode_b1_ratio']:.2f} b64 "
                   f"{r['decode_b64_ratio']:.2f} prefill {r['prefill_speedup']:.2f}x" if "prefill_speedup" in r else ""))
     else:

@@ -62,10 +62,12 @@ TAIL=12 step sweep 200 python benchmarks/bench_gemv_fp8.py --rows "${ROWS:-1,16,
 [ -f "$OUT/gemv_fp8_tuned.json" ] && export RUNTIME_GEMV_FP8_CONFIGS=$OUT/gemv_fp8_tuned.json
 TAIL=4 step quant_micro 60 python benchmarks/bench_quant.py --micro --device cuda --schemes none,fp8 --out "$OUT/quant_micro.json"
 # Issue 14's batch-1 step with fewer launches: RMSNorm and SiLU-mul inside the decode gemvs
-# (RUNTIME_GEMV_FUSE): the fused kernels against the unfused ones on the 8B shapes, then the
-# engine's decode step without and with the fusion, bf16 and FP8, engines in one process.
-TAIL=3 step fuse 90 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py -k "fused"
-TAIL=7 step fuse 150 python benchmarks/bench_quant.py --micro --device cuda --schemes "${FUSE_SCHEMES:-none,none+fuse,fp8,fp8+fuse}" \
+# (RUNTIME_GEMV_FUSE) and the paged-decode merge inside its split kernel (RUNTIME_DECODE_MERGE):
+# the fused kernels against the unfused ones, then the engine's decode step without and
+# with them, bf16 and FP8, engines in one process.
+TAIL=3 step fuse 90 python -m pytest -q -p no:cacheprovider tests/gpu/test_gemv_gpu.py tests/gpu/test_attention_gpu.py \
+    -k "fused or (paged_decode_kernel and 32-8)"
+TAIL=8 step fuse 200 python benchmarks/bench_quant.py --micro --device cuda --schemes "${FUSE_SCHEMES:-none,none+fuse,none+fuse+merge,fp8,fp8+fuse+merge}" \
     --out "$OUT/fuse_micro.json"
 step serve_fp8 60 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random --waves 2 \
     --input-len 1024 --output-len 256 --concurrency 64 \

@@ -41,6 +41,11 @@ _VARS = {
         "runtime/kernels/gemv.py launch of the projection after them, where that projection runs the gemv "
         "(decode rows: 96 fewer launches per step on a 32-layer model)",
     ),
+    "decode_merge": _Var(
+        "RUNTIME_DECODE_MERGE", "launch",
+        "launch | fused: how the paged-decode kernel's splits are merged: a second launch, or by the last split "
+        "of each sequence and KV head to finish (one launch fewer per layer; off until measured on a GPU)",
+    ),
     "cpu_threads": _Var(
         "RUNTIME_CPU_THREADS", "", "torch intra-op threads on CPU; empty: the physical cores this process may use",
     ),

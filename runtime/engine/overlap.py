@@ -159,6 +159,10 @@ class OverlapSteps:
                 if req.num_pending and at < len(req.output_ids) and req.output_ids[at] < 0:
                     req.output_ids[at] = t  # the scheduler ended it (no room) while this step ran
                     req.num_pending -= 1
+                    if decode:
+                        self._count_accepted(req, 1, None, False)
+                    if lp:
+                        req.output_logprobs.append(lp)
                     late[req.rid] = ([t], [lp] if lp else [])
                 continue  # else aborted or ended while this step ran: its row is void
             req.output_ids[at] = t

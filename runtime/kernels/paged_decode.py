@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from runtime.env import ENV
 from runtime.kernels._common import check_kv_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,7 +32,7 @@ _MAX_SPLITS = 64
 
 @triton.jit(do_not_specialize=["stride_ptb"])  # the page-table width changes per eager step
 def _paged_decode_split_kernel(
-    Q, K, V, PageTable, KvLens, TreeStart, TreeBits, MidO, MidLse, Out,
+    Q, K, V, PageTable, KvLens, TreeStart, TreeBits, MidO, MidLse, Out, Counters,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qb, stride_qh,
     stride_kp, stride_ks, stride_kh,
@@ -50,6 +51,8 @@ def _paged_decode_split_kernel(
     IEEE_DOT: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
     UPCAST: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 bit patterns as ints
     HAS_TREE: tl.constexpr,  # per-row tree rule: keys past TreeStart[b] only by bit of TreeBits[b]
+    FUSED_MERGE: tl.constexpr = False,  # the last split of each (sequence, KV head) merges them
+    BLOCK_S: tl.constexpr = 1,  # FUSED_MERGE: num_splits rounded up to a power of two
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -152,6 +155,35 @@ def _paged_decode_split_kernel(
             mask=hd_mask,
         )
         tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, lse, mask=h_mask)
+        if FUSED_MERGE:
+            # Count this split done; the last one of (b, kvh) to finish merges the partials of
+            # its heads (what _paged_decode_merge_kernel does, without a launch of its own).
+            tl.debug_barrier()  # every thread's partial is stored before the count includes it
+            count = Counters + b * tl.num_programs(1) + kvh
+            finished = tl.atomic_add(count, 1, sem="acq_rel")
+            if finished == num_splits - 1:
+                tl.debug_barrier()
+                offs_s = tl.arange(0, BLOCK_S)
+                lse_all = tl.load(
+                    MidLse + b * stride_mlb + heads[:, None] * stride_mlh + offs_s[None, :],
+                    mask=h_mask[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"), cache_modifier=".cg",
+                )  # [BLOCK_H, BLOCK_S]
+                m = tl.max(lse_all, 1)
+                m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights become 0
+                total = tl.sum(tl.exp2(lse_all - m[:, None]), 1)
+                merged = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+                for s_i in range(0, num_splits):
+                    lse_s = tl.load(MidLse + b * stride_mlb + heads * stride_mlh + s_i, mask=h_mask,
+                                    other=float("-inf"), cache_modifier=".cg")
+                    o_s = tl.load(
+                        MidO + b * stride_mob + heads[:, None] * stride_moh + s_i * stride_mos + offs_d[None, :],
+                        mask=hd_mask, other=0.0, cache_modifier=".cg",
+                    )
+                    merged += tl.exp2(lse_s - m)[:, None] * o_s
+                merged = merged / tl.where(total > 0.0, total, 1.0)[:, None]
+                tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         merged.to(Out.dtype.element_ty), mask=hd_mask)
+                tl.atomic_xchg(count, 0)  # zero again for the next launch (CUDA graph replays)
 
 
 @triton.jit
@@ -273,6 +305,35 @@ def _check(
         )
 
 
+# FUSED_MERGE's split counters, one int32 per (sequence, KV head), zero between launches (the
+# last split resets its own). Per device, grown by allocating anew; the old buffers stay
+# alive, as CUDA graphs captured with them keep using them. Launches on one stream only: two
+# decode launches running at once on different streams would share the counters.
+_COUNTERS: dict[tuple[str, int | None], list[torch.Tensor]] = {}
+_MIN_COUNTERS = 1 << 15  # 512 sequences x 64 KV heads
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    held = _COUNTERS.setdefault((device.type, device.index), [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+_MERGE: str | None = None  # RUNTIME_DECODE_MERGE, read at the first launch that does not name a mode
+
+
+def _merge_mode(merge: str | None) -> str:
+    global _MERGE
+    if merge is None:
+        if _MERGE is None:
+            _MERGE = ENV.decode_merge
+        merge = _MERGE
+    if merge not in ("launch", "fused"):
+        raise ValueError(f"merge (RUNTIME_DECODE_MERGE) must be 'launch' or 'fused', got {merge!r}")
+    return merge
+
+
 def _interpreted() -> bool:
     return not isinstance(_paged_decode_split_kernel, triton.runtime.JITFunction)
 
@@ -289,10 +350,14 @@ def paged_decode(
     max_kv_len: int | None = None,  # host int, only to choose num_splits when it is None
     tree_start: torch.Tensor | None = None,  # int32 [B]
     tree_bits: torch.Tensor | None = None,  # int64 [B]
+    merge: str | None = None,  # "launch" | "fused" (None: RUNTIME_DECODE_MERGE)
 ) -> torch.Tensor:  # [B, Hq, D]
     """Attention of each sequence's single query over its first kv_lens[i] cached keys.
     With tree_start/tree_bits (tree verification, one row per draft-tree node), row i
     sees key p only when p < tree_start[i] or bit p - tree_start[i] of tree_bits[i] is set.
+    With several splits their partial results are merged by a second launch, or with
+    merge="fused" by the last split of each (sequence, KV head) to finish (an atomic count
+    per pair; one launch fewer per layer, a few microseconds each at batch 1).
 
     The values of page_table and kv_lens are not checked (that would sync with the GPU):
     kv_lens[i] must not exceed max_pages * page_size and the page ids must be in range."""
@@ -320,6 +385,8 @@ def paged_decode(
     block_d = triton.next_power_of_2(d)
     block_n, num_warps, num_stages = _launch_config(block_d)
     single = num_splits == 1
+    fused = not single and _merge_mode(merge) == "fused"
+    counters = _counters(q.device, bsz * hkv) if fused else kv_lens  # unused by the kernel unless fused
     if single:
         mid_o = mid_lse = out  # unused by the kernel; any tensor will do
         mo_strides, ml_strides = (0, 0, 0), (0, 0)
@@ -329,7 +396,7 @@ def paged_decode(
         mo_strides, ml_strides = mid_o.stride()[:3], mid_lse.stride()[:2]
 
     _paged_decode_split_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, page_table, kv_lens, tree_start, tree_bits, mid_o, mid_lse, out,
+        q, k_cache, v_cache, page_table, kv_lens, tree_start, tree_bits, mid_o, mid_lse, out, counters,
         float(scale) * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -342,10 +409,10 @@ def paged_decode(
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_N=block_n,
         SINGLE_SPLIT=single, IEEE_DOT=q.dtype == torch.float32,
         UPCAST=q.dtype == torch.bfloat16 and _interpreted(),
-        HAS_TREE=has_tree,
+        HAS_TREE=has_tree, FUSED_MERGE=fused, BLOCK_S=triton.next_power_of_2(num_splits) if fused else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
-    if not single:
+    if not single and not fused:
         _paged_decode_merge_kernel[(bsz, hq)](
             mid_o, mid_lse, out,
             num_splits,

@@ -67,7 +67,9 @@ def test_streamed_requests_fail_rather_than_repeat_when_their_worker_dies(coloc)
     """Tokens already reached the client: the controller must not retry such a request on
     another worker (its text would start over inside the same stream); its stream ends with
     an error instead. Streams on the surviving worker complete."""
-    streams, max_tokens = 8, 200
+    # 600 tokens: a stream must still run when the last of the 8 first tokens arrives (with 200,
+    # one full-suite run saw every stream finish before the kill)
+    streams, max_tokens = 8, 600
     started = asyncio.Semaphore(0)
 
     async def one(h: httpx.AsyncClient, i: int) -> list[dict]:

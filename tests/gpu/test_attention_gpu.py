@@ -93,16 +93,19 @@ DECODE_SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"{s[0]}-{s[1]}-d{s[2]}-ps{s[3]}")
 @pytest.mark.parametrize("num_splits", [None, 1, 7])
-def test_paged_decode_kernel(dtype: torch.dtype, shape: tuple, num_splits: int | None) -> None:
+@pytest.mark.parametrize("merge", ["launch", "fused"])
+def test_paged_decode_kernel(dtype: torch.dtype, shape: tuple, num_splits: int | None, merge: str) -> None:
     from runtime.kernels.paged_decode import paged_decode
 
     hq, hkv, d, ps, kv_lens = shape
     p = Paged([1] * len(kv_lens), kv_lens, hq, hkv, d, ps, dtype)
     k, v = p.layer(0)
-    out = torch.full_like(p.q, float("nan"))
-    got = paged_decode(p.q, k, v, p.meta.page_table, p.meta.kv_lens, p.scale, out=out, num_splits=num_splits)
-    assert got is out
-    _assert_close(out, p.reference(), dtype)
+    for _ in range(2):  # fused: the split counters must be back at zero for the second launch
+        out = torch.full_like(p.q, float("nan"))
+        got = paged_decode(p.q, k, v, p.meta.page_table, p.meta.kv_lens, p.scale, out=out, num_splits=num_splits,
+                           merge=merge)
+        assert got is out
+        _assert_close(out, p.reference(), dtype)
 
 
 @pytest.mark.parametrize("shape", DECODE_SHAPES[:2], ids=lambda s: f"{s[0]}-{s[1]}-d{s[2]}-ps{s[3]}")
@@ -119,7 +122,8 @@ def test_paged_decode_kernel_fp8_cache(shape: tuple, num_splits: int | None) -> 
     _assert_close(got, p.reference(), torch.bfloat16)
 
 
-def test_paged_decode_kernel_is_cuda_graph_capturable() -> None:
+@pytest.mark.parametrize("merge", ["launch", "fused"])
+def test_paged_decode_kernel_is_cuda_graph_capturable(merge: str) -> None:
     """Captured once, replayed with other lengths and pages written into the same tensors."""
     from runtime.kernels.paged_decode import paged_decode
 
@@ -130,11 +134,11 @@ def test_paged_decode_kernel_is_cuda_graph_capturable() -> None:
     table = big.meta.page_table.clone()
     lens = big.meta.kv_lens.clone()
     out = torch.empty_like(q)
-    paged_decode(q, k, v, table, lens, big.scale, out=out, num_splits=8)  # compile outside capture
+    paged_decode(q, k, v, table, lens, big.scale, out=out, num_splits=8, merge=merge)  # compile outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_decode(q, k, v, table, lens, big.scale, out=out, num_splits=8)
+        paged_decode(q, k, v, table, lens, big.scale, out=out, num_splits=8, merge=merge)
     for seed, kv_lens in [(2, [1, 40, 700, 1021]), (3, [17, 16, 1, 5])]:
         gen = torch.Generator().manual_seed(seed)
         pages = [torch.randperm(k.shape[0] - 1, generator=gen)[: -(-n // ps)] + 1 for n in kv_lens]

@@ -26,6 +26,7 @@ def _case(
     seed: int,
     tree: tuple[list[int], list[int]] | None = None,  # (tree_start, tree_bits) per row
     kv_dtype: torch.dtype | None = None,  # the cache's, when it is not q's (FP8)
+    merge: str = "launch",  # "fused": the last split merges (run twice: its counters must reset)
 ) -> str | None:
     """Runs one case; returns a failure message or None."""
     from runtime.kernels.paged_decode import paged_decode
@@ -51,8 +52,10 @@ def _case(
     out = torch.full((bsz, hq, d + 8), float("nan"), dtype=dtype)[..., :d]
     scale = d**-0.5
 
-    got = paged_decode(q, k_cache, v_cache, meta.page_table, meta.kv_lens, scale, out=out, num_splits=num_splits,
-                       tree_start=meta.tree_start, tree_bits=meta.tree_bits)
+    for _ in range(2 if merge == "fused" else 1):
+        out.fill_(float("nan"))
+        got = paged_decode(q, k_cache, v_cache, meta.page_table, meta.kv_lens, scale, out=out, num_splits=num_splits,
+                           tree_start=meta.tree_start, tree_bits=meta.tree_bits, merge=merge)
     if got.data_ptr() != out.data_ptr():
         return f"{name}: the result is not written into `out`"
 
@@ -94,6 +97,13 @@ CASES = [
     # An FP8 cache beside bf16 / fp16 queries (widened as loaded), split and not.
     ("fp8kv_gqa9_bf16", torch.bfloat16, 9, 1, 64, 16, [70, 33], 2, 9, None, torch.float8_e4m3fn),
     ("fp8kv_gqa2_fp16", torch.float16, 4, 2, 32, 8, [12, 64, 65], 1, 10, None, torch.float8_e4m3fn),
+    # The merge done by each (sequence, KV head)'s last split instead of a second launch:
+    # empty chunks and an empty sequence, tree rows with masked chunks, bf16 with padded heads.
+    ("fused_gqa4_many_splits", torch.float32, 8, 2, 32, 16, [3, 17, 150], 8, 11, None, None, "fused"),
+    ("fused_mha_odd_shapes", torch.float32, 2, 2, 24, 3, [10, 0, 2, 23], 2, 12, None, None, "fused"),
+    ("fused_tree_many_splits", torch.float32, 6, 2, 16, 4, [70, 40], 8, 13, ([6, 30], [1, (1 << 9) | 1]), None,
+     "fused"),
+    ("fused_gqa9_bf16", torch.bfloat16, 9, 1, 64, 16, [70, 33], 3, 14, None, None, "fused"),
 ]
 
 
