@@ -18,8 +18,9 @@ How a step goes (`_step_overlapped`), with step N in flight:
    which is safe because the GPU runs N+1 before any later step that reuses them.
 
 Only steps where nothing needs the host to see the previous token first take this path:
-no drafter, no grammar, no penalties (they count output tokens), no prompt logprobs, no
-held KV (prefill workers). Otherwise the step in flight is settled first and the step runs
+no drafting (no drafter, or an n-gram drafter above the adaptive policy's batch limit), no
+grammar, no penalties (they count output tokens), no prompt logprobs, no held KV (prefill
+workers). Otherwise the step in flight is settled first and the step runs
 as before (`EngineCore.step`). A step that runs out of memory at launch settles the step
 in flight, then fails its own requests as the plain path does.
 
@@ -69,10 +70,25 @@ class OverlapSteps:
 
     def _overlap_now(self) -> bool:
         """Whether this step may take the overlap path (module note)."""
-        if not self.cfg.overlap_schedule or self.drafter is not None or self.cfg.export_prompt_hidden:
+        if not self.cfg.overlap_schedule or self.cfg.export_prompt_hidden:
+            return False
+        if self.drafter is not None and not self._drafter_idle():
             return False
         s = self.scheduler
         return not self.compiling and all(overlap_eligible(r) for r in chain(s.running, s.waiting))
+
+    def _drafter_idle(self) -> bool:
+        """Whether the step would draft nothing whatever its requests hold, with a drafter
+        that loses nothing by skipping it: the adaptive policy never drafts for more decoding
+        requests than its max batch, and a drafter with no per-step state (n-gram: it reads
+        the requests' tokens when it proposes, all known by then) needs no step's results.
+        So speculation at high load keeps the overlap's gain (issue 18: never below no
+        speculation); once the batch shrinks, the step in flight is settled and drafting
+        resumes."""
+        p, d = self.policy, self.drafter
+        if p.mode != "adaptive" or d.reads_hidden or d.wants_prompt_hidden or self._observes:
+            return False
+        return sum(r.phase is Phase.DECODE for r in self.scheduler.running) > p.max_batch
 
     def _step_overlapped(self) -> list:
         from runtime.engine.core import StepOutput

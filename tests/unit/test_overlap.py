@@ -184,3 +184,16 @@ def test_stop_strings_abort_a_request_with_a_step_in_flight(tiny_model_dir: str)
     assert all(t >= 0 for r in got for t in r.token_ids)
     assert [r.text for r in plain] == [r.text for r in got]
     assert any(r.finish_reason == "stop" for r in got)
+
+
+def test_ngram_speculation_overlaps_where_the_policy_never_drafts(tiny_model_dir: str, monkeypatch) -> None:
+    """An n-gram drafter under the adaptive policy drafts nothing above its max batch: those
+    steps take the overlap path, and once few requests are left it drafts again; the tokens
+    are those of no speculation."""
+    prompts = [[60 + i, 61 + i] * (3 + i) for i in range(6)]
+    params = [SamplingParams(max_tokens=8 + 4 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
+    plain, _ = _run(tiny_model_dir, False, params, prompts, page_size=4)
+    seen = _counting(monkeypatch)
+    got, _ = _run(tiny_model_dir, True, params, prompts, page_size=4, speculative="ngram", speculative_max_batch=3)
+    assert seen["steps"] > 5
+    _same(plain, got)
