@@ -19,8 +19,8 @@ How a step goes (`_step_overlapped`), with step N in flight:
 
 Only steps where nothing needs the host to see the previous token first take this path:
 no drafting (no drafter, or an n-gram drafter above the adaptive policy's batch limit), no
-grammar, no penalties (they count output tokens), no prompt logprobs, no held KV (prefill
-workers). Otherwise the step in flight is settled first and the step runs
+grammar, no prompt logprobs, no held KV (prefill workers). Penalties count the output
+tokens: the token in flight is added to their tables on the device. Otherwise the step in flight is settled first and the step runs
 as before (`EngineCore.step`). A step that runs out of memory at launch settles the step
 in flight, then fails its own requests as the plain path does.
 
@@ -34,6 +34,7 @@ from itertools import chain
 import torch
 
 from runtime.engine.alloc_failure import is_alloc_failure, maybe_inject_alloc_failure
+from runtime.engine.h2d import to_device
 from runtime.engine.request import Phase, Req
 from runtime.engine.sampler import SampleOutput, plain_greedy
 from runtime.engine.scheduler import Batch, ScheduledSeq
@@ -53,9 +54,7 @@ class Launched:
 
 def overlap_eligible(req: Req) -> bool:
     """Whether a request's next step may be launched before its last token is read."""
-    p = req.params
-    return (req.grammar is None and not req.hold_kv and p.prompt_logprobs_start is None
-            and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
+    return req.grammar is None and not req.hold_kv and req.params.prompt_logprobs_start is None
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -129,9 +128,7 @@ class OverlapSteps:
         if all(plain_greedy(r.params) for r in reqs):
             sampled = SampleOutput(out.logits.argmax(dim=-1), None, None, None)
         else:
-            # Steps as the plain path counts them: the placeholders of the step in flight are
-            # in output_ids already, as its tokens would be there.
-            sampled = self.sampler(out.logits, self._sampling_batch(reqs, [len(r.output_ids) for r in reqs]))
+            sampled = self.sampler(out.logits, self._overlap_sampling_batch(reqs, prev))
         host = SampleOutput(*(_to_host(t) for t in (sampled.tokens, sampled.logprobs, sampled.top_ids,
                                                       sampled.top_logprobs)))
         ready = None
@@ -153,6 +150,34 @@ class OverlapSteps:
             j += 1
             self.scheduler.advance(s, req.seq_len - 1)
         return Launched(seqs, at, decode, sampled.tokens, host, ready)
+
+    def _overlap_sampling_batch(self, reqs: list[Req], prev: Launched | None):
+        """The plain step's SamplingBatch for reqs, whose last output may be a placeholder of
+        the step in flight: steps count it (as the plain path counts the token it stands
+        for), and the penalties' token tables get that token on the device."""
+        from runtime.engine.sampler import SamplingBatch
+
+        params = [r.params for r in reqs]
+        steps = [len(r.output_ids) for r in reqs]
+        if not any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            return self._sampling_batch(reqs, steps)
+        known = [r.output_ids[: r.num_output] for r in reqs]
+        sb = SamplingBatch.build(params, [r.seed for r in reqs], steps, self.model_config.vocab_size, self.device,
+                                 prompt_and_output_tokens=[r.prompt_ids + k for r, k in zip(reqs, known)],
+                                 output_tokens=known)
+        pending = [(i, -1 - r.output_ids[-1]) for i, r in enumerate(reqs) if r.num_pending]
+        if pending:
+            if prev is None:
+                raise RuntimeError("a placeholder token with no step in flight")
+            dev = prev.tokens.device
+            rows = to_device([i for i, _ in pending], torch.int64, dev)
+            toks = prev.tokens[to_device([j for _, j in pending], torch.int64, dev)]
+            if sb.output_counts is not None:
+                sb.output_counts.index_put_((rows, toks), torch.ones_like(toks, dtype=sb.output_counts.dtype),
+                                            accumulate=True)
+            if sb.seen_mask is not None:
+                sb.seen_mask[rows, toks] = True
+        return sb
 
     def _settle_inflight(self) -> list:
         prev, self._inflight = self._inflight, None

@@ -100,13 +100,34 @@ def test_seeded_sampling_is_the_same_token_for_token(tiny_model_dir: str) -> Non
     _same(plain, got)
 
 
+def test_penalties_count_the_token_still_in_flight(tiny_model_dir: str, monkeypatch) -> None:
+    """Repetition, presence and frequency penalties see every output token, the one the
+    step in flight samples included (added on the device): the same tokens as the plain
+    schedule, greedy and sampled."""
+    prompts = [[20 + i] * (5 + 3 * i) for i in range(6)]  # the tiny model repeats its last token on these
+    params = [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, repetition_penalty=1.5),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, presence_penalty=1.5),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, frequency_penalty=1.0),
+              SamplingParams(max_tokens=16, temperature=0.9, seed=3, repetition_penalty=1.3, frequency_penalty=0.5),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)]
+    plain, _ = _run(tiny_model_dir, False, params, prompts, page_size=4)
+    free, _ = _run(tiny_model_dir, False, [SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)] * 3,
+                   prompts[:3], page_size=4)
+    assert [r.token_ids for r in plain[:3]] != [r.token_ids for r in free]  # the penalties do change tokens
+    seen = _counting(monkeypatch)
+    got, _ = _run(tiny_model_dir, True, params, prompts, page_size=4)
+    assert seen["steps"] > 10
+    _same(plain, got)
+
+
 def test_requests_that_need_the_host_fall_back_to_plain_steps(tiny_model_dir: str, monkeypatch) -> None:
-    """A request with a repetition penalty (its sampling counts the output tokens) makes
+    """A request with prompt logprobs (its prefill reads hidden states on the host) makes
     the engine settle the step in flight and run plain steps while it runs; the outputs are
     the plain schedule's either way."""
     prompts = [[30 + i] * (4 + i) for i in range(6)]
     params = [SamplingParams(max_tokens=10 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(6)]
-    params[3] = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+    params[3] = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs_start=1)
     plain, _ = _run(tiny_model_dir, False, params, prompts, page_size=4)
     seen = _counting(monkeypatch)
     got, _ = _run(tiny_model_dir, True, params, prompts, page_size=4)
