@@ -143,8 +143,8 @@ def main() -> None:
           f"{collection['full_collect_ms']:.1f} ms; after freeze_startup_heap {collection['after_freeze_ms']:.2f} ms")
     print("\nengine step on the host, forward stubbed (with --overlap-schedule: its bookkeeping, which a GPU overlaps)")
     for s in steps:
-        print(f"  batch {s['batch']:>4} {'overlap' if s['overlap'] else 'plain  '}: median {s['step_ms_median']:.3f} ms, "
-              f"p90 {s['step_ms_p90']:.3f} ms")
+        mode = "overlap" if s["overlap"] else "plain  "
+        print(f"  batch {s['batch']:>4} {mode}: median {s['step_ms_median']:.3f} ms, p90 {s['step_ms_p90']:.3f} ms")
     with open(a.out, "w") as f:
         json.dump(dict(page_table=fills, gc=collection, host_step=steps), f, indent=2)
 

@@ -19,10 +19,11 @@ How a step goes (`_step_overlapped`), with step N in flight:
 
 Only steps where nothing needs the host to see the previous token first take this path:
 no drafting (no drafter, or an n-gram drafter above the adaptive policy's batch limit), no
-grammar, no prompt logprobs, no held KV (prefill workers). Penalties count the output
-tokens: the token in flight is added to their tables on the device. Otherwise the step in flight is settled first and the step runs
-as before (`EngineCore.step`). A step that runs out of memory at launch settles the step
-in flight, then fails its own requests as the plain path does.
+grammar, no prompt logprobs, no held KV (prefill workers); penalties, which count the
+output tokens, get the token in flight added to their tables on the device. Otherwise the
+step in flight is settled first and the step runs as before (`EngineCore.step`). A step
+that runs out of memory at launch settles the step in flight, then fails its own requests
+as the plain path does.
 
 A mixin: its methods read EngineCore's state.
 """
