@@ -49,8 +49,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "appended without sampling, several per step)")
     p.add_argument("--overlap-schedule", action="store_true",
                    help="launch each decode step before reading the previous step's tokens on the host, so "
-                        "scheduling overlaps the GPU's work (not with speculation, grammars, penalties or "
-                        "prompt logprobs: those steps run as before)")
+                        "scheduling overlaps the GPU's work (steps that draft, and requests with grammars or "
+                        "prompt logprobs, run as before)")
     p.add_argument("--log-level", default=ENV.log_level)
 
 

@@ -74,8 +74,8 @@ class EngineConfig:
     jump_forward: bool = True
     # Launch each decode step before the host has read the previous one's tokens (the new
     # rows take them on the device), so the scheduling and bookkeeping of a step run while
-    # the GPU computes the next: engine/overlap.py. Steps with a drafter, a grammar, penalties
-    # or prompt logprobs run as before. Off until measured on a GPU.
+    # the GPU computes the next: engine/overlap.py. Steps that draft, and requests with a
+    # grammar or prompt logprobs, run as before. Off until measured on a GPU.
     overlap_schedule: bool = False
     seed: int = 0
 
