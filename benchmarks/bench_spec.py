@@ -253,6 +253,8 @@ def main() -> None:
                     "none is then a second no-speculation engine: the spread between instances)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool per engine (needed with --paired on "
                     "a GPU: each engine's pool would otherwise take the free memory)")
+    ap.add_argument("--overlap-schedule", action="store_true", help="every engine with the overlap schedule (the "
+                    "baseline's plain steps overlapped; speculative engines overlap where they do not draft)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")
@@ -275,6 +277,7 @@ def main() -> None:
     rows = []
     outputs: dict[tuple[str, int], list[list[int]]] = {}
     kv = {} if a.kv_cache_tokens is None else dict(kv_cache_tokens=a.kv_cache_tokens)
+    kv["overlap_schedule"] = a.overlap_schedule
     base_engine = Engine(a.model, device=a.device, dtype=a.dtype, **kv) if a.paired else None
     for method, draft, tree, policy in runs:
         k = {"ngram": a.ngram_draft_tokens, "eagle": a.eagle_draft_tokens}.get(method.split("#")[0]) or a.num_draft_tokens
