@@ -15,9 +15,9 @@ gate_up, down, and the lm_head once): torch, gemv, and the better of the two per
     python benchmarks/bench_gemv.py [--out bench_gemv.json] [--rows 1,2,4,8] [--sweep] [--smollm2]
         [--tuned-out runtime/kernels/configs/gemv_bf16_<GPU name, spaces as _>.<smXY>.json]
 
---sweep also times every config in kernels.gemv.CANDIDATES on each shape and row count
+--sweep also times every config in kernels.gemv_configs.CANDIDATES on each shape and row count
 (about a minute more, mostly compiling); --smollm2 adds SmolLM2-135M's shapes. --tuned-out
-(with --sweep) writes what kernels/gemv.py's bf16 table lookup reads: per shape and measured
+(with --sweep) writes what kernels/gemv_configs.py's bf16 table lookup reads: per shape and measured
 row bucket (BM = next power of two of the rows) the fastest config of those that matched the
 fp32 product, or "torch" where cuBLAS was faster than every config (model.linear then keeps
 F.linear); buckets not measured are left out (model.linear then follows RUNTIME_GEMV).
@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_paged_decode import _copy_bandwidth  # noqa: E402
-from runtime.kernels.gemv import CANDIDATES, GemvConfig, default_config, gemv  # noqa: E402
+from runtime.kernels.gemv import gemv  # noqa: E402
+from runtime.kernels.gemv_configs import CANDIDATES, GemvConfig, default_config  # noqa: E402
 
 LAYERS = 32  # Llama-3-8B
 # (name, N, K): the fused projections as fuse_projections serves them, and the lm_head.
@@ -188,7 +189,7 @@ def main() -> None:
 
 
 def tuned_table(rows: list[dict], sweep: list[dict], gpu: str) -> dict:
-    """kernels/gemv.py's bf16 table from the measured rows (F.linear per shape and M) and the
+    """kernels/gemv_configs.py's bf16 table from the measured rows (F.linear per shape and M) and the
     sweep's configs that computed correctly: per shape and measured row bucket, the fastest
     config, or "torch" where F.linear was faster."""
     table: dict = {"gpu": gpu}

@@ -11,7 +11,7 @@ from measurements. The "step" line adds up one batch-1 step's projections (32 la
     python benchmarks/bench_gemv_fp8.py [--rows 1,4,16,32,64] [--out bench_gemv_fp8.json]
         [--tuned-out runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json]
 
---tuned-out writes what kernels/gemv.py's fp8_tuned reads: per shape and BM (powers of two up
+--tuned-out writes what kernels/gemv_configs.py's fp8_tuned reads: per shape and BM (powers of two up
 to 64) the best config at the nearest measured row count, and max_rows, the largest measured
 row count up to which the best gemv beat _scaled_mm on every shape.
 """
@@ -35,7 +35,8 @@ from bench_gemv import COLD_BYTES, LAYERS, LLAMA8B, _time_per_call  # noqa: E402
 from bench_paged_decode import _copy_bandwidth  # noqa: E402
 from runtime.engine.quant.fp8 import quantize_fp8  # noqa: E402
 from runtime.kernels.fp8_quant import quantize_rows  # noqa: E402
-from runtime.kernels.gemv import FP8_CANDIDATES, default_config, gemv  # noqa: E402
+from runtime.kernels.gemv import gemv  # noqa: E402
+from runtime.kernels.gemv_configs import FP8_CANDIDATES, default_config  # noqa: E402
 
 
 class Fp8Shape:
@@ -124,7 +125,7 @@ def write(a: argparse.Namespace, peak: float, rows: list[dict]) -> None:
 
 
 def tuned_table(rows: list[dict]) -> dict:
-    """kernels/gemv.py's fp8_tuned file from the measured rows (see the module note)."""
+    """kernels/gemv_configs.py's fp8_tuned file from the measured rows (see the module note)."""
     measured = sorted({r["m"] for r in rows})
     table: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     for r in rows:

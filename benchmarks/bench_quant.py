@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import PRESETS, bench_engine, model_bytes, prompts_for  # noqa: E402
 
 from runtime import Engine, SamplingParams  # noqa: E402
-from runtime.engine import model as model_mod  # noqa: E402
+from runtime.engine import kernel_dispatch  # noqa: E402
 from runtime.engine.quant.evaluate import (  # noqa: E402
     forced_agreement, mean_kl, perplexity, positional_agreement, sequence_logits,
 )
@@ -101,7 +101,7 @@ def micro(a: argparse.Namespace) -> dict:
         scheme, *opts = label.split("+")
         if set(opts) - {"fuse", "merge"}:
             raise SystemExit(f"unknown option in {label!r}: use +fuse and/or +merge")
-        model_mod._FUSE = "fuse" in opts
+        kernel_dispatch._FUSE = "fuse" in opts
         paged_decode_mod._MERGE = "fused" if "merge" in opts else "launch"
         eng = Engine(folder, device=a.device, dtype="bfloat16", load_format="dummy", quantization=scheme,
                      kv_cache_tokens=a.kv_cache_tokens, max_batch_tokens=4096, max_running=64)

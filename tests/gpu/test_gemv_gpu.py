@@ -67,7 +67,7 @@ def test_gemv_with_bias_on_a_qkv_shape() -> None:  # Qwen2's q/k/v carry a bias
 @pytest.mark.parametrize("name", ["llama8b_qkv", "smollm2_qkv", "llama8b_down"])
 def test_every_sweep_candidate_is_correct(name: str) -> None:
     pytest.importorskip("triton")
-    from runtime.kernels.gemv import CANDIDATES
+    from runtime.kernels.gemv_configs import CANDIDATES
 
     w, b = _weight(*SHAPES[name])
     for cfg in CANDIDATES:
@@ -112,24 +112,24 @@ def test_gemv_captures_in_a_cuda_graph() -> None:
 def test_model_linear_routes_decode_rows_to_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
     from runtime.kernels.gemv import gemv
-    from runtime.engine import model
+    from runtime.engine import kernel_dispatch as dispatch
 
     monkeypatch.setenv("RUNTIME_GEMV_BF16_CONFIGS", "/nonexistent.json")  # the modes alone, no measured table
     lin = torch.nn.Linear(576, 960, bias=True, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        monkeypatch.setattr(model, "_GEMV", "auto")
+        monkeypatch.setattr(dispatch, "_GEMV", "auto")
         x = torch.randn(4, 576, device="cuda").to(torch.bfloat16)
-        assert torch.equal(model.linear(lin, x), gemv(x, lin.weight, lin.bias))
+        assert torch.equal(dispatch.linear(lin, x), gemv(x, lin.weight, lin.bias))
         wide = torch.randn(32, 576, device="cuda").to(torch.bfloat16)  # a prefill: torch's GEMM
-        assert torch.equal(model.linear(lin, wide), lin(wide))
-        monkeypatch.setattr(model, "_GEMV", "attn")  # the attention block's projections only
-        assert torch.equal(model.linear(lin, x, attn_block=True), gemv(x, lin.weight, lin.bias))
-        assert torch.equal(model.linear(lin, x), lin(x))
-        monkeypatch.setattr(model, "_GEMV", "off")
-        assert torch.equal(model.linear(lin, x), lin(x))
+        assert torch.equal(dispatch.linear(lin, wide), lin(wide))
+        monkeypatch.setattr(dispatch, "_GEMV", "attn")  # the attention block's projections only
+        assert torch.equal(dispatch.linear(lin, x, attn_block=True), gemv(x, lin.weight, lin.bias))
+        assert torch.equal(dispatch.linear(lin, x), lin(x))
+        monkeypatch.setattr(dispatch, "_GEMV", "off")
+        assert torch.equal(dispatch.linear(lin, x), lin(x))
     with torch.enable_grad():  # autograd (train-draft) stays on torch
-        monkeypatch.setattr(model, "_GEMV", "auto")
-        y = model.linear(lin, x)
+        monkeypatch.setattr(dispatch, "_GEMV", "auto")
+        y = dispatch.linear(lin, x)
         assert y.requires_grad and torch.equal(y, lin(x))
 
 
@@ -140,9 +140,10 @@ def test_model_linear_follows_the_measured_bf16_table(tmp_path, monkeypatch: pyt
     from dataclasses import asdict
 
     from runtime.kernels import gemv as gemv_mod
-    from runtime.engine import model
+    from runtime.kernels.gemv_configs import GemvConfig
+    from runtime.engine import kernel_dispatch as dispatch
 
-    cfg = gemv_mod.GemvConfig(8, 256, 1, 4)
+    cfg = GemvConfig(8, 256, 1, 4)
     (tmp_path / "t.json").write_text(json.dumps({"960x576@4": asdict(cfg), "576x576@4": "torch"}))
     monkeypatch.setenv("RUNTIME_GEMV_BF16_CONFIGS", str(tmp_path / "t.json"))
     qkv = torch.nn.Linear(576, 960, device="cuda", dtype=torch.bfloat16)
@@ -150,24 +151,24 @@ def test_model_linear_follows_the_measured_bf16_table(tmp_path, monkeypatch: pyt
     down = torch.nn.Linear(1536, 576, device="cuda", dtype=torch.bfloat16)
     x, xd = (torch.randn(4, k, device="cuda").to(torch.bfloat16) for k in (576, 1536))
     with torch.no_grad():
-        monkeypatch.setattr(model, "_GEMV", "attn")
-        assert torch.equal(model.linear(qkv, x), gemv_mod.gemv(x, qkv.weight, qkv.bias, config=cfg))  # not attn_block
-        assert torch.equal(model.linear(o, x, attn_block=True), o(x))  # measured: cuBLAS
-        assert torch.equal(model.linear(down, xd), down(xd))  # not measured, not attn_block: the mode
-        monkeypatch.setattr(model, "_GEMV", "auto")
-        assert torch.equal(model.linear(down, xd), gemv_mod.gemv(xd, down.weight, down.bias))
-        monkeypatch.setattr(model, "_GEMV", "off")
-        assert torch.equal(model.linear(qkv, x), qkv(x))
+        monkeypatch.setattr(dispatch, "_GEMV", "attn")
+        assert torch.equal(dispatch.linear(qkv, x), gemv_mod.gemv(x, qkv.weight, qkv.bias, config=cfg))  # not attn_block
+        assert torch.equal(dispatch.linear(o, x, attn_block=True), o(x))  # measured: cuBLAS
+        assert torch.equal(dispatch.linear(down, xd), down(xd))  # not measured, not attn_block: the mode
+        monkeypatch.setattr(dispatch, "_GEMV", "auto")
+        assert torch.equal(dispatch.linear(down, xd), gemv_mod.gemv(xd, down.weight, down.bias))
+        monkeypatch.setattr(dispatch, "_GEMV", "off")
+        assert torch.equal(dispatch.linear(qkv, x), qkv(x))
 
 
 def test_model_linear_rejects_a_bad_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.engine import model
+    from runtime.engine import kernel_dispatch as dispatch
 
-    monkeypatch.setattr(model, "_GEMV", None)
+    monkeypatch.setattr(dispatch, "_GEMV", None)
     monkeypatch.setenv("RUNTIME_GEMV", "on")
     lin = torch.nn.Linear(16, 8, device="cuda")
     with pytest.raises(ValueError, match="RUNTIME_GEMV must be 'auto', 'attn' or 'off', got 'on'"):
-        model.linear(lin, torch.randn(1, 16, device="cuda"))
+        dispatch.linear(lin, torch.randn(1, 16, device="cuda"))
 
 
 @pytest.mark.parametrize("m", (1, 4, 16))
@@ -209,7 +210,8 @@ def test_fp8_split_k_gemv_matches_fp64_and_is_deterministic(config: tuple, m: in
     fp64 within the rounding of one bf16 result, and the same bits on a second call."""
     pytest.importorskip("triton")
     from runtime.engine.quant.fp8 import quantize_fp8
-    from runtime.kernels.gemv import GemvConfig, gemv
+    from runtime.kernels.gemv import gemv
+    from runtime.kernels.gemv_configs import GemvConfig
 
     w, _ = _weight(*SHAPES["llama8b_down"])
     q, s = quantize_fp8(w)
@@ -273,17 +275,17 @@ def test_engine_with_fused_gemv_prologues_keeps_greedy_tokens(tiny_model_dir: st
     graphs on) generates what the unfused engine does, bf16, every projection on the gemv."""
     pytest.importorskip("triton")
     from runtime import Engine, SamplingParams
-    from runtime.engine import model
+    from runtime.engine import kernel_dispatch as dispatch
 
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     prompts = ["The capital of France is", "1, 2, 3, 4,", "def add(a, b):", "Once upon a time"]
     runs = []
     for fuse in (False, True):
-        monkeypatch.setattr(model, "_GEMV", "auto")
-        monkeypatch.setattr(model, "_FUSE", fuse)
+        monkeypatch.setattr(dispatch, "_GEMV", "auto")
+        monkeypatch.setattr(dispatch, "_FUSE", fuse)
         eng = Engine(tiny_model_dir, device="cuda", dtype="bfloat16", attention_backend="triton", page_size=4)
         runs.append([r.token_ids for r in eng.generate(prompts, params)])
-        assert model._FUSE is fuse  # no fused launch failed and turned fusion off
+        assert dispatch._FUSE is fuse  # no fused launch failed and turned fusion off
         eng.shutdown()
         eng.core.pool.check_no_leak(0)
     same = sum(a == b for a, b in zip(*runs))

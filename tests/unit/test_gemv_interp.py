@@ -22,7 +22,8 @@ def _case(name: str, dtype: torch.dtype, m: int, n: int, k: int, bias: bool, con
           seed: int, device: str = "cpu") -> str | None:
     """Runs one case; returns a failure message or None. config: GemvConfig's fields, or None
     for the default."""
-    from runtime.kernels.gemv import GemvConfig, gemv
+    from runtime.kernels.gemv import gemv
+    from runtime.kernels.gemv_configs import GemvConfig
 
     gen = torch.Generator().manual_seed(seed)
     # x as the first K columns of a wider buffer (a row stride that is not K); values ~N(0, 1)
@@ -85,7 +86,8 @@ def _fp8_case(name: str, dtype: torch.dtype, m: int, n: int, k: int, bias: bool,
     """gemv(..., scale=) with an e4m3 weight and per-channel scales, against x @ (q * s)^T in
     fp64 (the same tolerance as _case: the weight's widening to x's dtype is exact)."""
     from runtime.engine.quant.fp8 import quantize_fp8
-    from runtime.kernels.gemv import GemvConfig, gemv
+    from runtime.kernels.gemv import gemv
+    from runtime.kernels.gemv_configs import GemvConfig
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen).to(dtype)
@@ -186,7 +188,8 @@ def _fused_case(name: str, kind: str, dtype: torch.dtype, m: int, n: int, k: int
     (the fused sum of squares runs in another order, which can move 1/rms by an fp32 ulp and
     so a normalised input by one ulp of the dtype)."""
     from runtime.engine.quant.fp8 import quantize_fp8
-    from runtime.kernels.gemv import GemvConfig, gemv, gemv_rmsnorm, gemv_silu_mul
+    from runtime.kernels.gemv import gemv, gemv_rmsnorm, gemv_silu_mul
+    from runtime.kernels.gemv_configs import GemvConfig
     from runtime.kernels.rmsnorm import rmsnorm
     from runtime.kernels.silu_mul import silu_and_mul
 
@@ -292,7 +295,8 @@ def test_gemv_rejects_bad_input(change: dict, message: str) -> None:
 
 def test_gemv_elementwise_config_takes_one_row() -> None:
     pytest.importorskip("triton")
-    from runtime.kernels.gemv import GemvConfig, gemv
+    from runtime.kernels.gemv import gemv
+    from runtime.kernels.gemv_configs import GemvConfig
 
     with pytest.raises(ValueError, match="serves one row, x has 2"):
         gemv(**_args(m=2), config=GemvConfig(4, 64, 4, 1, dot=False))
@@ -315,7 +319,7 @@ def test_gemv_rejects_out_aliasing_x() -> None:
 )
 def test_gemv_config_rejects_bad_tiles(fields: tuple, message: str) -> None:
     pytest.importorskip("triton")
-    from runtime.kernels.gemv import GemvConfig
+    from runtime.kernels.gemv_configs import GemvConfig
 
     with pytest.raises(ValueError, match=message):
         GemvConfig(*fields)
@@ -331,7 +335,7 @@ def test_gemv_serves_only_cuda_half_precision_decode_shapes() -> None:
 
 def test_default_configs_divide_k_when_they_can() -> None:
     pytest.importorskip("triton")
-    from runtime.kernels.gemv import default_config
+    from runtime.kernels.gemv_configs import default_config
 
     for m, n, k in [(1, 6144, 4096), (8, 4096, 14336), (1, 960, 576), (4, 28672, 4096), (1, 100, 77)]:
         cfg = default_config(m, n, k)
@@ -344,7 +348,7 @@ def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch
     capability, else none (the reasoned defaults); RUNTIME_GEMV_FP8_CONFIGS overrides; the
     table decides configs and Fp8Linear's row limit, looked up once per device."""
     pytest.importorskip("triton")
-    from runtime.kernels import gemv
+    from runtime.kernels import gemv_configs as gemv
 
     cfg = {"block_n": 32, "block_k": 512, "num_warps": 1, "num_stages": 3, "dot": True}
     (tmp_path / "gemv_fp8_Other_GPU.sm90.json").write_text(json.dumps({"6144x4096@1": cfg, "max_rows": 64}))
@@ -381,7 +385,7 @@ def test_bf16_config_table_names_a_config_cublas_or_nothing(tmp_path, monkeypatc
     the config cannot serve the rows (the elementwise loop takes one row); the FP8 table is
     a separate file."""
     pytest.importorskip("triton")
-    from runtime.kernels import gemv
+    from runtime.kernels import gemv_configs as gemv
 
     ew = {"block_n": 4, "block_k": 1024, "num_warps": 4, "num_stages": 1, "dot": False, "split_k": 1}
     dot = {"block_n": 32, "block_k": 256, "num_warps": 1, "num_stages": 3, "dot": True, "split_k": 1}

@@ -74,7 +74,8 @@ class _Kernels:
 
     def __init__(self) -> None:
         from runtime.kernels.fp8_quant import quantize_rows
-        from runtime.kernels.gemv import fp8_max_rows, gemv
+        from runtime.kernels.gemv import gemv
+        from runtime.kernels.gemv_configs import fp8_max_rows
 
         # Up to this many rows the weight-only gemv serves (measured per GPU where
         # kernels/configs has a file: bench_gemv_fp8.py), more run _scaled_mm.
@@ -121,7 +122,7 @@ class Fp8Linear(QuantLinear):
 
     def gemv_args(self, x: torch.Tensor) -> dict | None:
         """The weight-only gemv's arguments where it serves x (at most the measured rows, half
-        precision), for callers that fuse work into that launch (model.gemv_args); else None."""
+        precision), for callers that fuse work into that launch (kernel_dispatch.gemv_args); else None."""
         kernels = _kernels_for(x)
         if (not self.use_scaled_mm or kernels is None or not kernels.gemv_ok or x.shape[0] > kernels.gemv_rows
                 or x.dtype not in (torch.bfloat16, torch.float16)):
