@@ -12,8 +12,9 @@ from measurements. The "step" line adds up one batch-1 step's projections (32 la
         [--tuned-out runtime/kernels/configs/gemv_fp8_<GPU name, spaces as _>.<smXY>.json]
 
 --tuned-out writes what kernels/gemv_configs.py's fp8_tuned reads: per shape and BM (powers of two up
-to 64) the best config at the nearest measured row count, and max_rows, the largest measured
-row count up to which the best gemv beat _scaled_mm on every shape.
+to 64) the best config at the nearest measured row count, or "torch" where _scaled_mm was faster
+for that shape, and max_rows, the largest measured row count up to which the best gemv beat
+_scaled_mm on every shape (what serves shapes the table does not name).
 """
 from __future__ import annotations
 
@@ -133,7 +134,8 @@ def tuned_table(rows: list[dict]) -> dict:
         for bm in (1, 2, 4, 8, 16, 32, 64):
             nearest = min(measured, key=lambda m: (abs(m.bit_length() - bm.bit_length()), m))
             if nearest == r["m"] and (r["best_config"]["dot"] or bm == 1):
-                table[f"{key}@{bm}"] = r["best_config"]
+                # "torch": _scaled_mm was faster for this shape at these rows (Fp8Linear asks per shape)
+                table[f"{key}@{bm}"] = r["best_config"] if r["best_us"] < r["scaled_mm_us"] else "torch"
     wins = [m for m in measured if all(r["best_us"] < r["scaled_mm_us"] for r in rows if r["m"] == m)]
     # 0 where even one row lost: then _scaled_mm serves every row count.
     table["max_rows"] = max((m for m in wins if all(w in wins for w in measured if w <= m)), default=0)

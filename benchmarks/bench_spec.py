@@ -253,8 +253,9 @@ def main() -> None:
                     "none is then a second no-speculation engine: the spread between instances)")
     ap.add_argument("--kv-cache-tokens", type=int, default=None, help="KV pool per engine (needed with --paired on "
                     "a GPU: each engine's pool would otherwise take the free memory)")
-    ap.add_argument("--overlap-schedule", action="store_true", help="every engine with the overlap schedule (the "
-                    "baseline's plain steps overlapped; speculative engines overlap where they do not draft)")
+    ap.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=True,
+                    help="every engine with the overlap schedule, the default (the baseline's plain steps "
+                    "overlapped; speculative engines overlap where they do not draft)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="e.g. float32 to check exactness without bf16 rounding")
     ap.add_argument("--out", default="bench_spec.json")

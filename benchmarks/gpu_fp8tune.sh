@@ -43,7 +43,7 @@ step serve_bf16 120 python benchmarks/bench_cluster.py --configs 0x1 --device cu
 # The overlap schedule (--overlap-schedule: each decode step launched before the host reads
 # the last one): the standing check at 64 and issue 14's concurrency 256, with and without it.
 for conc in ${OVERLAP_CONC:-64 256}; do
-    for ov in "" "--overlap-schedule"; do
+    for ov in "--no-overlap-schedule" "--overlap-schedule"; do
         TAIL=3 step serve_overlap 150 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random \
             --waves 2 --input-len 1024 --output-len 256 --concurrency "$conc" \
             --extra "--model .carry/l8b --load-format dummy --attention-backend triton $ov" \
@@ -51,6 +51,20 @@ for conc in ${OVERLAP_CONC:-64 256}; do
     done
 done
 [ "${GPU_TESTS_LAST:-0}" = 1 ] && gpu_tests
+# Who spends the host's CPU while concurrency PROBE_CONC (default 256) is served: each process's
+# CPU share every 2 s (the gateway, the decode worker, the benchmark's client), to tell an ITL
+# the server gives from one its client's event loop records late.
+if [[ " $STEPS " == *" serve_probe "* ]]; then
+    (while sleep 2; do echo "-- $(date +%s)"; ps -eo pcpu,args --sort=-pcpu | head -6 | cut -c1-150; done) \
+        > "$OUT/ps.log" 2>&1 &
+    probe=$!
+    TAIL=12 step serve_probe 120 python benchmarks/bench_cluster.py --configs 0x1 --device cuda --datasets random \
+        --waves 2 --input-len 1024 --output-len 256 --concurrency "${PROBE_CONC:-256}" \
+        --extra "--model .carry/l8b --load-format dummy --attention-backend triton" --out "$OUT/serve_probe.json"
+    kill $probe
+    grep -v "^--" "$OUT/ps.log" | grep -v "%CPU" | awk '{c=$1; $1=""; k=substr($0,1,70); s[k]+=c; n[k]++} \
+        END {for (k in s) if (s[k]/n[k] > 5) printf "%6.1f%% mean %s\n", s[k]/n[k], k}' | sort -rn | head -8
+fi
 # Issue 18: what a speculative engine pays on steps that do not draft, engines of each kind
 # alive together and their repeats taken in turn (none#2: the spread between two engines of
 # one kind), on chat's shape with SmolLM2's config and dummy weights.

@@ -47,10 +47,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-jump-forward", action="store_true",
                    help="constrained decoding samples every token (default: tokens the grammar forces are "
                         "appended without sampling, several per step)")
-    p.add_argument("--overlap-schedule", action="store_true",
+    p.add_argument("--overlap-schedule", action=argparse.BooleanOptionalAction, default=True,
                    help="launch each decode step before reading the previous step's tokens on the host, so "
                         "scheduling overlaps the GPU's work (steps that draft, and requests with grammars or "
-                        "prompt logprobs, run as before)")
+                        "prompt logprobs, run as before); on by default")
+    p.add_argument("--disable-overlap-schedule", dest="overlap_schedule", action="store_false",
+                   help="the same as --no-overlap-schedule (SGLang's spelling)")
     p.add_argument("--log-level", default=ENV.log_level)
 
 

@@ -150,7 +150,12 @@ class Worker(ipc.Actor):
         sock.connect(self.cfg.controller_addr)
         try:
             while not stop.wait(self.cfg.heartbeat_s):
-                sock.send(ipc.encode(self.heartbeat()))
+                try:
+                    beat = ipc.encode(self.heartbeat())
+                except Exception:  # a snapshot that failed must not silence this worker for good
+                    log.exception("%s %d: heartbeat snapshot failed; the next one is tried", self.role, self.id)
+                    continue
+                sock.send(beat)
         finally:
             sock.close(0)
             ctx.term()

@@ -16,9 +16,9 @@ from runtime.env import ENV
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGTERM to the child when the launcher dies, even by SIGKILL,
-    # so a crashed launcher leaves no orphans.
+def die_with_parent() -> None:
+    # Linux (a subprocess preexec_fn): the kernel sends SIGTERM to the child when its parent
+    # dies, even by SIGKILL, so a crashed launcher leaves no orphans.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -69,7 +69,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runtime.worker_main", role, str(worker_id), config_to_json(cfg), log_level, *extra],
             env=env,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         self.pid = self.proc.pid
         self.role, self.id = role, worker_id

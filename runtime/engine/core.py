@@ -251,11 +251,16 @@ class EngineCore(SpeculativeSteps, OverlapSteps):
 
         With EngineConfig.overlap_schedule, a step that needs nothing from the host between
         steps is launched before the last one is read, and returns that one's outputs
-        (overlap.py); a step that does need it first settles the step in flight."""
+        (overlap.py); a step that does need it first settles the step in flight, then runs
+        as before, and returns both steps' outputs in order. (`drafts` given by a caller
+        were proposed from what it saw: callers that pass them run without an overlapped
+        step in flight, as tests do.)"""
         if drafts is None and self._overlap_now():
             return self._step_overlapped()
-        if self._inflight is not None:
-            return self._settle_inflight()
+        settled = self._settle_inflight() if self._inflight is not None else []
+        return settled + self._step_plain(drafts)
+
+    def _step_plain(self, drafts: Drafts | None) -> list[StepOutput]:
         started, drafted = time.perf_counter(), None
         if drafts is None and self.drafter is not None:
             drafts, drafted = self._propose_or_skip()

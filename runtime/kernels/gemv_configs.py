@@ -121,8 +121,22 @@ def bf16_choice(m: int, n: int, k: int, device: torch.device | None = None) -> G
 
 
 def fp8_max_rows(device: torch.device | None = None) -> int:
-    """Rows up to which Fp8Linear serves through the gemv (the measured figure, else MAX_M)."""
+    """Rows up to which Fp8Linear serves through the gemv where fp8_uses_gemv has no
+    per-shape answer (the measured figure, else MAX_M)."""
     return min(int(fp8_tuned(device).get("max_rows", MAX_M)), MAX_M_FP8)
+
+
+def fp8_uses_gemv(m: int, n: int, k: int, device: torch.device | None = None) -> bool | None:
+    """Whether the measured FP8 table says the weight-only gemv beat `_scaled_mm` for this
+    shape at this many rows (True: a config was measured best; False: "torch"); None when
+    the table does not say (no table, an older table without per-shape answers, or more
+    rows than the gemv serves)."""
+    if m > MAX_M_FP8:
+        return False
+    entry = fp8_tuned(device).get(table_key(m, n, k))
+    if entry == "torch":
+        return False
+    return True if isinstance(entry, dict) and _table_choice("fp8", m, n, k, device) is not None else None
 
 
 def default_config(m: int, n: int, k: int, fp8: bool = False, device: torch.device | None = None) -> GemvConfig:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from runtime import Engine
+from runtime.controller.process import die_with_parent
 
 
 def free_port() -> int:
@@ -31,8 +32,10 @@ class Server:
         # CPUs with AVX-512 BF16); a test's own --dtype comes later and wins.
         cmd = [sys.executable, "-m", "runtime.cli", "up", "--port", str(self.port), "--device", "cpu",
                "--dtype", "float32", *args]
-        # Own process group: teardown kills the launcher and every worker, even on failure.
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # Own process group: teardown kills the launcher and every worker, even on failure; and
+        # a pytest killed before its teardown (a CI timeout) takes the launcher with it.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True, preexec_fn=die_with_parent)
         self.lines: list[str] = []
         ready = threading.Event()
 

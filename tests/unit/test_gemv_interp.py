@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,6 +378,39 @@ def test_fp8_config_tables_are_found_by_gpu_and_capability(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 9))
     monkeypatch.setattr(gemv, "_TUNED", {})
     assert gemv.fp8_tuned() == {} and gemv.fp8_max_rows() == gemv.MAX_M  # no table of this capability
+
+
+def test_fp8_table_answers_per_shape_which_kernel_serves(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_gemv_fp8.py writes, per shape and row bucket, the best gemv config or "torch"
+    where _scaled_mm was faster; fp8_uses_gemv reads it back (None where the table is
+    silent, then Fp8Linear keeps the max_rows rule). Rows from an H100 sweep: at 16 rows
+    the gemv won on qkv, o_proj and down but not on gate_up, which a single max_rows had
+    turned into _scaled_mm for all four."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_gemv_fp8 import tuned_table
+
+    from runtime.kernels import gemv_configs as gemv
+
+    one = {"block_n": 8, "block_k": 512, "num_warps": 2, "num_stages": 1, "dot": False, "split_k": 1}
+    dot = {"block_n": 32, "block_k": 256, "num_warps": 2, "num_stages": 3, "dot": True, "split_k": 4}
+    rows = [dict(n=6144, k=4096, m=1, best_us=11.9, scaled_mm_us=22.8, best_config=one),
+            dict(n=6144, k=4096, m=16, best_us=18.2, scaled_mm_us=21.8, best_config=dot),
+            dict(n=28672, k=4096, m=1, best_us=43.1, scaled_mm_us=53.6, best_config=dict(one, block_n=4)),
+            dict(n=28672, k=4096, m=16, best_us=54.4, scaled_mm_us=53.0, best_config=dot)]
+    table = tuned_table(rows)
+    assert table["max_rows"] == 1  # gate_up lost at 16 rows
+    assert table["6144x4096@16"] == dot and table["28672x4096@16"] == "torch" and table["28672x4096@8"] == "torch"
+    assert table["6144x4096@1"] == one and "6144x4096@2" not in table  # the elementwise loop takes one row
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    monkeypatch.setenv("RUNTIME_GEMV_FP8_CONFIGS", str(tmp_path / "t.json"))
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert gemv.fp8_uses_gemv(16, 6144, 4096) is True and gemv.fp8_uses_gemv(9, 6144, 4096) is True
+    assert gemv.fp8_uses_gemv(16, 28672, 4096) is False and gemv.fp8_uses_gemv(1, 28672, 4096) is True
+    assert gemv.fp8_uses_gemv(2, 6144, 4096) is None  # no one-row config serves 2 rows: the max_rows rule
+    assert gemv.fp8_uses_gemv(16, 4096, 4096) is None and gemv.fp8_uses_gemv(65, 6144, 4096) is False
 
 
 def test_bf16_config_table_names_a_config_cublas_or_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

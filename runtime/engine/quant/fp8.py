@@ -75,11 +75,13 @@ class _Kernels:
     def __init__(self) -> None:
         from runtime.kernels.fp8_quant import quantize_rows
         from runtime.kernels.gemv import gemv
-        from runtime.kernels.gemv_configs import fp8_max_rows
+        from runtime.kernels.gemv_configs import fp8_max_rows, fp8_uses_gemv
 
-        # Up to this many rows the weight-only gemv serves (measured per GPU where
-        # kernels/configs has a file: bench_gemv_fp8.py), more run _scaled_mm.
+        # Per shape and row count, the measured table (bench_gemv_fp8.py, kernels/configs)
+        # says whether the weight-only gemv or _scaled_mm serves; where it does not say, the
+        # gemv serves up to gemv_rows rows and _scaled_mm more.
         self.gemv, self.gemv_rows, self.quantize_rows = gemv, fp8_max_rows(), quantize_rows
+        self.uses_gemv = fp8_uses_gemv
         self.gemv_ok = True  # False after the gemv failed once (then _scaled_mm serves every shape)
 
 
@@ -124,8 +126,12 @@ class Fp8Linear(QuantLinear):
         """The weight-only gemv's arguments where it serves x (at most the measured rows, half
         precision), for callers that fuse work into that launch (kernel_dispatch.gemv_args); else None."""
         kernels = _kernels_for(x)
-        if (not self.use_scaled_mm or kernels is None or not kernels.gemv_ok or x.shape[0] > kernels.gemv_rows
+        if (not self.use_scaled_mm or kernels is None or not kernels.gemv_ok
                 or x.dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        rows = x.shape[0]
+        measured = kernels.uses_gemv(rows, self.out_features, self.in_features, x.device)
+        if measured is False or (measured is None and rows > kernels.gemv_rows):
             return None
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return dict(weight=self.weight, bias=bias, scale=self.scale.view(-1), config=None)
