@@ -64,6 +64,24 @@ class Update:
     finished: bool
 
 
+def merge_updates(updates: list[Update]) -> list[Update]:
+    """One update per choice, in the order the choices first appear: each choice's text,
+    tokens and logprobs concatenated in order, finished if its last update was. (A chunk
+    function reads the choice's whole text so far, which is the text after its last update.)"""
+    merged: dict[int, Update] = {}
+    for u in updates:
+        m = merged.get(id(u.choice))
+        if m is None:
+            merged[id(u.choice)] = Update(u.choice, u.text, list(u.token_ids), u.logprobs, u.finished)
+            continue
+        m.text += u.text
+        m.token_ids += u.token_ids
+        if u.logprobs is not None or m.logprobs is not None:
+            m.logprobs = list(m.logprobs or []) + list(u.logprobs or [])
+        m.finished = u.finished
+    return list(merged.values())
+
+
 class Generation:
     """Usage: `await gen.start()`, then `await gen.next()` until it returns None; always
     `gen.close()` in a `finally` (aborts whatever has not finished)."""
@@ -111,21 +129,33 @@ class Generation:
         APIError for a RequestError or a silent controller, ClientGone on disconnect."""
         assert self.queue is not None, "start() first"
         while self.unfinished:
-            msg = await self._receive(is_disconnected)
-            c = self.by_rid.get(msg.rid)
-            if c is None or c.finished:
-                continue
-            if isinstance(msg, RequestError):
-                log.info("request %s failed (%d): %s", msg.rid, msg.code, msg.message)
-                c.finish_reason = "error"
-                self.unfinished -= 1
-                self.state.metrics.running.dec()
-                self.state.close(msg.rid)
-                raise APIError(msg.code, msg.message)
-            update = self._apply(c, msg)
+            update = self._handle(await self._receive(is_disconnected))
             if update is not None:
                 return update
         return None
+
+    def next_ready(self) -> Update | None:
+        """Like next(), from the messages already received only: None when no update is
+        there yet (a stream then sends what it has instead of waiting)."""
+        assert self.queue is not None, "start() first"
+        while self.unfinished and not self.queue.empty():
+            update = self._handle(self.queue.get_nowait())
+            if update is not None:
+                return update
+        return None
+
+    def _handle(self, msg: TokenDelta | RequestError) -> Update | None:
+        c = self.by_rid.get(msg.rid)
+        if c is None or c.finished:
+            return None
+        if isinstance(msg, RequestError):
+            log.info("request %s failed (%d): %s", msg.rid, msg.code, msg.message)
+            c.finish_reason = "error"
+            self.unfinished -= 1
+            self.state.metrics.running.dec()
+            self.state.close(msg.rid)
+            raise APIError(msg.code, msg.message)
+        return self._apply(c, msg)
 
     def close(self) -> None:
         """Abort every unfinished sub-request and forget the request (idempotent, sync)."""

@@ -16,7 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from runtime.common.sampling_params import SamplingParamError, SamplingParams
-from runtime.tokenizer.generation import ClientGone, Generation, Update
+from runtime.tokenizer.generation import ClientGone, Generation, Update, merge_updates
 from runtime.tokenizer.logprobs import TextOffsets, TokenText, chat_logprobs, completion_logprobs
 from runtime.tokenizer.prompts import PromptEncoder, prompt_count
 from runtime.tokenizer.protocol import (
@@ -223,9 +223,20 @@ class Serving:
                 u = first
                 try:
                     while u is not None:
-                        data = chunk(u)
-                        if data is not None:
+                        # With the updates already received (the gateway fell behind the
+                        # workers, e.g. 256 streams of a fast model): one chunk per choice and
+                        # one write for them all, instead of a chunk and a write per token.
+                        ready, failed = [u], None
+                        try:
+                            while (more := gen.next_ready()) is not None:
+                                ready.append(more)
+                        except Exception as e:  # what came before it is still sent
+                            failed = e
+                        data = "".join(d for d in map(chunk, merge_updates(ready)) if d is not None)
+                        if data:
                             yield data
+                        if failed is not None:
+                            raise failed
                         u = await gen.next()
                     if usage is not None:
                         yield sse(usage())

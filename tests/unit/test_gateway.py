@@ -87,6 +87,7 @@ class FakeController:
         self.fail_next: tuple[int, str] | None = None  # answer the next Generate with this error
         self.fail_after: int | None = None  # the next request fails after this many deltas
         self.scripts: list[list[int]] = []  # next Generates get these tokens, one per delta
+        self.burst = False  # scripted deltas all sent at once (a gateway behind its workers)
 
     def start(self) -> None:
         self.thread.start()
@@ -132,10 +133,13 @@ class FakeController:
                         await push.send(self._status())
                 for rid in list(scripted):
                     ids = scripted[rid]
-                    tok = ids.pop(0)
-                    done = "length" if not ids else None
-                    await push.send(TokenDelta(rid, [tok], None, done, None, 3, 0, 0))
-                    if done:
+                    while ids:
+                        tok = ids.pop(0)
+                        done = "length" if not ids else None
+                        await push.send(TokenDelta(rid, [tok], None, done, None, 3, 0, 0))
+                        if not self.burst:
+                            break
+                    if not ids:
                         del scripted[rid]
                 if self.core.has_work:
                     for out in self.core.step():
@@ -476,6 +480,30 @@ def test_multibyte_characters_are_never_split(gw: Gateway) -> None:
     assert all("\ufffd" not in p for p in pieces)
     gw.fake.scripts.append(ids)
     assert gw.complete(prompt="hi", max_tokens=len(ids)).json()["choices"][0]["text"] == text
+
+
+def test_stream_sends_what_is_already_received_as_one_chunk_per_choice(gw: Gateway) -> None:
+    """Deltas that reached the gateway before the stream wrote the last chunk (the gateway
+    behind its workers) go out as one chunk per choice, not one per token: same text, same
+    tokens in order, one finish; a choice's stream is unchanged otherwise."""
+    text = "héllo 世界, the quick brown fox 🙂"
+    ids = gw.state.tokenizer(text)["input_ids"]
+    gw.fake.burst = True
+    try:
+        gw.fake.scripts += [ids, ids]
+        events = gw.sse("/v1/completions", dict(prompt="hi", max_tokens=len(ids), n=2, stream=True,
+                                                 return_token_ids=True))
+    finally:
+        gw.fake.burst = False
+    assert events[-1] == "[DONE]"
+    chunks = [e["choices"][0] for e in events[:-1]]
+    for index in (0, 1):
+        mine = [c for c in chunks if c["index"] == index]
+        assert "".join(c["text"] for c in mine) == text
+        assert [t for c in mine for t in c["token_ids"]] == ids
+        assert [c["finish_reason"] for c in mine][-1] == "length"
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+    assert len(chunks) < 2 * len(ids), "every token went out as a chunk of its own"
 
 
 def test_cached_tokens_reach_usage(gw: Gateway) -> None:
