@@ -224,8 +224,11 @@ class ExtendPlan:
     def _upload(blocks: tuple[list[int], list[int]], device: torch.device) -> torch.Tensor | None:
         if not blocks[0]:
             return None
-        # int32 [2 * n]: sequence ids, then first tokens
-        return torch.tensor(blocks[0] + blocks[1], dtype=torch.int32).to(device, non_blocking=True)
+        # int32 [2 * n]: sequence ids, then first tokens. From pinned memory: a copy from
+        # pageable memory makes the host wait for the stream's queued work first (with the
+        # overlap schedule, the whole step before this one).
+        host = torch.tensor(blocks[0] + blocks[1], dtype=torch.int32, pin_memory=torch.device(device).type == "cuda")
+        return host.to(device, non_blocking=True)
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
