@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry .carry2
 mkdir -p .carry/l8b .carry/smol .carry/wheels .carry/gguf .carry2
-WHEELS=(apache-tvm-ffi pyzmq fastapi starlette uvicorn pydantic pydantic-core h11 click anyio sniffio typing-inspection
+WHEELS=(apache-tvm-ffi pyzmq fastapi starlette uvicorn httptools pydantic pydantic-core h11 click anyio sniffio typing-inspection
         annotated-types httpx httpcore prometheus-client xgrammar gguf opentelemetry-api importlib-metadata zipp
         jsonschema attrs referencing rpds-py jsonschema-specifications pytest-asyncio pytest-timeout)
 pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
