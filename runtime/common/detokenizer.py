@@ -20,6 +20,14 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # A fast tokenizer that cleans up no spaces decodes to exactly what its Rust backend
+        # gives: call that directly (transformers' decode wrapper cost about as much as the
+        # decoding itself, twice per token in the gateway).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         self.stop = [s for s in (stop or []) if s]
         self.incremental = incremental
         self.ids: list[int] = []
@@ -32,9 +40,9 @@ class IncrementalDetokenizer:
 
     def _decode_all(self) -> str:
         if not self.incremental:
-            return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        context = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special_tokens)
-        window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
+            return self._decode(self.ids)
+        context = self._decode(self.ids[self._prefix:self._read])
+        window = self._decode(self.ids[self._prefix:])
         piece = window[len(context):] if len(window) > len(context) else ""
         if piece and not window.endswith("\ufffd"):
             # The piece is complete: later tokens only need ids[read:] as context.

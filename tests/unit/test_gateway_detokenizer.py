@@ -110,3 +110,24 @@ def test_ascii_byte_tokens_do_not_stall() -> None:
     deltas = [d.add([t], final=k == len(ids) - 1) for k, t in enumerate(ids)]
     assert "".join(deltas) == d.text
     assert d.text.endswith(" the a")
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+def test_backend_decoding_is_the_tokenizers_decode(tokenizer, cleanup: bool) -> None:
+    """The detokenizer calls a fast tokenizer's Rust backend directly (not transformers'
+    decode wrapper) only where that gives the same text: no clean-up of spaces. Random ids,
+    special ones included, both skip settings; with clean-up asked for, the wrapper."""
+    before, tokenizer.clean_up_tokenization_spaces = tokenizer.clean_up_tokenization_spaces, cleanup
+    try:
+        rng = random.Random(7)
+        size = len(tokenizer)
+        for skip in (True, False):
+            d = IncrementalDetokenizer(tokenizer, skip)
+            for _ in range(300):
+                ids = [rng.randrange(size) for _ in range(rng.randrange(1, 10))]
+                assert d._decode(ids) == tokenizer.decode(ids, skip_special_tokens=skip), ids
+        text = "hello , world ."
+        ids = tokenizer(text)["input_ids"]
+        assert IncrementalDetokenizer(tokenizer)._decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+    finally:
+        tokenizer.clean_up_tokenization_spaces = before
