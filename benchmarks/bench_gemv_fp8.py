@@ -128,7 +128,8 @@ def write(a: argparse.Namespace, peak: float, rows: list[dict]) -> None:
 def tuned_table(rows: list[dict]) -> dict:
     """kernels/gemv_configs.py's fp8_tuned file from the measured rows (see the module note)."""
     measured = sorted({r["m"] for r in rows})
-    table: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    # per_shape: each entry says whether the gemv won (kernels/gemv_configs.fp8_uses_gemv)
+    table: dict = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "per_shape": True}
     for r in rows:
         key = f"{r['n']}x{r['k']}"
         for bm in (1, 2, 4, 8, 16, 32, 64):

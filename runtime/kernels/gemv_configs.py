@@ -129,11 +129,14 @@ def fp8_max_rows(device: torch.device | None = None) -> int:
 def fp8_uses_gemv(m: int, n: int, k: int, device: torch.device | None = None) -> bool | None:
     """Whether the measured FP8 table says the weight-only gemv beat `_scaled_mm` for this
     shape at this many rows (True: a config was measured best; False: "torch"); None when
-    the table does not say (no table, an older table without per-shape answers, or more
-    rows than the gemv serves)."""
+    the table does not say (no table, an older table whose configs are the best gemv's
+    whether or not it won, the shape not measured, or a config that cannot serve the rows)."""
     if m > MAX_M_FP8:
         return False
-    entry = fp8_tuned(device).get(table_key(m, n, k))
+    table = fp8_tuned(device)
+    if not table.get("per_shape"):
+        return None
+    entry = table.get(table_key(m, n, k))
     if entry == "torch":
         return False
     return True if isinstance(entry, dict) and _table_choice("fp8", m, n, k, device) is not None else None

@@ -411,6 +411,10 @@ def test_fp8_table_answers_per_shape_which_kernel_serves(tmp_path, monkeypatch: 
     assert gemv.fp8_uses_gemv(16, 28672, 4096) is False and gemv.fp8_uses_gemv(1, 28672, 4096) is True
     assert gemv.fp8_uses_gemv(2, 6144, 4096) is None  # no one-row config serves 2 rows: the max_rows rule
     assert gemv.fp8_uses_gemv(16, 4096, 4096) is None and gemv.fp8_uses_gemv(65, 6144, 4096) is False
+    # An older table (configs without "torch" marks: the best gemv whether or not it won) says nothing.
+    (tmp_path / "t.json").write_text(json.dumps({k: v for k, v in table.items() if k != "per_shape"}))
+    monkeypatch.setattr(gemv, "_TUNED", {})
+    assert gemv.fp8_uses_gemv(16, 6144, 4096) is None and gemv.fp8_uses_gemv(1, 6144, 4096) is None
 
 
 def test_bf16_config_table_names_a_config_cublas_or_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
