@@ -1,5 +1,6 @@
-"""Allocation failures a step survives (EngineCore.step): what counts as one, what the
-client is told of it, and the test-only hook that injects them (RUNTIME_TEST_FAIL_ALLOC)."""
+"""Allocation failures a step survives (EngineCore.step): what counts as one, which of the
+step's requests it fails, what the client is told of it, and the test-only hook that
+injects them (RUNTIME_TEST_FAIL_ALLOC)."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +9,7 @@ import re
 import torch
 
 from runtime.engine.kv_pool import OutOfPages
+from runtime.engine.request import Phase, Req
 from runtime.env import ENV
 
 # RuntimeErrors whose message says an allocation failed: torch's CPU allocator
@@ -22,6 +24,37 @@ def is_alloc_failure(e: BaseException) -> bool:
     if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfPages)):
         return True
     return isinstance(e, RuntimeError) and any(t in str(e) for t in _ALLOC_FAILURE_TEXT)
+
+
+def step_victims(seqs: list, rerun_decode: bool) -> list[Req]:
+    """The requests a step of `seqs` (ScheduledSeqs) that ran out of memory fails.
+
+    With `rerun_decode` (the failure came before anything of the step was applied) the step
+    is halved: requests fail until what is left of it is at most half its new tokens,
+    prefill chunks first, biggest first, then decode rows, newest first (as the scheduler
+    retracts). A decode row is one token (a few with drafts), a prefill chunk up to
+    max_batch_tokens, and activations and logits grow with the tokens, so the big chunks are
+    what made the step too big; a small prompt that happened to share their step is not
+    failed with them. The rest are left exactly as they were and run again next step:
+    num_computed did not move, and whatever KV this forward wrote at their new positions the
+    rerun writes again (same tokens, same positions) before anything reads it; sampling is
+    seeded by position, so the rerun gives the tokens a step that never failed would have
+    (their drafter state starts over, which costs acceptance, not tokens). Without
+    `rerun_decode` (the failure came while applying the results) every request not yet
+    applied fails, as its state may be half updated. Either way every failed step ends at
+    least one request, so repeated failures cannot loop."""
+    if not rerun_decode:
+        return [s.req for s in seqs if not s.req.finished]
+    order = sorted((s for s in seqs if s.req.phase is not Phase.DECODE), key=lambda s: -s.q_len)
+    order += sorted((s for s in seqs if s.req.phase is Phase.DECODE), key=lambda s: -s.req.arrival)
+    total = left = sum(s.q_len for s in seqs)
+    victims: list[Req] = []
+    for s in order:
+        if victims and 2 * left <= total:
+            break
+        victims.append(s.req)
+        left -= s.q_len
+    return victims
 
 
 def alloc_failure_detail(e: BaseException) -> str:

@@ -14,7 +14,7 @@ import torch
 from runtime.common.logprobs import TokenLogprob
 from runtime.common.sampling_params import SamplingParams
 from runtime.config import EngineConfig
-from runtime.engine.alloc_failure import alloc_failure_detail, is_alloc_failure, maybe_inject_alloc_failure
+from runtime.engine.alloc_failure import alloc_failure_detail, is_alloc_failure, maybe_inject_alloc_failure, step_victims
 from runtime.engine.attention import make_attention_backend
 from runtime.engine.draft_tree import DraftTree, PendingDraft
 from runtime.engine.grammar import (GrammarCompiler, GrammarError, compile_failures, constrained_trees, plan_jump,
@@ -375,37 +375,11 @@ class EngineCore(SpeculativeSteps, OverlapSteps):
         return logits, hidden, all_hidden, accepted
 
     def _fail_alloc(self, seqs: list[ScheduledSeq], e: BaseException, rerun_decode: bool) -> list[StepOutput]:
-        """After an allocation failure in a step of `seqs`: finish the requests it fails with
-        finish_reason "error" (pages freed; full pages of KV computed before this step stay
-        in the prefix cache) and return their outputs, `error` set.
-
-        Which fail. With `rerun_decode` (the failure came before anything of the step was
-        applied) the step is halved: requests fail until what is left of it is at most half
-        its new tokens, prefill chunks first, biggest first, then decode rows, newest first
-        (as the scheduler retracts). A decode row is one token (a few with drafts), a
-        prefill chunk up to max_batch_tokens, and activations and logits grow with the
-        tokens, so the big chunks are what made the step too big; a small prompt that
-        happened to share their step is not failed with them. The rest are left exactly as
-        they were and run again next step: num_computed did not move, and whatever KV this
-        forward wrote at their new positions the rerun writes again (same tokens, same
-        positions) before anything reads it; sampling is seeded by position, so the rerun
-        gives the tokens a step that never failed would have (their drafter state starts
-        over, which costs acceptance, not tokens). Without `rerun_decode` (the failure came
-        while applying the results) every request not yet applied fails, as its state may
-        be half updated. Either way every failed step ends at least one request, so
-        repeated failures cannot loop."""
-        if rerun_decode:
-            order = sorted((s for s in seqs if s.req.phase is not Phase.DECODE), key=lambda s: -s.q_len)
-            order += sorted((s for s in seqs if s.req.phase is Phase.DECODE), key=lambda s: -s.req.arrival)
-            total = left = sum(s.q_len for s in seqs)
-            victims = []
-            for s in order:
-                if victims and 2 * left <= total:
-                    break
-                victims.append(s.req)
-                left -= s.q_len
-        else:
-            victims = [s.req for s in seqs if not s.req.finished]
+        """After an allocation failure in a step of `seqs`: finish the requests it fails
+        (alloc_failure.step_victims says which) with finish_reason "error" (pages freed;
+        full pages of KV computed before this step stay in the prefix cache) and return
+        their outputs, `error` set. The rest run again next step."""
+        victims = step_victims(seqs, rerun_decode)
         self.num_alloc_failures += 1
         detail = alloc_failure_detail(e)
         log.warning(

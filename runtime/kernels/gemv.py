@@ -96,6 +96,16 @@ def _residual_sum(X, R, offs, mask, HAS_RES: tl.constexpr, MANUAL_BF16: tl.const
 
 
 @triton.jit
+def _load_w(w_ptrs, kin, EVEN_K: tl.constexpr):
+    """A [BN, BK] weight tile; `kin` [BK] masks K columns past the end unless K divides evenly."""
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
+    return w
+
+
+@triton.jit
 def _gemv_kernel(
     X, W, B, S, Y,
     R, NW, RO,  # PRO 2: the residual, the norm's weight, the new residual's buffer
@@ -146,21 +156,15 @@ def _gemv_kernel(
             rstd = tl.rsqrt(sq / K + eps)
         acc = tl.zeros([BN, BM], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
+            kin = (k0 + rk) < k_hi  # unused (compiled away) where K divides evenly and no prologue
+            w = _load_w(w_ptrs, kin, EVEN_K)
             if PRO != 0:
-                kin = (k0 + rk) < k_hi
-                if EVEN_K:
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
                 xt = _prologue(X, R, NW, RO, rm[None, :] * stride_xm + (k0 + rk)[:, None], (k0 + rk)[:, None],
                                x_rows & kin[:, None], rstd[None, :], K, write,
                                PRO, HAS_RES, LIBDEVICE_EXP, MANUAL_BF16_X)
             elif EVEN_K:
-                w = tl.load(w_ptrs)
                 xt = tl.load(x_ptrs, mask=x_rows, other=0.0)
             else:
-                kin = (k0 + rk) < k_hi
-                w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
                 xt = tl.load(x_ptrs, mask=x_rows & kin[:, None], other=0.0)
             if UPCAST:
                 w = w.to(tl.float32)
@@ -185,20 +189,14 @@ def _gemv_kernel(
                 sq1 += s * s
             rstd1 = tl.rsqrt(tl.sum(sq1, 0) / K + eps)
         for k0 in range(0, K, BK):
+            kin = (k0 + rk) < K
+            w = _load_w(w_ptrs, kin, EVEN_K)
             if PRO != 0:
-                kin = (k0 + rk) < K
-                if EVEN_K:
-                    w = tl.load(w_ptrs)
-                else:
-                    w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
                 x = _prologue(X, R, NW, RO, k0 + rk, k0 + rk, kin, rstd1, K, write,
                               PRO, HAS_RES, LIBDEVICE_EXP, MANUAL_BF16_X)
             elif EVEN_K:
-                w = tl.load(w_ptrs)
                 x = tl.load(x_ptrs)
             else:
-                kin = (k0 + rk) < K
-                w = tl.load(w_ptrs, mask=kin[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=kin, other=0.0)
             part += w.to(tl.float32) * x.to(tl.float32)[None, :]
             w_ptrs += BK
